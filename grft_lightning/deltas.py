@@ -1,0 +1,334 @@
+"""Frozen pre-trained weights plus small trainable deltas.
+
+A delta layer wraps an ``nn.Linear`` or ``nn.Conv2d`` (the *base layer*, frozen) and adds a
+trainable tensor whose shape is fixed by the budget before selection; the selection only fills
+the index buffers. Three kinds (methods.md, "How the tuned parameters are held"):
+
+* rows (output neurons / output channels) ``R``:  ``y = base(x);  y[..., R] += x D^T``
+* columns (input features / input channel x kernel position) ``C``: ``y += x[..., C] D^T``
+* per-row index entries (GPS): ``W = W0 + scatter(D)`` for the selected ``(row, col)`` pairs.
+
+Row and column deltas are extra small products, so their backward never forms the gradient of
+the full weight, and the optimizer only ever sees ``D``. For a grouped or depthwise convolution
+a row is an output channel with its ``in/groups x kh x kw`` weights (the extra product gathers
+that group's input channels); a column is a position of the per-group fan-in and is applied to
+every group through a dense kernel (the kernel gradient is then the size of the weight, which for
+depthwise convolutions is tiny). ``merge`` folds ``W0 + delta`` back into a plain layer.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import sys
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROW, COLUMN = 0, 1
+
+
+def fan_in(layer: nn.Module) -> int:
+    return layer.weight[0].numel()
+
+
+class DeltaLayer(nn.Module, metaclass=abc.ABCMeta):
+    """Base class: a frozen base layer plus a trainable delta filled in by a selection.
+
+    Attributes:
+        base_layer: the pre-trained ``nn.Linear``/``nn.Conv2d``; its weight is never trained.
+        original_name: the layer's name in the model before the delta was inserted.
+    """
+
+    def __init__(self, base_layer: nn.Module, original_name: str):
+        super().__init__()
+        if type(base_layer) not in (nn.Linear, nn.Conv2d):
+            raise TypeError(f"{original_name}: deltas support nn.Linear and nn.Conv2d, got {type(base_layer).__name__}")
+        if isinstance(base_layer, nn.Conv2d) and base_layer.padding_mode != "zeros":
+            raise TypeError(f"{original_name}: padding_mode={base_layer.padding_mode!r} is not supported")
+        base_layer.weight.requires_grad_(False)
+        self.base_layer = base_layer
+        self.original_name = original_name
+        self.register_buffer("selected", torch.zeros((), dtype=torch.bool))
+        self._is_selected = False
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._sync_flag())
+
+    # -- shared helpers -----------------------------------------------------------------------
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.weight.shape[0]
+
+    @property
+    def fan_in(self) -> int:
+        return fan_in(self.base_layer)
+
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.base_layer, nn.Conv2d)
+
+    def _sync_flag(self) -> None:
+        self._is_selected = bool(self.selected)
+
+    def mark_selected(self) -> None:
+        self.selected.fill_(True)
+        self._is_selected = True
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+        conv = self.base_layer
+        return F.conv2d(x, weight.to(x.dtype), None, conv.stride, conv.padding, conv.dilation, groups)
+
+    # -- what a kind provides -----------------------------------------------------------------
+    @abc.abstractmethod
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output with the delta's contribution (none before selection)."""
+
+    @abc.abstractmethod
+    def dense_delta(self) -> torch.Tensor:
+        """The delta as a tensor of the base weight's shape (zeros outside the selection)."""
+
+    @abc.abstractmethod
+    def num_tuned(self) -> int:
+        """Number of weight entries this layer tunes."""
+
+    @abc.abstractmethod
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        """Only what defines the delta: its active values and their indices (int32)."""
+
+    @abc.abstractmethod
+    def import_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore a selection and its values from :meth:`export_tensors` output."""
+
+    def l2(self) -> torch.Tensor:
+        """``sum ||W - W0||^2`` over the tuned entries (the L2-SP penalty of GRFT)."""
+        return sum((p.float().pow(2).sum() for p in self.delta_parameters()), torch.zeros((), device=self.selected.device))
+
+    def delta_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters(recurse=False)]
+
+    def merged_module(self) -> nn.Module:
+        """A plain copy of the base layer whose weight is ``W0 + delta``."""
+        merged = copy.deepcopy(self.base_layer)
+        with torch.no_grad():
+            if self._is_selected:
+                merged.weight.add_(self.dense_delta().to(merged.weight.dtype))
+        return merged
+
+
+class StructuredDelta(DeltaLayer):
+    """GRFT's delta: whole rows or whole columns of one weight matrix.
+
+    ``mode="auto"`` holds a row-shaped delta ``(rows, fan_in)`` and, if the selection picks
+    columns for this matrix, uses its first ``columns * out`` entries as the ``(out, columns)``
+    column delta (``columns = floor(rows * fan_in / out)``: never more entries than the row
+    budget). Unused entries get a zero gradient and stay at zero.
+    """
+
+    def __init__(self, base_layer: nn.Module, original_name: str, mode: str, rows: int = 0, columns: int = 0):
+        super().__init__(base_layer, original_name)
+        out, fin = self.out_features, self.fan_in
+        if mode not in ("row", "column", "auto"):
+            raise ValueError(f"{original_name}: mode must be row, column or auto, got {mode!r}")
+        self.mode = mode
+        self.rows = rows if mode in ("row", "auto") else 0
+        self.columns = columns if mode in ("column", "auto") else 0
+        shape = (self.rows, fin) if mode in ("row", "auto") else (out, self.columns)
+        w = base_layer.weight
+        self.delta = nn.Parameter(torch.zeros(shape, dtype=w.dtype, device=w.device))
+        self.register_buffer("row_index", torch.zeros(self.rows, dtype=torch.long, device=w.device))
+        self.register_buffer("col_index", torch.zeros(self.columns, dtype=torch.long, device=w.device))
+        # 0: rows, 1: columns; fixed for row/column modes, chosen per matrix by the auto selection.
+        self.register_buffer("axis", torch.tensor(COLUMN if mode == "column" else ROW, device=w.device))
+        self._axis = int(self.axis)
+        self.register_load_state_dict_post_hook(lambda module, _keys: setattr(module, "_axis", int(module.axis)))
+
+    def set_selection(self, axis: int, index: torch.Tensor) -> None:
+        if axis == ROW:
+            self.row_index.copy_(index)
+        else:
+            self.col_index.copy_(index)
+        self.axis.fill_(axis)
+        self._axis = axis
+        with torch.no_grad():
+            self.delta.zero_()
+        self.mark_selected()
+
+    def row_delta(self) -> torch.Tensor:
+        return self.delta
+
+    def column_delta(self) -> torch.Tensor:
+        if self.mode == "column":
+            return self.delta
+        return self.delta.reshape(-1)[: self.out_features * self.columns].view(self.out_features, self.columns)
+
+    def num_tuned(self) -> int:
+        if not self._is_selected and self.mode == "auto":
+            return self.rows * self.fan_in  # the budget; the shape is only chosen by selection
+        return self.rows * self.fan_in if self._axis == ROW else self.columns * self.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if not self._is_selected:
+            return y
+        # In place on the base output: neither addmm nor conv needs its output for backward,
+        # so no second output-sized tensor is kept per layer.
+        if self._axis == ROW:
+            return self._add_rows(x, y)
+        return self._add_columns(x, y)
+
+    def _add_rows(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        rows, d = self.row_index, self.row_delta()
+        if not self.is_conv:
+            return y.index_add_(-1, rows, F.linear(x, d.to(x.dtype)).to(y.dtype))
+        conv = self.base_layer
+        kernel = d.view(len(rows), *conv.weight.shape[1:])
+        if conv.groups == 1:
+            extra = self._conv(x, kernel, 1)
+        else:  # each selected output channel reads only its own group's input channels
+            per_group_out, per_group_in = conv.out_channels // conv.groups, conv.in_channels // conv.groups
+            first = (rows // per_group_out) * per_group_in
+            channels = (first[:, None] + torch.arange(per_group_in, device=rows.device)).reshape(-1)
+            extra = self._conv(x.index_select(1, channels), kernel, len(rows))
+        return y.index_add_(1, rows, extra.to(y.dtype))
+
+    def _add_columns(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cols, d = self.col_index, self.column_delta()
+        if not self.is_conv:
+            return y.add_(F.linear(x.index_select(-1, cols), d.to(x.dtype)).to(y.dtype))
+        conv = self.base_layer
+        kh, kw = conv.kernel_size
+        if conv.groups == 1:
+            # One input channel per selected column; a kernel that is zero except at its position.
+            channels, position = cols // (kh * kw), cols % (kh * kw)
+            kernel = d.new_zeros(conv.out_channels, len(cols), kh * kw)
+            kernel = _scatter_positions(kernel, position, d)
+            extra = self._conv(x.index_select(1, channels), kernel.view(conv.out_channels, len(cols), kh, kw), 1)
+        else:
+            kernel = d.new_zeros(conv.out_channels, self.fan_in).index_add(1, cols, d)
+            extra = self._conv(x, kernel.view_as(conv.weight), conv.groups)
+        return y.add_(extra.to(y.dtype))
+
+    def dense_delta(self) -> torch.Tensor:
+        out, fin = self.out_features, self.fan_in
+        flat = torch.zeros(out, fin, dtype=self.delta.dtype, device=self.delta.device)
+        if self._axis == ROW:
+            flat.index_add_(0, self.row_index, self.row_delta())
+        else:
+            flat.index_add_(1, self.col_index, self.column_delta())
+        return flat.view_as(self.base_layer.weight)
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        if self._axis == ROW:
+            return {"rows": self.row_index.int(), "delta": self.row_delta().detach()}
+        return {"columns": self.col_index.int(), "delta": self.column_delta().detach()}
+
+    def import_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        axis = ROW if "rows" in tensors else COLUMN
+        index = tensors["rows" if axis == ROW else "columns"].long()
+        expected = self.rows if axis == ROW else self.columns
+        if index.numel() != expected:
+            raise ValueError(f"{self.original_name}: file holds {index.numel()} {'rows' if axis == ROW else 'columns'}, "
+                             f"this method's budget is {expected}")
+        self.set_selection(axis, index.to(self.row_index.device))
+        with torch.no_grad():
+            target = self.row_delta() if axis == ROW else self.column_delta()
+            target.copy_(tensors["delta"].to(target.dtype))
+
+
+def _scatter_positions(kernel: torch.Tensor, position: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """kernel[:, j, position[j]] = d[:, j] for every selected column j (out of place)."""
+    onehot = F.one_hot(position, kernel.shape[-1]).to(d.dtype)  # (c, kh*kw)
+    return kernel + d[:, :, None] * onehot[None]
+
+
+class IndexDelta(DeltaLayer):
+    """GPS's delta: for every output neuron, ``k`` selected input connections.
+
+    The effective weight ``W0 + scatter(D)`` is formed in each forward (so its gradient is dense
+    for one step), but only ``D`` (out x k) is a parameter: no optimizer state is kept for the
+    untouched entries.
+    """
+
+    def __init__(self, base_layer: nn.Module, original_name: str, k: int):
+        super().__init__(base_layer, original_name)
+        w = base_layer.weight
+        self.k = k
+        self.delta = nn.Parameter(torch.zeros(self.out_features, k, dtype=w.dtype, device=w.device))
+        self.register_buffer("index", torch.zeros(self.out_features, k, dtype=torch.long, device=w.device))
+
+    def set_selection(self, index: torch.Tensor) -> None:
+        self.index.copy_(index)
+        with torch.no_grad():
+            self.delta.zero_()
+        self.mark_selected()
+
+    def num_tuned(self) -> int:
+        return self.out_features * self.k
+
+    def dense_delta(self) -> torch.Tensor:
+        flat = torch.zeros(self.out_features, self.fan_in, dtype=self.delta.dtype, device=self.delta.device)
+        return flat.scatter_add(1, self.index, self.delta).view_as(self.base_layer.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._is_selected:
+            return self.base_layer(x)
+        base = self.base_layer
+        weight = base.weight + self.dense_delta()
+        if self.is_conv:
+            return F.conv2d(x, weight, base.bias, base.stride, base.padding, base.dilation, base.groups)
+        return F.linear(x, weight, base.bias)
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        return {"index": self.index.int(), "delta": self.delta.detach()}
+
+    def import_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        index = tensors["index"].long()
+        if tuple(index.shape) != tuple(self.index.shape):
+            raise ValueError(f"{self.original_name}: file holds indices of shape {tuple(index.shape)}, "
+                             f"this method expects {tuple(self.index.shape)}")
+        self.set_selection(index.to(self.index.device))
+        with torch.no_grad():
+            self.delta.copy_(tensors["delta"].to(self.delta.dtype))
+
+
+# -- model-level helpers ----------------------------------------------------------------------
+def delta_layers(model: nn.Module) -> Iterator[tuple[str, DeltaLayer]]:
+    """``(module path, layer)`` for every delta layer in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, DeltaLayer):
+            yield name, module
+
+
+def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, module)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every delta into its weight, in place; returns the model with plain layers only.
+
+    Layers that define ``merged_module()`` (our deltas and adapters) are replaced by what it
+    returns; peft LoRA layers are merged by peft and replaced by their base layer.
+    """
+    for path, module in list(model.named_modules()):
+        if not path:
+            continue
+        merged = _merged(module)
+        if merged is not None:
+            set_submodule(model, path, merged)
+    return model
+
+
+def _merged(module: nn.Module) -> nn.Module | None:
+    if hasattr(module, "merged_module") and callable(module.merged_module):
+        return module.merged_module()
+    if "peft" not in sys.modules:  # no peft layer can exist; importing peft is slow and noisy
+        return None
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if isinstance(module, BaseTunerLayer):
+        module.merge()
+        return module.get_base_layer()
+    return None

@@ -1,0 +1,128 @@
+"""Export and import of the tuned values only (safetensors).
+
+File layout: ``delta/<layer>/<key>`` for each delta layer (active values and int32 indices),
+``param/<name>`` for every other trainable tensor (biases, head, norms, LoRA/adapter weights),
+``buffer/<name>`` for BatchNorm running statistics (they change during training and the logits
+depend on them). The metadata holds the method's ``class_path`` and ``init_args`` so that
+``load_tuned`` can rebuild the deltas on a fresh pre-trained backbone.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from grft_lightning.deltas import delta_layers
+from grft_lightning.io import atomic_path
+from grft_lightning.methods.base import Method, classifier
+
+FORMAT = "grft-lightning/tuned/1"
+
+
+def _tuned_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    owned: set[int] = set()
+    for path, layer in delta_layers(model):
+        owned.update(id(p) for p in layer.delta_parameters())
+        if layer._is_selected:
+            for key, value in layer.export_tensors().items():
+                tensors[f"delta/{path}/{key}"] = value
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in owned:
+            tensors[f"param/{name}"] = p.detach()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            tensors[f"buffer/{name}.running_mean"] = module.running_mean
+            tensors[f"buffer/{name}.running_var"] = module.running_var
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def save_tuned(model: nn.Module, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> str:
+    """Write only the tuned values, their indices and the head to ``path`` (atomically).
+
+    Args:
+        model: a model with a method applied (and selected, for gradient methods).
+        path: target ``.safetensors`` file.
+        metadata: extra facts (backbone tag, dataset, budget, ...), stored as JSON strings.
+    """
+    from safetensors.torch import save_file
+
+    method: Method | None = getattr(model, "peft_method", None)
+    if method is None:
+        raise ValueError("save_tuned: the model has no method applied (call method.apply(model) first)")
+    meta = {
+        "format": FORMAT,
+        "method_class": method.class_path(),
+        "method_args": json.dumps(method.config()),
+        "num_classes": str(getattr(classifier(model), "out_features", 0)),
+    }
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
+    with atomic_path(path) as tmp:
+        save_file(_tuned_tensors(model), tmp, metadata=meta)
+    return str(path)
+
+
+def read_tuned(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a tuned file, with a clear error for truncated or foreign files."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tuned-parameter file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as err:  # safetensors raises its own error types for damaged headers
+        raise ValueError(f"{path}: not a readable safetensors file ({err}); it may be truncated or damaged") from err
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a grft-lightning tuned file (metadata format={meta.get('format')!r}, "
+                         f"expected {FORMAT!r})")
+    return tensors, meta
+
+
+def method_from_metadata(meta: dict[str, str]) -> Method:
+    module_name, _, class_name = meta["method_class"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(**json.loads(meta["method_args"]))
+
+
+def load_tuned(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Rebuild a tuned model from a fresh pre-trained backbone and a :func:`save_tuned` file.
+
+    The head is re-created for the file's number of classes when it differs. Returns the model
+    (modified in place) with the method applied and its selection and values loaded.
+    """
+    tensors, meta = read_tuned(path)
+    num_classes = int(meta.get("num_classes", 0))
+    head = classifier(base_model)
+    if num_classes and getattr(head, "out_features", num_classes) != num_classes:
+        base_model.reset_classifier(num_classes)
+    method = method_from_metadata(meta)
+    method.apply(base_model)
+    layers = dict(delta_layers(base_model))
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    params = dict(base_model.named_parameters())
+    buffers = dict(base_model.named_buffers())
+    for key, value in tensors.items():
+        kind, _, rest = key.partition("/")
+        if kind == "delta":
+            layer_path, _, item = rest.rpartition("/")
+            grouped.setdefault(layer_path, {})[item] = value
+        elif kind in ("param", "buffer"):
+            table = params if kind == "param" else buffers
+            if rest not in table or table[rest].shape != value.shape:
+                found = tuple(table[rest].shape) if rest in table else "absent"
+                raise ValueError(f"{path}: {key} of shape {tuple(value.shape)} does not fit the model ({found}); "
+                                 "was it saved from another backbone?")
+            with torch.no_grad():
+                table[rest].copy_(value)
+    for layer_path, items in grouped.items():
+        if layer_path not in layers:
+            raise ValueError(f"{path}: delta for {layer_path} but the rebuilt model has no such delta layer")
+        layers[layer_path].import_tensors({k: v.to(layers[layer_path].delta.device) for k, v in items.items()})
+    return base_model

@@ -1,0 +1,138 @@
+"""Scores from accumulated gradients, and deterministic top-k.
+
+GRFT (arXiv 2507.00016) scores a row of a weight's accumulated gradient ``G`` by
+``||G[i, :]||^2`` and a column by ``||G[:, j]||^2``: to first order, one gradient step restricted
+to a row set ``S`` lowers the loss by ``lr * sum_{i in S} ||G[i, :]||^2``. GPS (CVPR 2024) keeps,
+for every row, the ``k`` entries with the largest ``|G[i, j]|``. Convolution weights are read as
+``out x (in/groups * kh * kw)`` matrices.
+
+Ties are broken by the lowest index (a stable sort), so a selection is a pure function of the
+gradients: identical on every rank once the gradients are all-reduced.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from grft_lightning.deltas import DeltaLayer, delta_layers
+
+
+def as_matrix(grad: torch.Tensor) -> torch.Tensor:
+    """``out x fan_in`` view of a weight-shaped tensor, in fp32 or wider."""
+    g = grad.reshape(grad.shape[0], -1)
+    return g if g.dtype in (torch.float32, torch.float64) else g.float()
+
+
+def row_scores(grad: torch.Tensor) -> torch.Tensor:
+    """Sum of squared accumulated gradient over each row (output neuron / channel)."""
+    return as_matrix(grad).pow(2).sum(dim=1)
+
+
+def column_scores(grad: torch.Tensor) -> torch.Tensor:
+    """Sum of squared accumulated gradient over each column (fan-in position)."""
+    return as_matrix(grad).pow(2).sum(dim=0)
+
+
+def top_k(scores: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
+    """Indices of the ``k`` largest scores along ``dim``, lowest index first among ties,
+    returned in ascending index order."""
+    order = torch.sort(scores, dim=dim, descending=True, stable=True).indices
+    return torch.sort(order.narrow(dim, 0, k), dim=dim).values
+
+
+def per_row_top_k(grad: torch.Tensor, k: int) -> torch.Tensor:
+    """GPS: for each row, the ``k`` input connections with the largest ``|grad|``."""
+    return top_k(as_matrix(grad).abs(), k, dim=1)
+
+
+def captured_energy(scores: torch.Tensor, k: int) -> float:
+    """Sum of the ``k`` best scores: the first-order loss decrease a step on them buys."""
+    return float(scores[top_k(scores, k)].sum())
+
+
+def eligible_weight_names(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Original name -> weight tensor for every delta layer's frozen base weight."""
+    return {f"{path}.weight": layer.base_layer.weight for path, layer in _named_deltas(model)}
+
+
+def _named_deltas(model: nn.Module) -> list[tuple[str, DeltaLayer]]:
+    return [(layer.original_name, layer) for _, layer in delta_layers(model)]
+
+
+def default_gradient_targets(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weights whose gradients a selection needs.
+
+    After ``method.apply`` these are the base weights of the inserted delta layers, named as in
+    the original model. On a model without deltas: every ``nn.Linear``/``nn.Conv2d`` weight
+    outside the classifier.
+    """
+    targets = eligible_weight_names(model)
+    if targets:
+        return targets
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    return {
+        f"{name}.weight": module.weight
+        for name, module in model.named_modules()
+        if type(module) in (nn.Linear, nn.Conv2d) and id(module.weight) not in head_ids
+    }
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    names: Iterable[str] | None = None,
+    progress: bool = False,
+    description: str = "selection",
+) -> dict[str, torch.Tensor]:
+    """Sum, over ``batches``, the gradient of ``loss_fn(model, batch)`` w.r.t. eligible weights.
+
+    Returns ``{original parameter name: fp32 tensor of the weight's shape}``. Uses
+    ``torch.autograd.grad``, so no ``.grad`` attribute is touched, and every parameter's
+    ``requires_grad`` flag is restored on exit (also on error). ``names`` restricts the weights
+    (default: :func:`default_gradient_targets`).
+
+    Args:
+        model: a timm model, with or without a method applied.
+        batches: an iterable of batches (e.g. a DataLoader).
+        loss_fn: ``loss_fn(model, batch) -> scalar loss``.
+        names: original weight names to accumulate (default: every eligible weight).
+        progress: show a progress bar.
+        description: label of the progress bar.
+    """
+    targets = default_gradient_targets(model)
+    if names is not None:
+        names = list(names)
+        unknown = [n for n in names if n not in targets]
+        if unknown:
+            raise KeyError(f"accumulate_gradients: not an eligible weight: {unknown[:5]}")
+        targets = {n: targets[n] for n in names}
+    if not targets:
+        raise ValueError("accumulate_gradients: the model has no eligible weight (no Linear/Conv2d outside the head)")
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    params = list(targets.values())
+    sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        iterator = batches
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(batches, desc=description, leave=False)
+        for batch in iterator:
+            loss = loss_fn(model, batch)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for total, grad in zip(sums, grads):
+                if grad is not None:
+                    total.add_(grad.float())
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+    return dict(zip(targets.keys(), sums))
