@@ -188,6 +188,9 @@ class Method:
         """Extra loss term added to the task loss (logged separately); None for most methods."""
         return None
 
+    def on_before_optimizer_step(self, model: nn.Module) -> None:
+        """Called after backward and before each optimizer step (e.g. to mask gradients)."""
+
     def describe_budget(self, model: nn.Module) -> str:
         """One line on how the budget was turned into shapes (printed after apply)."""
         return ""
