@@ -1,0 +1,129 @@
+"""Backbones: timm models by name, with weights from timm's hub cache or a local file.
+
+Names carry the weights' provenance (``arch.pretrain_tag``, e.g.
+``vit_base_patch16_224.augreg_in21k``); it is recorded in every run. A local file is used
+instead of the hub with ``weights: PATH``:
+
+* ``timm`` layout (keys as in the timm model): loaded through timm's
+  ``pretrained_cfg_overlay=dict(file=PATH)``, which keeps timm's head adaptation when
+  ``num_classes`` differs and resamples position embeddings for another ``image_size``.
+* ``ordered`` layout (e.g. torchvision's MobileNetV2 ``.pth`` for timm ``mobilenetv2_100``):
+  tensors are paired with the model's in order (``num_batches_tracked`` aside), every shape must
+  be equal, and the trailing head tensors are dropped.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+from torch import nn
+
+from grft_lightning.paths import resolve_path
+
+WeightsFormat = Literal["auto", "timm", "ordered"]
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model.weights: file not found: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"model.weights: cannot read {path} ({err})") from err
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"model.weights: {path} does not hold a state dict of tensors")
+    return state
+
+
+def _head_keys(model: nn.Module) -> set[str]:
+    head = model.get_classifier()
+    ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    return {k for k, p in model.named_parameters() if id(p) in ids}
+
+
+def load_ordered(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """Pair ``state``'s tensors with the model's in order; drop the head; shapes must match."""
+    skip = "num_batches_tracked"
+    head = _head_keys(model)
+    target = [(k, v) for k, v in model.state_dict().items() if not k.endswith(skip) and k not in head]
+    source = [(k, v) for k, v in state.items() if not k.endswith(skip)]
+    if len(source) < len(target):
+        raise ValueError(f"model.weights: {path} has {len(source)} tensors, the backbone needs {len(target)} "
+                         "(is it the right architecture?)")
+    mapped = {}
+    for i, ((tk, tv), (sk, sv)) in enumerate(zip(target, source)):
+        if tuple(tv.shape) != tuple(sv.shape):
+            raise ValueError(f"model.weights: {path} does not match the backbone at tensor #{i}: "
+                             f"file {sk} {tuple(sv.shape)} vs model {tk} {tuple(tv.shape)}")
+        mapped[tk] = sv
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    left = [k for k in missing if k not in head and not k.endswith(skip)]
+    if left or unexpected:
+        raise ValueError(f"model.weights: {path} left tensors unloaded: {left[:3]} {unexpected[:3]}")
+
+
+def _is_timm_layout(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    keys = set(model.state_dict()) - _head_keys(model)
+    return keys.issubset(state.keys())
+
+
+def create_backbone(
+    name: str,
+    num_classes: int,
+    pretrained: bool = True,
+    weights: str | None = None,
+    weights_format: WeightsFormat = "auto",
+    drop_path_rate: float = 0.0,
+    image_size: int | None = None,
+) -> nn.Module:
+    """A timm model with a new ``num_classes`` head and pre-trained weights.
+
+    Args:
+        name: timm model name, with its pretrained tag.
+        num_classes: classes of the new head.
+        pretrained: load pre-trained weights (from ``weights`` if given, else timm's hub/cache).
+        weights: local weight file (``.pth``/``.bin``/``.safetensors``), see module docstring.
+        weights_format: ``auto`` (timm keys if they match, else ``ordered``), ``timm``, ``ordered``.
+        drop_path_rate: stochastic depth rate (models that support it).
+        image_size: input size for models with a fixed size (ViTs); CNNs take any size.
+    """
+    import timm
+
+    kwargs = {"num_classes": num_classes}
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True)
+    if image_size is not None and cfg is not None and cfg.fixed_input_size:
+        kwargs["img_size"] = image_size
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if weights is None:
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as err:
+            raise RuntimeError(f"model.backbone: could not load pre-trained weights for {name!r} from the hub "
+                               f"({type(err).__name__}: {err}). Offline? Give a local file with model.weights, "
+                               "or set model.pretrained: false") from err
+    weights = resolve_path(weights, "model.weights")
+    state = _read_state_dict(weights)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    fmt = weights_format
+    if fmt == "auto":
+        fmt = "timm" if _is_timm_layout(model, state) else "ordered"
+    if fmt == "ordered":
+        load_ordered(model, state, weights)
+        return model
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": weights}, **kwargs)
+    except Exception as err:
+        raise ValueError(f"model.weights: {weights} does not fit backbone {name!r} ({err})") from err

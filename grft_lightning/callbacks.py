@@ -1,0 +1,161 @@
+"""Callbacks: the gradient-selection pass at ``on_fit_start``, and run bookkeeping."""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+from typing import Iterator, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from grft_lightning.accounting import parameter_summary
+from grft_lightning.deltas import delta_layers
+from grft_lightning.export import method_from_metadata, read_tuned
+from grft_lightning.losses import selection_loss_fn
+from grft_lightning.plots import save_selection_figure
+from grft_lightning.selection import accumulate_gradients
+
+
+def _on_device(loader, device: torch.device) -> Iterator:
+    for images, labels in loader:
+        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+class GradientSelection(L.Callback):
+    """Select what the method tunes, once, before training.
+
+    One pass over the training split with its own loader (``supcon``: two augmented views per
+    image, GPS's head-free supervised contrastive loss; ``ce``: cross-entropy through the new
+    head, deterministic transform), gradients summed over batches in fp32 (under the trainer's
+    autocast) and, under DDP, summed across ranks before scoring, so every rank selects the same
+    indices. The model is in eval mode during the pass (no dropout/drop-path, BatchNorm
+    statistics untouched). The selection lives in the model's buffers and so in every
+    checkpoint: a resumed run never selects again.
+
+    Args:
+        loss: selection loss, ``supcon`` or ``ce``.
+        temperature: SupCon temperature.
+        max_batches: stop the pass after this many batches (None: the whole split).
+        from_file: take the selection from a previous run's ``tuned.safetensors`` instead of
+            computing it (the method and budget must be the same; values start at zero).
+        progress: show a progress bar.
+    """
+
+    def __init__(
+        self,
+        loss: Literal["supcon", "ce"] = "supcon",
+        temperature: float = 0.07,
+        max_batches: int | None = None,
+        from_file: str | None = None,
+        progress: bool = True,
+    ):
+        self.loss = loss
+        self.temperature = temperature
+        self.max_batches = max_batches
+        self.from_file = from_file
+        self.progress = progress
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        layers = [layer for _, layer in delta_layers(pl_module.model)]
+        if not layers:
+            return
+        if all(layer._is_selected for layer in layers):
+            rank_zero_info("selection: restored from the checkpoint (not re-selected)")
+            return
+        start = time.perf_counter()
+        method = pl_module.method
+        if self.from_file:
+            self._load(pl_module)
+        elif not method.needs_gradients:
+            method.select(pl_module.model)
+        else:
+            method.select(pl_module.model, self._gradients(trainer, pl_module))
+        pl_module.selection_seconds = time.perf_counter() - start
+        rank_zero_info(f"selection: {method.describe_budget(pl_module.model)} in {pl_module.selection_seconds:.1f} s")
+        rank_zero_info(parameter_summary(pl_module.model))
+        for logger in trainer.loggers:
+            logger.log_metrics({"selection/seconds": pl_module.selection_seconds}, step=0)
+        self._figure(trainer, pl_module)
+
+    @staticmethod
+    def _figure(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """``selection.png`` in the run directory, also logged to W&B (rank 0 only)."""
+        if not trainer.is_global_zero:
+            return
+        path = Path(trainer.default_root_dir) / "selection.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if save_selection_figure(pl_module.model, str(path)) is None:
+            return
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="selection", images=[str(path)])
+
+    def _gradients(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "selection_dataloader"):
+            raise RuntimeError("gradient selection needs a DataModule with selection_dataloader() "
+                               "(subclass grft_lightning.data.ImageClassificationData)")
+        loader = datamodule.selection_dataloader(self.loss)
+        batches = _on_device(loader, pl_module.device)
+        if self.max_batches is not None:
+            batches = (b for i, b in zip(range(self.max_batches), batches))
+        loss_fn = selection_loss_fn(self.loss, self.temperature)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with trainer.precision_plugin.forward_context():
+                grads = accumulate_gradients(pl_module.model, batches, loss_fn,
+                                             progress=self.progress and trainer.is_global_zero)
+        finally:
+            pl_module.train(was_training)
+        if trainer.world_size > 1:
+            # Sum across ranks: each rank saw a disjoint shard of the split.
+            for grad in grads.values():
+                torch.distributed.all_reduce(grad, op=torch.distributed.ReduceOp.SUM)
+        return grads
+
+    def _load(self, pl_module: L.LightningModule) -> None:
+        tensors, meta = read_tuned(self.from_file)
+        theirs = method_from_metadata(meta)
+        mine = pl_module.method
+        if type(theirs) is not type(mine) or theirs.config() != mine.config():
+            raise ValueError(f"selection.from_file: {self.from_file} was selected by {theirs!r}, "
+                             f"this run uses {mine!r}")
+        for path, layer in delta_layers(pl_module.model):
+            items = {k.rpartition("/")[2]: v for k, v in tensors.items() if k.startswith(f"delta/{path}/")}
+            if not items:
+                raise ValueError(f"selection.from_file: {self.from_file} has no selection for {path}")
+            layer.import_tensors({k: v.to(pl_module.device) for k, v in items.items()})
+            with torch.no_grad():
+                for p in layer.delta_parameters():
+                    p.zero_()
+
+
+class RunClock(L.Callback):
+    """Training wall time and peak memory, for results.json."""
+
+    def __init__(self):
+        self.train_seconds = 0.0
+        self._start: float | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        counts = pl_module.tuned_counts()  # after selection: final for every method
+        for logger in trainer.loggers:
+            logger.log_hyperparams({f"params/{k}": v for k, v in counts.items()})
+        self._start = time.perf_counter()
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._start is not None:
+            self.train_seconds += time.perf_counter() - self._start
+
+    @staticmethod
+    def peak_memory_bytes(device: torch.device) -> int:
+        """CUDA max allocated on a GPU; this process's max resident set size on the CPU."""
+        if device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(device))
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

@@ -1,0 +1,232 @@
+"""The command line: ``python train.py fit|validate|test|predict --config ...``.
+
+LightningCLI builds every option from typed signatures; the method and the data are chosen in
+YAML by ``class_path``. On top of Lightning's behaviour this CLI:
+
+* links ``data.num_classes`` -> ``model.num_classes`` and ``model.backbone``/``image_size`` ->
+  the data (preprocessing comes from the backbone's pretrained config);
+* gives every run a directory (``run_dir``, default ``runs/<dataset>/<method>/seed<seed>``)
+  holding ``config.yaml``, ``metrics.csv``, ``checkpoints/last.ckpt``, ``selection.png``,
+  ``tuned.safetensors`` and ``results.json``;
+* resumes ``fit`` from ``<run_dir>/checkpoints/last.ckpt`` when it exists (same command after a
+  crash or preemption), and writes checkpoints atomically, loading them weights-only;
+* after ``fit``, tests the last-epoch model on the test split and writes ``results.json``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from grft_lightning.callbacks import GradientSelection, RunClock
+from grft_lightning.data.base import ImageClassificationData
+from grft_lightning.export import save_tuned
+from grft_lightning.io import make_atomic_checkpoint_io
+from grft_lightning.module import PEFTModule
+from grft_lightning.results import build_results, git_sha, write_results
+
+
+class WandbOptions:
+    """Weights & Biases logging (a CSV log is always written beside it).
+
+    Args:
+        mode: ``online``, ``offline`` (sync later with ``wandb sync``) or ``disabled``.
+        project: W&B project.
+        entity: W&B entity (team or user); None: the default of the login.
+        name: run name (default ``<method>-<dataset>-seed<seed>``).
+        group: W&B group (e.g. a sweep name).
+        tags: extra tags (method, dataset and backbone are always added).
+    """
+
+    def __init__(self, mode: Literal["online", "offline", "disabled"] = "offline", project: str = "grft-lightning",
+                 entity: str | None = None, name: str | None = None, group: str | None = None,
+                 tags: list[str] | None = None):
+        self.mode = os.environ.get("WANDB_MODE", mode) if mode != "disabled" else mode
+        self.project, self.entity, self.name, self.group = project, entity, name, group
+        self.tags = list(tags or [])
+
+
+class GRFTCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run_dir", type=str | None, default=None,
+                            help="Run directory (default: runs/<dataset>/<method>/seed<seed>).")
+        parser.add_argument("--checkpoint_every_n_steps", type=int | None, default=200,
+                            help="Also save <run_dir>/checkpoints/last.ckpt every N optimizer steps "
+                                 "(it is always saved at the end of each epoch).")
+        parser.add_class_arguments(WandbOptions, "wandb")
+        parser.add_lightning_class_args(GradientSelection, "selection")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("model.backbone", "data.init_args.backbone")
+        parser.link_arguments("model.image_size", "data.init_args.image_size")
+
+    # -- run directory, loggers, checkpoints --------------------------------------------------
+    def _cfg(self):
+        return self.config_init[self.subcommand] if self.subcommand else self.config_init
+
+    def run_dir(self) -> Path:
+        cfg = self._cfg()
+        if cfg.get("run_dir"):
+            return Path(cfg["run_dir"])
+        dataset = getattr(self.datamodule, "dataset_name", "data")
+        return Path("runs") / dataset / self.model.method.name / f"seed{cfg.get('seed_everything')}"
+
+    def instantiate_trainer(self, **kwargs):
+        cfg = self._cfg()
+        run_dir = self.run_dir()
+        trainer_cfg = cfg.get("trainer", {})
+        kwargs.setdefault("default_root_dir", str(run_dir))
+        if trainer_cfg.get("logger") in (None, True):
+            kwargs["logger"] = self._loggers(run_dir, cfg)
+        plugins = list(trainer_cfg.get("plugins") or [])
+        kwargs["plugins"] = plugins + [make_atomic_checkpoint_io()]
+        callbacks = list(trainer_cfg.get("callbacks") or [])
+        if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            callbacks += self._checkpoints(run_dir, cfg.get("checkpoint_every_n_steps"))
+        kwargs["callbacks"] = callbacks + [RunClock()]
+        return super().instantiate_trainer(**kwargs)
+
+    @staticmethod
+    def _checkpoints(run_dir: Path, every_n_steps: int | None) -> list[ModelCheckpoint]:
+        # Both write last.ckpt (save_top_k=0 keeps no other file): one every N steps, one at
+        # the end of every epoch.
+        epoch_end = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+                                    save_on_train_epoch_end=True)
+        if not every_n_steps:
+            return [epoch_end]
+        steps = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+                                every_n_train_steps=every_n_steps)
+        return [steps, epoch_end]
+
+    def _loggers(self, run_dir: Path, cfg) -> list:
+        loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+        wandb = cfg.get("wandb")
+        mode = getattr(wandb, "mode", None) or (wandb or {}).get("mode", "offline")
+        if mode != "disabled":
+            from lightning.pytorch.loggers import WandbLogger
+
+            opts = wandb if isinstance(wandb, WandbOptions) else WandbOptions(**dict(wandb or {}))
+            dataset = getattr(self.datamodule, "dataset_name", "data")
+            method = self.model.method.name
+            seed = cfg.get("seed_everything")
+            loggers.append(WandbLogger(
+                project=opts.project, entity=opts.entity, group=opts.group, save_dir=str(run_dir),
+                name=opts.name or f"{method}-{dataset}-seed{seed}", mode=opts.mode,
+                tags=[method, dataset, self.model.hparams.backbone, *opts.tags]))
+        return loggers
+
+    # -- fit: resume, then test and record -------------------------------------------------
+    def before_fit(self) -> None:
+        cfg = self._cfg()
+        if cfg.get("ckpt_path") is not None:
+            return
+        run_dir = self.run_dir()
+        # The newest of last.ckpt and the checkpoint Lightning's SLURM plugin saves on SIGUSR1.
+        found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+        if found:
+            newest = max(found, key=lambda p: p.stat().st_mtime)
+            cfg["ckpt_path"] = str(newest)
+            rank_zero_info(f"resuming from {newest}")
+
+    def after_fit(self) -> None:
+        trainer, model = self.trainer, self.model
+        if trainer.interrupted:
+            return
+        val_acc = trainer.callback_metrics.get("val/acc")
+        val_acc = None if val_acc is None else float(val_acc)
+        tested = trainer.test(model, datamodule=self.datamodule, verbose=False)
+        test_acc = tested[0].get("test/acc") if tested else None
+        if trainer.is_global_zero:
+            self._record(val_acc, test_acc)
+
+    def _record(self, val_acc, test_acc) -> None:
+        trainer, model, data = self.trainer, self.model, self.datamodule
+        cfg = self._cfg()
+        run_dir = self.run_dir()
+        clock = next(c for c in trainer.callbacks if isinstance(c, RunClock))
+        counts = model.tuned_counts()
+        extra = dict(data.describe()) if hasattr(data, "describe") else {}
+        extra.setdefault("skipped_images", getattr(data, "skipped_images", 0))
+        extra["config_files"] = [str(p) for p in (cfg.get("config") or [])]
+        results = build_results(
+            method=model.method.name, dataset=getattr(data, "dataset_name", "data"),
+            backbone=model.hparams.backbone, seed=int(cfg.get("seed_everything") or 0), counts=counts,
+            selection_seconds=model.selection_seconds, train_seconds=clock.train_seconds,
+            val_acc=val_acc, test_acc=test_acc, peak_memory_bytes=clock.peak_memory_bytes(model.device),
+            extra=extra)
+        save_tuned(model.model, run_dir / "tuned.safetensors", metadata={
+            "backbone": model.hparams.backbone, "dataset": results["dataset"], "seed": results["seed"],
+            "git_sha": results["git_sha"]})
+        write_results(run_dir / "results.json", results)
+        summary = (f"tuned params: {counts['tuned']:,} || backbone params: {counts['backbone']:,} || "
+                   f"tuned%: {counts['tuned_pct']:.4f}")
+        print(summary)
+        if test_acc is not None:
+            print(f"test accuracy: {test_acc:.4f} ({results['dataset']}, {results['method']}, last epoch)")
+        print(f"run directory: {run_dir}")
+
+
+def _includes(path: Path, seen: tuple[Path, ...] = ()) -> list[str]:
+    """The files a config includes with a top-level ``config:`` key, deepest first, then itself."""
+    import yaml
+
+    path = path.resolve()
+    if path in seen:
+        raise ValueError(f"config include cycle: {' -> '.join(map(str, seen + (path,)))}")
+    if not path.is_file():
+        raise FileNotFoundError(f"--config: file not found: {path}")
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"--config: {path} is not valid YAML: {err}") from err
+    included = content.get("config") if isinstance(content, dict) else None
+    files: list[str] = []
+    for inc in [included] if isinstance(included, str) else list(included or []):
+        files += _includes(path.parent / inc, seen + (path,))
+    return files + [str(path)]
+
+
+def expand_config_includes(args: list[str]) -> list[str]:
+    """``--config child.yaml`` -> ``--config base.yaml --config child.yaml`` for every file that
+    includes a base with a top-level ``config: base.yaml`` key (paths relative to the file)."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--config" and i + 1 < len(args) or arg.startswith("--config="):
+            value = args[i + 1] if arg == "--config" else arg.split("=", 1)[1]
+            i += 2 if arg == "--config" else 1
+            if value.lstrip().startswith("{") or not value.endswith((".yaml", ".yml")):
+                out += ["--config", value]  # inline YAML or another format: leave it to the parser
+                continue
+            for path in _includes(Path(value)):
+                out += ["--config", path]
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> GRFTCLI:
+    """Run the CLI (``args`` like ``sys.argv[1:]``; tests call it in-process)."""
+    import sys
+
+    args = expand_config_includes(list(sys.argv[1:] if args is None else args))
+    return GRFTCLI(
+        PEFTModule,
+        ImageClassificationData,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+        parser_kwargs={"parser_mode": "yaml"},
+    )
+
+
+__all__ = ["GRFTCLI", "cli_main", "git_sha"]

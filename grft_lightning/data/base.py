@@ -1,0 +1,205 @@
+"""The DataModule every benchmark family shares: transforms, loaders and the selection loader.
+
+A subclass only says which images and labels make each split (:meth:`build_split`), how many
+classes there are, and what the dataset is called. Everything else -- preprocessing from the
+backbone's pretrained config, loaders, the distributed samplers, the two-view loader for the
+selection pass -- lives here, once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from grft_lightning.data.transforms import (
+    TwoViews,
+    fgvc_eval_transform,
+    fgvc_train_transform,
+    resize_transform,
+    resolve_data_config,
+    supcon_view_transform,
+)
+
+Split = Literal["train", "val", "test"]
+
+
+class TransformedDataset(Dataset):
+    """Wrap a dataset of ``(PIL image, label)`` pairs with a transform applied to the image."""
+
+    def __init__(self, source: Dataset, transform: Callable):
+        self.source = source
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        image, label = self.source[index]
+        return self.transform(image), label
+
+
+def _distributed_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+class ImageClassificationData(L.LightningDataModule):
+    """Base DataModule for image classification benchmarks.
+
+    Args:
+        batch_size: Training batch size per device.
+        eval_batch_size: Batch size for validation and test (default: ``batch_size``).
+        num_workers: DataLoader worker processes per device.
+        pin_memory: Pin host memory for faster host-to-GPU copies.
+        augmentation: ``resize`` (VTAB protocol: plain resize, no augmentation) or ``fgvc``
+            (random resized crop + flip for training; resize 248/224 + center crop for eval).
+        backbone: timm model name whose pretrained config gives mean/std/size. Linked from
+            ``model.backbone`` by the CLI; set it only when using the DataModule on its own.
+        image_size: Overrides the input size from the backbone's config. Linked from
+            ``model.image_size`` by the CLI.
+        selection_batch_size: Batch size of the selection pass (default: ``batch_size``).
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        augmentation: Literal["resize", "fgvc"] = "resize",
+        backbone: str | None = None,
+        image_size: int | None = None,
+        selection_batch_size: int | None = None,
+    ):
+        super().__init__()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.augmentation = augmentation
+        self.backbone = backbone
+        self.image_size = image_size
+        self.selection_batch_size = selection_batch_size or batch_size
+        self.skipped_images = 0  # images dropped because they could not be decoded (reported)
+        self._splits: dict[str, Dataset] = {}
+
+    # -- what a subclass provides ------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of the task."""
+        raise NotImplementedError(f"{type(self).__name__} must define num_classes")
+
+    @property
+    def dataset_name(self) -> str:
+        """Name written to ``results.json`` (``dataset``)."""
+        return type(self).__name__.lower()
+
+    def build_split(self, split: Split) -> Dataset:
+        """Return a dataset of ``(PIL.Image in RGB, int label)`` for ``split``."""
+        raise NotImplementedError(f"{type(self).__name__} must define build_split")
+
+    def describe(self) -> dict[str, Any]:
+        """Extra facts recorded in ``results.json`` (e.g. which extraction a folder is)."""
+        return {}
+
+    # -- shared machinery --------------------------------------------------------------------
+    @property
+    def data_config(self):
+        return resolve_data_config(self.backbone, self.image_size)
+
+    def raw_split(self, split: Split) -> Dataset:
+        """The untransformed split, built once and cached."""
+        if split not in self._splits:
+            self._splits[split] = self.build_split(split)
+        return self._splits[split]
+
+    def transform(self, split: Split) -> Callable:
+        cfg = self.data_config
+        if self.augmentation == "fgvc":
+            return fgvc_train_transform(cfg) if split == "train" else fgvc_eval_transform(cfg)
+        if self.augmentation == "resize":
+            return resize_transform(cfg)
+        raise ValueError(f"data.augmentation must be 'resize' or 'fgvc', got {self.augmentation!r}")
+
+    def dataset(self, split: Split) -> Dataset:
+        return TransformedDataset(self.raw_split(split), self.transform(split))
+
+    def setup(self, stage: str | None = None) -> None:
+        # Build (and validate) every split up front so bad data stops the run before training.
+        for split in ("train", "val", "test"):
+            self.raw_split(split)
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, sampler=None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle if sampler is None else False,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def _eval_loader(self, split: Split) -> DataLoader:
+        dataset = self.dataset(split)
+        world, _ = _distributed_world()
+        sampler = None
+        if world > 1:
+            # Every sample exactly once across ranks: no padding duplicates in val/test accuracy.
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+        return self._loader(dataset, self.eval_batch_size, shuffle=False, sampler=sampler)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("train"), self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def selection_dataloader(self, loss: Literal["supcon", "ce"]) -> DataLoader:
+        """Loader for the gradient-selection pass over the training split.
+
+        ``supcon`` yields ``(views, labels)`` with ``views`` of shape ``(B, 2, C, H, W)`` (two
+        augmented views per image, methods.md); ``ce`` yields ``(images, labels)`` with the
+        evaluation transform (deterministic). Under DDP each rank reads a disjoint shard that
+        together cover the split exactly once, so summed gradients equal the single-process sum.
+        """
+        cfg = self.data_config
+        if loss == "supcon":
+            transform: Callable = TwoViews(supcon_view_transform(cfg))
+        elif loss == "ce":
+            transform = self.transform("test")
+        else:
+            raise ValueError(f"selection loss must be 'supcon' or 'ce', got {loss!r}")
+        dataset = TransformedDataset(self.raw_split("train"), transform)
+        world, rank = _distributed_world()
+        sampler = None
+        if world > 1:
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+        return self._loader(dataset, self.selection_batch_size, shuffle=False, sampler=sampler)
+
+
+class ListDataset(Dataset):
+    """``(PIL image, label)`` pairs from a list of samples and a loader function."""
+
+    def __init__(self, samples: Sequence[tuple[Any, int]], load: Callable[[Any], Any]):
+        self.samples = list(samples)
+        self.load = load
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        item, label = self.samples[index]
+        return self.load(item), label

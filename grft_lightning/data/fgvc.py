@@ -1,0 +1,228 @@
+"""FGVC: five fine-grained datasets read from VPT's json splits.
+
+A root holds one folder per dataset with ``train.json``, ``val.json`` and ``test.json``; each maps
+an image path (relative to the dataset's image folder) to a class id. Ids are remapped to
+contiguous indices 0..N-1 over the union of the three files, sorted by original id
+(``docs/data.md``, ``data/README.md``).
+
+Protocols:
+    ``final``: train on train.json + val.json, test on test.json. ``val.json`` is also the
+        validation split, so ``val_acc`` is optimistic (those images are trained on); report
+        ``test_acc`` of the last epoch.
+    ``tune``: train on train.json; val.json is both the validation and the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Literal, NamedTuple
+
+from torch.utils.data import Dataset
+
+from grft_lightning.data.base import ImageClassificationData, ListDataset, Split
+from grft_lightning.data.folders import DatasetError, Sample, check_samples, load_rgb, resolve_root
+
+
+class FGVCDataset(NamedTuple):
+    folder: str  # holds train.json, val.json, test.json
+    image_folder: str  # json keys are relative to <root>/<image_folder>
+    num_classes: int
+
+
+#: Config name -> (folder, image folder, classes), exactly as docs/data.md.
+FGVC_DATASETS: dict[str, FGVCDataset] = {
+    "cub": FGVCDataset("CUB_200_2011", "CUB_200_2011/images", 200),
+    "nabirds": FGVCDataset("nabirds", "nabirds/images", 555),
+    "flowers": FGVCDataset("oxfordflower", "oxfordflower", 102),
+    "dogs": FGVCDataset("stanforddogs", "stanforddogs/Images", 120),
+    "cars": FGVCDataset("stanfordcars", "stanfordcars", 196),
+}
+
+JSON_FILES = ("train", "val", "test")
+
+#: Which json files make each split, per protocol.
+PROTOCOL_JSONS: dict[str, dict[str, tuple[str, ...]]] = {
+    "final": {"train": ("train", "val"), "val": ("val",), "test": ("test",)},
+    "tune": {"train": ("train",), "val": ("val",), "test": ("val",)},
+}
+
+
+def layout(dataset: str) -> str:
+    info = FGVC_DATASETS[dataset]
+    return (
+        f"  <root>/{info.folder}/train.json, val.json, test.json  (image path -> class id)\n"
+        f"  <root>/{info.image_folder}/<image path from the json keys>"
+    )
+
+
+class FGVC(ImageClassificationData):
+    """One of the FGVC datasets (CUB-200-2011, NABirds, Oxford Flowers, Stanford Dogs/Cars).
+
+    Args:
+        dataset: ``cub``, ``nabirds``, ``flowers``, ``dogs`` or ``cars``.
+        root: Folder holding the dataset folders. ``~`` and environment variables are expanded;
+            the default reads ``$FGVC_ROOT``.
+        protocol: ``final`` (train+val -> train, val -> val, test -> test; the val images are
+            trained on, so val_acc is optimistic) or ``tune`` (train -> train, val -> val and
+            test).
+        skip_bad_images: Skip images that cannot be decoded (with a warning naming each) instead
+            of stopping; their number is recorded in results.json as ``skipped_images``.
+        verify_images: Check every image once with PIL before training (header and checksums;
+            about a minute for the largest set, NABirds; turn off once a folder is checked).
+        batch_size: Training batch size per device.
+        eval_batch_size: Batch size for validation and test (default: ``batch_size``).
+        num_workers: DataLoader worker processes per device.
+        pin_memory: Pin host memory for faster host-to-GPU copies.
+        augmentation: ``fgvc`` (random resized crop + flip for training; resize 248/224 + center
+            crop for eval) or ``resize``.
+        backbone: timm model name whose pretrained config gives mean/std/size (linked from
+            ``model.backbone`` by the CLI).
+        image_size: Overrides the backbone's input size (linked from ``model.image_size``).
+        selection_batch_size: Batch size of the selection pass (default: ``batch_size``).
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        root: str = "$FGVC_ROOT",
+        protocol: Literal["final", "tune"] = "final",
+        skip_bad_images: bool = False,
+        verify_images: bool = True,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        augmentation: Literal["resize", "fgvc"] = "fgvc",
+        backbone: str | None = None,
+        image_size: int | None = None,
+        selection_batch_size: int | None = None,
+    ):
+        super().__init__(
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            augmentation=augmentation,
+            backbone=backbone,
+            image_size=image_size,
+            selection_batch_size=selection_batch_size,
+        )
+        if dataset not in FGVC_DATASETS:
+            raise ValueError(f"unknown FGVC dataset {dataset!r}; valid: {', '.join(FGVC_DATASETS)}")
+        if protocol not in PROTOCOL_JSONS:
+            raise ValueError(f"data.protocol must be 'final' or 'tune', got {protocol!r}")
+        self.dataset_key = dataset
+        self.root = root
+        self.protocol = protocol
+        self.skip_bad_images = skip_bad_images
+        self.verify_images = verify_images
+        self._jsons: dict[str, dict[str, int]] = {}
+        self._class_index: dict[int, int] | None = None
+        self._skipped: dict[str, str] = {}
+        self._probed: dict = {}
+
+    @property
+    def info(self) -> FGVCDataset:
+        return FGVC_DATASETS[self.dataset_key]
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def dataset_name(self) -> str:
+        return f"fgvc/{self.dataset_key}"
+
+    @property
+    def resolved_root(self) -> str:
+        return resolve_root(self.root, "FGVC_ROOT", layout(self.dataset_key))
+
+    @property
+    def dataset_dir(self) -> str:
+        """``<root>/<folder>``, holding the three json files."""
+        path = os.path.join(self.resolved_root, self.info.folder)
+        if not os.path.isdir(path):
+            raise DatasetError(
+                f"no folder {path} for dataset {self.dataset_key!r}. Expected layout:\n"
+                f"{layout(self.dataset_key)}"
+            )
+        return path
+
+    @property
+    def image_dir(self) -> str:
+        """``<root>/<image folder>``: json keys are relative to it."""
+        return os.path.join(self.resolved_root, self.info.image_folder)
+
+    def read_json(self, name: str) -> dict[str, int]:
+        """``<name>.json`` as {image path relative to the image folder: original class id}."""
+        if name not in self._jsons:
+            self._jsons[name] = self._parse_json(os.path.join(self.dataset_dir, f"{name}.json"))
+        return self._jsons[name]
+
+    def _parse_json(self, path: str) -> dict[str, int]:
+        if not os.path.isfile(path):
+            raise DatasetError(
+                f"{path} does not exist. Expected layout:\n{layout(self.dataset_key)}"
+            )
+        try:
+            with open(path, encoding="utf-8") as f:
+                mapping = json.load(f)
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(mapping, dict):
+            raise DatasetError(f"{path}: expected an object mapping image path -> class id")
+        for key, value in mapping.items():
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise DatasetError(f"{path} key {key!r}: class id {value!r} is not an integer")
+        return mapping
+
+    @property
+    def class_index(self) -> dict[int, int]:
+        """Original class id -> contiguous index, over the union of the three json files."""
+        if self._class_index is None:
+            ids = sorted({i for name in JSON_FILES for i in self.read_json(name).values()})
+            if len(ids) != self.num_classes:
+                raise DatasetError(
+                    f"{self.dataset_dir}: train.json, val.json and test.json hold {len(ids)} "
+                    f"distinct class ids, but {self.dataset_key} has {self.num_classes} classes. "
+                    "Check that the folder holds the VPT json splits of this dataset."
+                )
+            self._class_index = {orig: index for index, orig in enumerate(ids)}
+        return self._class_index
+
+    def samples(self, name: str) -> list[Sample]:
+        """The samples of one json file, labels remapped (no image checks)."""
+        mapping, index = self.read_json(name), self.class_index
+        path, image_dir = os.path.join(self.dataset_dir, f"{name}.json"), self.image_dir
+        return [
+            Sample(os.path.join(image_dir, key), index[cls], f"{path} key {key!r}")
+            for key, cls in mapping.items()
+        ]
+
+    def build_split(self, split: Split) -> Dataset:
+        if self.protocol == "tune" and split == "test":
+            return self.raw_split("val")  # the same json: build and check it once
+        samples = [s for name in PROTOCOL_JSONS[self.protocol][split] for s in self.samples(name)]
+        kept = check_samples(
+            samples,
+            verify=self.verify_images,
+            skip_bad=self.skip_bad_images,
+            skipped=self._skipped,
+            cache=self._probed,
+            missing_hint=f" Json keys are relative to the image folder {self.image_dir}.",
+        )
+        self.skipped_images = len(self._skipped)
+        return ListDataset([(s.path, s.label) for s in kept], load_rgb)
+
+    def describe(self) -> dict[str, Any]:
+        try:
+            data_dir = os.path.abspath(self.dataset_dir)
+        except DatasetError:
+            data_dir = None
+        return {
+            "protocol": self.protocol,
+            "benchmark": "fgvc",
+            "skipped_images": self.skipped_images,
+            "data_dir": data_dir,
+        }

@@ -1,0 +1,253 @@
+"""VTAB-1k: 19 tasks of 1,000 training images each, read from NOAH/SSF/GPS-style folders.
+
+One folder per task under a root (``<root>/<task folder>/`` or ``<root>/vtab-1k/<task folder>/``)
+with four list files whose lines are ``images/<split>/000123.jpg <integer label>``, paths relative
+to the task folder (``docs/data.md``, ``data/README.md``).
+
+Protocols:
+    ``final``: train on ``train800val200.txt``, validate on ``val200.txt``, test on ``test.txt``.
+        The validation images are part of the training set, so ``val_acc`` is optimistic; the
+        number to report is ``test_acc`` of the last epoch (we never select on test).
+    ``tune``: train on ``train800.txt``; ``val200.txt`` is both the validation and the test split,
+        for choosing hyper-parameters without looking at the test set.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Literal, NamedTuple
+
+from torch.utils.data import Dataset
+
+from grft_lightning.data.base import ImageClassificationData, ListDataset, Split
+from grft_lightning.data.folders import DatasetError, Sample, check_samples, load_rgb, resolve_root
+
+
+class VTABTask(NamedTuple):
+    folder: str  # task folder under the root
+    num_classes: int
+    group: str  # natural | specialized | structured
+
+
+#: Config name -> (task folder, classes, group), exactly as docs/data.md.
+VTAB_TASKS: dict[str, VTABTask] = {
+    "cifar100": VTABTask("cifar", 100, "natural"),
+    "caltech101": VTABTask("caltech101", 102, "natural"),
+    "dtd": VTABTask("dtd", 47, "natural"),
+    "flowers102": VTABTask("oxford_flowers102", 102, "natural"),
+    "pets": VTABTask("oxford_iiit_pet", 37, "natural"),
+    "svhn": VTABTask("svhn", 10, "natural"),
+    "sun397": VTABTask("sun397", 397, "natural"),
+    "patch_camelyon": VTABTask("patch_camelyon", 2, "specialized"),
+    "eurosat": VTABTask("eurosat", 10, "specialized"),
+    "resisc45": VTABTask("resisc45", 45, "specialized"),
+    "diabetic_retinopathy": VTABTask("diabetic_retinopathy", 5, "specialized"),
+    "clevr_count": VTABTask("clevr_count", 8, "structured"),
+    "clevr_dist": VTABTask("clevr_dist", 6, "structured"),
+    "dmlab": VTABTask("dmlab", 6, "structured"),
+    "kitti": VTABTask("kitti", 4, "structured"),
+    "dsprites_loc": VTABTask("dsprites_loc", 16, "structured"),
+    "dsprites_ori": VTABTask("dsprites_ori", 16, "structured"),
+    "smallnorb_azi": VTABTask("smallnorb_azi", 18, "structured"),
+    "smallnorb_ele": VTABTask("smallnorb_ele", 9, "structured"),
+}
+
+LIST_FILES = ("train800.txt", "val200.txt", "train800val200.txt", "test.txt")
+
+#: Which list file each split reads, per protocol.
+PROTOCOL_LISTS: dict[str, dict[str, str]] = {
+    "final": {"train": "train800val200.txt", "val": "val200.txt", "test": "test.txt"},
+    "tune": {"train": "train800.txt", "val": "val200.txt", "test": "val200.txt"},
+}
+
+#: Optional one-line note in a task folder saying which extraction it is (written by
+#: data/prepare_vtab_tfds.py; add one by hand to downloaded folders, see data/README.md).
+EXTRACTION_FILE = "extraction.txt"
+
+LAYOUT = """\
+  <root>/<task folder>/               (or <root>/vtab-1k/<task folder>/), e.g. <root>/dtd/
+      train800.txt  val200.txt  train800val200.txt  test.txt
+      images/<split>/000123.jpg       (list lines: 'images/<split>/000123.jpg <label>')
+  Task folders: """ + ", ".join(t.folder for t in VTAB_TASKS.values())
+
+
+def read_list_file(path: str, num_classes: int, task: str) -> list[Sample]:
+    """Parse a VTAB list file into samples; image paths are made relative to its folder.
+
+    Raises:
+        DatasetError: missing file, malformed line or label outside ``0..num_classes-1``, naming
+            ``file:line``.
+    """
+    if not os.path.isfile(path):
+        raise DatasetError(f"list file {path} does not exist. Expected layout:\n{LAYOUT}")
+    base = os.path.dirname(path)
+    samples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            text = line.rstrip("\r\n")
+            parts = text.rsplit(None, 1)
+            try:
+                rel, label = parts[0].strip(), int(parts[1])
+            except (IndexError, ValueError):
+                raise DatasetError(
+                    f"{path}:{lineno}: malformed line {text!r}; expected "
+                    "'images/<split>/<name>.jpg <integer label>'"
+                ) from None
+            if not 0 <= label < num_classes:
+                raise DatasetError(
+                    f"{path}:{lineno}: label {label} is outside 0..{num_classes - 1} "
+                    f"({task} has {num_classes} classes)"
+                )
+            samples.append(Sample(os.path.join(base, rel), label, f"{path}:{lineno}"))
+    return samples
+
+
+def write_list_file(path: str, entries: Iterable[tuple[str, int]]) -> None:
+    """Write ``(relative image path, label)`` pairs in the list-file format read above."""
+    with open(path, "w", encoding="utf-8") as f:
+        for rel, label in entries:
+            f.write(f"{rel} {int(label)}\n")
+
+
+class VTAB1k(ImageClassificationData):
+    """A VTAB-1k task from a prepared folder (NOAH/SSF/GPS layout, or data/prepare_vtab_tfds.py).
+
+    Args:
+        task: Config name of the task: one of ``VTAB_TASKS`` (cifar100, caltech101, dtd,
+            flowers102, pets, svhn, sun397, patch_camelyon, eurosat, resisc45,
+            diabetic_retinopathy, clevr_count, clevr_dist, dmlab, kitti, dsprites_loc,
+            dsprites_ori, smallnorb_azi, smallnorb_ele).
+        root: Folder holding the task folders (or a ``vtab-1k/`` folder holding them). ``~`` and
+            environment variables are expanded; the default reads ``$VTAB_ROOT``.
+        protocol: ``final`` (train800val200 -> train, val200 -> val, test -> test; val images are
+            also trained on, so val_acc is optimistic) or ``tune`` (train800 -> train, val200 ->
+            val and test).
+        extraction: Which extraction the folder is (e.g. ``noah`` or ``tfds``), recorded in
+            results.json because numbers from different extractions are not comparable (the
+            CIFAR-100 trap, data/README.md). Default: the first line of
+            ``<task folder>/extraction.txt``, else ``unrecorded``.
+        skip_bad_images: Skip images that cannot be decoded (with a warning naming each) instead
+            of stopping; their number is recorded in results.json as ``skipped_images``.
+        verify_images: Check every image once with PIL before training (header and checksums).
+        batch_size: Training batch size per device.
+        eval_batch_size: Batch size for validation and test (default: ``batch_size``).
+        num_workers: DataLoader worker processes per device.
+        pin_memory: Pin host memory for faster host-to-GPU copies.
+        augmentation: ``resize`` (the VTAB protocol: plain resize, no augmentation) or ``fgvc``.
+        backbone: timm model name whose pretrained config gives mean/std/size (linked from
+            ``model.backbone`` by the CLI).
+        image_size: Overrides the backbone's input size (linked from ``model.image_size``).
+        selection_batch_size: Batch size of the selection pass (default: ``batch_size``).
+    """
+
+    def __init__(
+        self,
+        task: str,
+        root: str = "$VTAB_ROOT",
+        protocol: Literal["final", "tune"] = "final",
+        extraction: str | None = None,
+        skip_bad_images: bool = False,
+        verify_images: bool = True,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        augmentation: Literal["resize", "fgvc"] = "resize",
+        backbone: str | None = None,
+        image_size: int | None = None,
+        selection_batch_size: int | None = None,
+    ):
+        super().__init__(
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            augmentation=augmentation,
+            backbone=backbone,
+            image_size=image_size,
+            selection_batch_size=selection_batch_size,
+        )
+        if task not in VTAB_TASKS:
+            raise ValueError(f"unknown VTAB-1k task {task!r}; valid tasks: {', '.join(VTAB_TASKS)}")
+        if protocol not in PROTOCOL_LISTS:
+            raise ValueError(f"data.protocol must be 'final' or 'tune', got {protocol!r}")
+        self.task = task
+        self.root = root
+        self.protocol = protocol
+        self.extraction = extraction
+        self.skip_bad_images = skip_bad_images
+        self.verify_images = verify_images
+        self._skipped: dict[str, str] = {}
+        self._probed: dict = {}
+
+    @property
+    def info(self) -> VTABTask:
+        return VTAB_TASKS[self.task]
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def dataset_name(self) -> str:
+        return f"vtab/{self.task}"
+
+    @property
+    def task_dir(self) -> str:
+        """The task folder, ``<root>/<folder>`` or ``<root>/vtab-1k/<folder>``."""
+        root = resolve_root(self.root, "VTAB_ROOT", LAYOUT)
+        folder = self.info.folder
+        candidates = [os.path.join(root, folder), os.path.join(root, "vtab-1k", folder)]
+        for candidate in candidates:
+            if os.path.isdir(candidate):
+                return candidate
+        present = ", ".join(sorted(os.listdir(root))[:20]) or "nothing"
+        raise DatasetError(
+            f"no folder for task {self.task!r}: looked for {candidates[0]} and {candidates[1]} "
+            f"({root} holds: {present}). Expected layout:\n{LAYOUT}"
+        )
+
+    def read_list(self, filename: str) -> list[Sample]:
+        """Parse one of the task's list files (no image checks)."""
+        return read_list_file(os.path.join(self.task_dir, filename), self.num_classes, self.task)
+
+    def build_split(self, split: Split) -> Dataset:
+        if self.protocol == "tune" and split == "test":
+            return self.raw_split("val")  # the same list file: build and check it once
+        samples = self.read_list(PROTOCOL_LISTS[self.protocol][split])
+        kept = check_samples(
+            samples,
+            verify=self.verify_images,
+            skip_bad=self.skip_bad_images,
+            skipped=self._skipped,
+            cache=self._probed,
+            missing_hint=" Paths in list files are relative to the task folder.",
+        )
+        self.skipped_images = len(self._skipped)
+        return ListDataset([(s.path, s.label) for s in kept], load_rgb)
+
+    def recorded_extraction(self) -> str:
+        """``extraction`` if set, else the note in the task folder, else ``unrecorded``."""
+        if self.extraction:
+            return self.extraction
+        try:
+            with open(os.path.join(self.task_dir, EXTRACTION_FILE), encoding="utf-8") as f:
+                return f.readline().strip() or "unrecorded"
+        except (OSError, DatasetError):
+            return "unrecorded"
+
+    def describe(self) -> dict[str, Any]:
+        try:
+            data_dir = os.path.abspath(self.task_dir)
+        except DatasetError:
+            data_dir = None
+        return {
+            "task_group": self.info.group,
+            "protocol": self.protocol,
+            "benchmark": "vtab-1k",
+            "skipped_images": self.skipped_images,
+            "extraction": self.recorded_extraction(),
+            "data_dir": data_dir,
+        }

@@ -1,0 +1,52 @@
+"""Losses of the selection pass."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al., 2020), as GPS uses it for selection.
+
+    Args:
+        features: ``(B, V, D)`` features of ``V`` views per image (L2-normalised here).
+        labels: ``(B,)`` integer labels; positives are the other views of any same-label image.
+        temperature: softmax temperature (0.07 in GPS).
+    """
+    b, v, _ = features.shape
+    z = F.normalize(features.float().reshape(b * v, -1), dim=-1)
+    y = labels.repeat_interleave(v)
+    logits = z @ z.t() / temperature
+    self_mask = torch.eye(b * v, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positives = (y[:, None] == y[None, :]) & ~self_mask
+    count = positives.sum(1)
+    has = count > 0
+    mean_log_prob = log_prob.masked_fill(~positives, 0.0).sum(1)[has] / count[has]
+    return -mean_log_prob.mean()
+
+
+def pre_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The pooled features the head reads (after the final norm for ViTs)."""
+    return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
+def selection_loss_fn(kind: str, temperature: float = 0.07):
+    """``loss_fn(model, batch)`` for ``accumulate_gradients``: ``supcon`` (head-free, two views)
+    or ``ce`` (cross-entropy through the new head, one deterministic view)."""
+    if kind == "supcon":
+        def loss_fn(model: nn.Module, batch) -> torch.Tensor:
+            views, labels = batch
+            b, v = views.shape[:2]
+            feats = pre_logits(model, views.flatten(0, 1))
+            return supcon_loss(feats.view(b, v, -1), labels, temperature)
+    elif kind == "ce":
+        def loss_fn(model: nn.Module, batch) -> torch.Tensor:
+            images, labels = batch
+            return F.cross_entropy(model(images).float(), labels)
+    else:
+        raise ValueError(f"selection.loss must be 'supcon' or 'ce', got {kind!r}")
+    return loss_fn

@@ -1,0 +1,261 @@
+"""The one LightningModule: frozen timm backbone + new head + a method's trainable parts."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics.classification import MulticlassAccuracy
+
+from grft_lightning.accounting import count_parameters
+from grft_lightning.backbones import WeightsFormat, create_backbone
+from grft_lightning.losses import pre_logits
+from grft_lightning.methods.base import Method, classifier, head_parameter_ids
+from grft_lightning.schedules import warmup_cosine
+
+
+def _default_optimizer(params):
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+
+
+class PEFTModule(L.LightningModule):
+    """Fine-tune a pre-trained timm backbone with any tuning method.
+
+    Args:
+        method: the tuning method (``class_path`` in YAML), e.g. ``grft_lightning.methods.GRFT``.
+        backbone: timm model name with its pretrained tag (recorded in results.json).
+        num_classes: classes of the new head (linked from ``data.num_classes``).
+        pretrained: load pre-trained weights (from ``weights`` or timm's hub cache).
+        weights: local weight file instead of the hub.
+        weights_format: layout of ``weights``: ``auto``, ``timm`` or ``ordered``.
+        drop_path_rate: stochastic depth rate.
+        image_size: input size (ViTs: position embeddings are resampled); linked to the data.
+        optimizer: optimizer factory; receives only tuned tensors, in groups (no weight decay on
+            1-D tensors; the head at ``head_lr``).
+        scheduler: a per-step LR scheduler factory; default: linear warm-up + cosine from the
+            arguments below.
+        head_lr: learning rate of the head (default: the optimizer's lr).
+        warmup_epochs: linear warm-up length, in epochs (fractions allowed).
+        warmup_start_lr: learning rate at step 0 of the warm-up.
+        min_lr: learning rate at the end of the cosine.
+        label_smoothing: cross-entropy label smoothing.
+        mixup: mixup alpha (0 disables); with ``cutmix`` uses timm's Mixup (FGVC recipes).
+        cutmix: cutmix alpha (0 disables).
+        ema_decay: keep an exponential moving average of the tuned tensors with this decay and
+            evaluate/export with it (None disables).
+        freeze_norm_stats: keep BatchNorm running statistics fixed (BatchNorm layers in eval mode
+            during training).
+    """
+
+    def __init__(
+        self,
+        method: Method,
+        backbone: str = "vit_base_patch16_224.augreg_in21k",
+        num_classes: int = 1000,
+        pretrained: bool = True,
+        weights: str | None = None,
+        weights_format: WeightsFormat = "auto",
+        drop_path_rate: float = 0.0,
+        image_size: int | None = None,
+        optimizer: OptimizerCallable = _default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+        head_lr: float | None = None,
+        warmup_epochs: float = 0.0,
+        warmup_start_lr: float = 1e-7,
+        min_lr: float = 1e-8,
+        label_smoothing: float = 0.0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        ema_decay: float | None = None,
+        freeze_norm_stats: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["method", "optimizer", "scheduler"])
+        # Plain data only in the checkpoint (loadable with weights_only=True).
+        self.hparams["method_config"] = {"class_path": method.class_path(), "init_args": method.config()}
+        self.method = method
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        model = create_backbone(backbone, num_classes, pretrained, weights, weights_format, drop_path_rate, image_size)
+        self.model = method.apply(model)
+        self.counts = count_parameters(self.model)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.mixup_fn = self._make_mixup(num_classes)
+        self.ema: dict[str, torch.Tensor] | None = None
+        self.selection_seconds = 0.0
+        self._last_finite_loss: float | None = None
+
+    # -- model ------------------------------------------------------------------------------
+    def _make_mixup(self, num_classes: int):
+        if not (self.hparams.mixup > 0 or self.hparams.cutmix > 0):
+            return None
+        from timm.data import Mixup
+
+        return Mixup(mixup_alpha=self.hparams.mixup, cutmix_alpha=self.hparams.cutmix,
+                     label_smoothing=self.hparams.label_smoothing, num_classes=num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.hparams.freeze_norm_stats:
+            for module in self.model.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    # -- steps ------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        targets = labels
+        if self.mixup_fn is not None and len(images) % 2 == 0:  # timm's Mixup pairs the batch
+            images, targets = self.mixup_fn(images, labels)
+        features = pre_logits(self.model, images)
+        logits = classifier(self.model)(features)
+        if targets.ndim == 2:
+            loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        else:
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.hparams.label_smoothing)
+        reg = self.method.regularizer(self.model, images, features)
+        total = loss if reg is None else loss + reg
+        self._check_finite(total)
+        self.train_acc(logits.detach(), labels)
+        self.log("train/loss", loss, prog_bar=True)
+        if reg is not None:
+            self.log("train/reg", reg)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
+        return total
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        value = float(loss.detach())
+        if not torch.isfinite(torch.tensor(value)):
+            raise FloatingPointError(
+                f"non-finite training loss ({value}) at global step {self.global_step} "
+                f"(epoch {self.current_epoch}); last finite loss: {self._last_finite_loss}. "
+                "Lower the learning rate or check the data.")
+        self._last_finite_loss = value
+
+    def _eval_step(self, batch, metric: MulticlassAccuracy, stage: str) -> None:
+        images, labels = batch
+        logits = self.model(images)
+        metric(logits, labels)
+        self.log(f"{stage}/loss", F.cross_entropy(logits.float(), labels), sync_dist=True)
+        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_acc, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_acc, "test")
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self.model(images).softmax(-1)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.method.on_before_optimizer_step(self.model)
+
+    # -- optimizer --------------------------------------------------------------------------
+    def parameter_groups(self) -> list[dict]:
+        """Only tuned tensors; weight decay on tensors with ndim >= 2 only; the head at head_lr."""
+        head = head_parameter_ids(self.model)
+        groups = {(h, d): [] for h in (False, True) for d in (True, False)}
+        for p in self.model.parameters():
+            if p.requires_grad:
+                groups[(id(p) in head, p.ndim >= 2)].append(p)
+        out = []
+        for (is_head, decay), params in groups.items():
+            group = {"params": params}
+            if not decay:
+                group["weight_decay"] = 0.0
+            if is_head and self.hparams.head_lr is not None:
+                group["lr"] = self.hparams.head_lr
+            if params:
+                out.append(group)
+        return out
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        if self.scheduler_factory is not None:
+            scheduler = self.scheduler_factory(optimizer)
+        else:
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            epochs = max(1, self.trainer.max_epochs or 1)
+            warmup = int(round(self.hparams.warmup_epochs * total / epochs))
+            scheduler = warmup_cosine(optimizer, total, warmup, self.hparams.warmup_start_lr, self.hparams.min_lr)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- EMA of tuned tensors ---------------------------------------------------------------
+    def _tuned(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        decay = self.hparams.ema_decay
+        if decay is None:
+            return
+        tuned = self._tuned()
+        if self.ema is None:
+            self.ema = {n: p.detach().clone() for n, p in tuned.items()}
+        with torch.no_grad():
+            for name, p in tuned.items():
+                self.ema[name].lerp_(p.detach(), 1.0 - decay)
+
+    def swap_ema(self) -> None:
+        """Exchange the live tuned tensors with their EMA (call twice to undo)."""
+        if self.ema is None:
+            return
+        with torch.no_grad():
+            for name, p in self._tuned().items():
+                live = p.detach().clone()
+                p.copy_(self.ema[name])
+                self.ema[name].copy_(live)
+
+    def on_validation_start(self) -> None:
+        self.swap_ema()
+
+    def on_validation_end(self) -> None:
+        self.swap_ema()
+
+    def on_fit_end(self) -> None:
+        # Evaluate and export what the EMA holds from here on (FGVC recipes).
+        self.swap_ema()
+        self.ema = None
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None:
+            checkpoint["ema"] = {k: v.cpu() for k, v in self.ema.items()}
+        checkpoint["selection_seconds"] = self.selection_seconds
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("hyper_parameters", {}).get("method_config")
+        mine = self.hparams["method_config"]
+        if saved is not None and json.dumps(saved, sort_keys=True) != json.dumps(mine, sort_keys=True):
+            raise ValueError(
+                "the checkpoint was trained with another method or budget:\n"
+                f"  checkpoint: {saved}\n  this run:   {mine}\n"
+                "Resume with the same method config, or start a fresh run directory.")
+        saved_backbone = checkpoint.get("hyper_parameters", {}).get("backbone")
+        if saved_backbone is not None and saved_backbone != self.hparams.backbone:
+            raise ValueError(f"the checkpoint is of backbone {saved_backbone!r}, this run uses {self.hparams.backbone!r}")
+        if "ema" in checkpoint:
+            self.ema = {k: v.to(self.device) for k, v in checkpoint["ema"].items()}
+        self.selection_seconds = float(checkpoint.get("selection_seconds", 0.0))
+
+    def tuned_counts(self) -> dict[str, float]:
+        return count_parameters(self.model)
+
+    def merged_copy(self) -> torch.nn.Module:
+        """A deployable copy with the deltas folded into the weights."""
+        from grft_lightning.deltas import merge
+
+        return merge(copy.deepcopy(self.model))

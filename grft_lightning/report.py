@@ -1,0 +1,345 @@
+"""Accuracy tables and plots in the papers' layout, from a folder of runs.
+
+    python -m grft_lightning.report RUNS_DIR [--out DIR] [--reference benchmarks/reference.yaml]
+                                             [--wandb]
+
+Reads every ``results.json`` under ``RUNS_DIR`` (recursively; keys in docs/INTERFACES.md), groups
+the runs by (benchmark family, dataset, method) and writes, per family, ``<family>.md``,
+``<family>.csv`` and ``<family>_tradeoff.png`` (plus ``vtab_groups.png``), and ``report.md`` with
+every table. The family is the part of ``results["dataset"]`` before the first ``/`` ("vtab/dtd"
+-> vtab, "fgvc/cub" -> fgvc, "offline/mnist" -> offline).
+
+Definitions (the only place they are made; tables, CSV and plots all use them):
+
+- Run accuracy: ``100 * results["test_acc"]`` (percent, last epoch).
+- Task cell: mean of the run accuracies over seeds, ``± std`` with the sample std (ddof=1) over
+  seeds; a single seed shows the mean alone. Two runs with the same seed: the later path wins.
+- Group mean (VTAB Natural / Specialized / Structured): arithmetic mean of the per-task means of
+  the group's tasks. If any task of the group is missing for a method the cell is blank; it is
+  never a mean over a subset.
+- "Mean (19 tasks)": mean of the 19 per-task means (each task weighs 1/19). "Mean of group
+  means": mean of the three group means (each group weighs 1/3). Both blank unless complete.
+- FGVC and any other family: "Mean" is the mean of the per-dataset means over the family's
+  columns (FGVC: its 5 datasets; other families: every dataset seen in the runs), blank unless
+  complete.
+- An aggregate shows ``± std`` only when every cell entering it has the same set of two or more
+  seeds: the aggregate is then formed seed by seed and the sample std is taken over seeds. Its
+  mean equals the mean of the per-task means either way.
+- Tuned %: mean over the family's tasks of the per-task mean of ``results["tuned_pct"]``.
+
+Reference rows (``--reference``) are published numbers, marked "(reported)"; columns they do not
+give stay blank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from grft_lightning.data.fgvc import FGVC_DATASETS as _FGVC
+from grft_lightning.data.vtab import VTAB_TASKS as _VTAB
+
+#: Group title -> task config names, in the standard column order (from grft_lightning.data.vtab).
+VTAB_GROUPS: dict[str, list[str]] = {
+    group.capitalize(): [name for name, task in _VTAB.items() if task.group == group]
+    for group in ("natural", "specialized", "structured")
+}
+VTAB_TASKS: list[str] = [task for tasks in VTAB_GROUPS.values() for task in tasks]
+# Task folder names of the NOAH/SSF layout that differ from our config names ("cifar" -> cifar100).
+VTAB_ALIASES = {task.folder: name for name, task in _VTAB.items() if task.folder != name}
+FGVC_DATASETS: list[str] = list(_FGVC)
+MEAN_19 = "Mean (19 tasks)"
+MEAN_GROUPS = "Mean of group means"
+MEAN = "Mean"
+FAMILY_TITLES = {"vtab": "VTAB-1k", "fgvc": "FGVC"}
+BLANK_NOTE = ("A blank mean means a task entering it is missing for that method; means are never "
+              "taken over a subset of tasks.")
+
+
+@dataclass
+class Cell:
+    """A cell in percent: mean over seeds, sample std (None for one seed), per-seed values."""
+
+    mean: float | None = None
+    std: float | None = None
+    per_seed: dict[int, float] = field(default_factory=dict)
+
+    def text(self) -> str:
+        if self.mean is None:
+            return ""
+        return f"{self.mean:.2f}" if self.std is None else f"{self.mean:.2f} ± {self.std:.2f}"
+
+
+@dataclass
+class Row:
+    method: str
+    cells: dict[str, Cell]
+    tuned_pct: float | None = None
+    seeds: str = ""
+    reported: bool = False
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} (reported)" if self.reported else self.method
+
+
+@dataclass
+class Table:
+    family: str
+    tasks: list[str]
+    aggregates: list[str]
+    rows: list[Row] = field(default_factory=list)
+    footnotes: list[str] = field(default_factory=list)
+
+    @property
+    def columns(self) -> list[str]:
+        return self.tasks + self.aggregates
+
+    @property
+    def title(self) -> str:
+        return FAMILY_TITLES.get(self.family, self.family)
+
+
+def load_results(runs_dir: str | Path) -> list[dict]:
+    """Every ``results.json`` under ``runs_dir``, sorted by path, each with ``_path`` added."""
+    results = []
+    for path in sorted(Path(runs_dir).rglob("results.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            warnings.warn(f"{path}: unreadable ({err}); skipped")
+            continue
+        missing = [key for key in ("dataset", "method", "seed", "test_acc") if key not in record]
+        if missing:
+            warnings.warn(f"{path}: missing keys {missing}; skipped")
+            continue
+        results.append({**record, "_path": str(path)})
+    return results
+
+
+def split_dataset(name: str) -> tuple[str, str]:
+    """``"vtab/dtd"`` -> ``("vtab", "dtd")``; VTAB folder names map to config names."""
+    family, _, task = name.partition("/")
+    if not task:
+        family, task = "other", family
+    if family == "vtab":
+        task = VTAB_ALIASES.get(task, task)
+    return family, task
+
+
+def _task_cell(runs: list[dict]) -> tuple[Cell, float | None]:
+    """Cell over seeds of one (task, method), and the mean tuned %."""
+    per_seed: dict[int, float] = {}
+    for run in runs:
+        seed = int(run["seed"])
+        if seed in per_seed:
+            warnings.warn(f"{run.get('_path', run['dataset'])}: seed {seed} seen twice; "
+                          "keeping this run")
+        per_seed[seed] = 100.0 * float(run["test_acc"])
+    values = list(per_seed.values())
+    std = statistics.stdev(values) if len(values) > 1 else None
+    tuned = [float(run["tuned_pct"]) for run in runs if run.get("tuned_pct") is not None]
+    tuned_pct = statistics.fmean(tuned) if tuned else None
+    return Cell(statistics.fmean(values), std, per_seed), tuned_pct
+
+
+def aggregate(cells: list[Cell | None]) -> Cell:
+    """Mean of cell means, blank if any cell is missing; std over seeds when seeds align."""
+    if not cells or any(cell is None or cell.mean is None for cell in cells):
+        return Cell()
+    mean = statistics.fmean(cell.mean for cell in cells)
+    seeds = set(cells[0].per_seed)
+    if len(seeds) < 2 or any(set(cell.per_seed) != seeds for cell in cells):
+        return Cell(mean)
+    per_seed = {s: statistics.fmean(cell.per_seed[s] for cell in cells) for s in sorted(seeds)}
+    return Cell(mean, statistics.stdev(per_seed.values()), per_seed)
+
+
+def _layout(family: str, present: set[str]) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """Task columns and (aggregate name, the columns it averages), in the papers' order."""
+    if family == "vtab":
+        known, groups = VTAB_TASKS, list(VTAB_GROUPS.items())
+        aggregates = groups + [(MEAN_19, VTAB_TASKS), (MEAN_GROUPS, list(VTAB_GROUPS))]
+    elif family == "fgvc":
+        known, aggregates = FGVC_DATASETS, [(MEAN, FGVC_DATASETS)]
+    else:
+        tasks = sorted(present)
+        return tasks, [(MEAN, tasks)]
+    return known + sorted(present - set(known)), aggregates
+
+
+def _method_row(method: str, by_task: dict[str, list[dict]], tasks: list[str],
+                aggregates: list[tuple[str, list[str]]]) -> Row:
+    cells: dict[str, Cell] = {}
+    tuned: list[float] = []
+    for task in tasks:
+        if task in by_task:
+            cells[task], tuned_pct = _task_cell(by_task[task])
+            if tuned_pct is not None:
+                tuned.append(tuned_pct)
+    # Aggregates may average earlier aggregates (the mean of group means), hence the shared dict.
+    for name, members in aggregates:
+        cells[name] = aggregate([cells.get(member) for member in members])
+    counts = sorted({len(cell.per_seed) for task, cell in cells.items() if task in by_task})
+    seeds = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return Row(method, cells, statistics.fmean(tuned) if tuned else None, seeds)
+
+
+def _footnotes(table: Table, extra: list[str]) -> list[str]:
+    notes = ["Top-1 test accuracy (%), last epoch: mean ± sample std over seeds (one seed: mean "
+             "only). Tuned %: mean over tasks of results.json `tuned_pct`."]
+    if table.family == "vtab":
+        notes.append("Group means average the per-task means of their group; Mean (19 tasks) "
+                     "weighs every task equally, Mean of group means every group equally.")
+    notes.append(BLANK_NOTE)
+    if extra:
+        notes.append(f"Columns outside the standard list (in no mean): {', '.join(extra)}.")
+    return notes
+
+
+def summarize(results: list[dict]) -> dict[str, Table]:
+    """Tables keyed by family (vtab, fgvc, then the others sorted) from results.json records."""
+    runs: dict[str, dict[str, dict[str, list[dict]]]] = {}
+    for record in results:
+        family, task = split_dataset(str(record["dataset"]))
+        by_method = runs.setdefault(family, {}).setdefault(str(record["method"]), {})
+        by_method.setdefault(task, []).append(record)
+    tables = {}
+    for family in sorted(runs, key=lambda f: (f not in FAMILY_TITLES, f != "vtab", f)):
+        present = {task for by_task in runs[family].values() for task in by_task}
+        tasks, aggregates = _layout(family, present)
+        table = Table(family, tasks, [name for name, _ in aggregates])
+        table.rows = [_method_row(method, runs[family][method], tasks, aggregates)
+                      for method in sorted(runs[family])]
+        standard = {"vtab": VTAB_TASKS, "fgvc": FGVC_DATASETS}.get(family, tasks)
+        table.footnotes = _footnotes(table, [t for t in tasks if t not in standard])
+        tables[family] = table
+    return tables
+
+
+def add_reference(tables: dict[str, Table], path: str | Path) -> None:
+    """Append the published rows of a reference YAML (format: benchmarks/reference.yaml)."""
+    spec = yaml.safe_load(Path(path).read_text()) or {}
+    for entry in spec.get("rows", []):
+        source = entry.get("source") or {}
+        families = {k: v for k, v in entry.items() if k != "source" and isinstance(v, dict)}
+        for family, values in families.items():
+            if family not in tables:
+                tasks, aggregates = _layout(family, set())
+                tables[family] = Table(family, tasks, [name for name, _ in aggregates])
+                tables[family].footnotes = _footnotes(tables[family], [])
+            table = tables[family]
+            unknown = set(values) - set(table.columns) - {"tuned_pct"}
+            if unknown:
+                raise ValueError(f"{path}: row {entry['method']!r}, {family}: unknown columns "
+                                 f"{sorted(unknown)}; use one of {table.columns}")
+            cells = {col: Cell(float(values[col])) for col in table.columns if col in values}
+            tuned = values.get("tuned_pct")
+            row = Row(entry["method"], cells, None if tuned is None else float(tuned),
+                      reported=True, note=entry.get("note", ""))
+            table.rows.append(row)
+            cite = ", ".join(str(source[key]) if key != "arxiv" else f"arXiv {source[key]}"
+                             for key in ("paper", "arxiv", "table") if key in source)
+            table.footnotes.append(f"{row.label}: " + (f"{row.note}. " if row.note else "")
+                                   + f"Source: {cite or 'not given'}.")
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def to_markdown(table: Table) -> str:
+    header = ["Method", *table.columns, "Tuned %", "Seeds"]
+    lines = [f"### {table.title}", "", "| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    for row in table.rows:
+        cells = [row.cells.get(col, Cell()).text() for col in table.columns]
+        values = [row.label, *cells, _fmt(row.tuned_pct, 3), row.seeds]
+        lines.append("| " + " | ".join(values) + " |")
+    lines.append("")
+    lines += [f"- {note}" for note in table.footnotes]
+    return "\n".join(lines) + "\n"
+
+
+def csv_rows(table: Table) -> list[list[str]]:
+    """Header plus one line per row: each column as a mean and a std (4 decimals, blank if none)."""
+    header = ["method", "reported"]
+    for col in table.columns:
+        header += [col, f"{col} std"]
+    rows = [header + ["tuned_pct", "seeds"]]
+    for row in table.rows:
+        line = [row.method, str(row.reported).lower()]
+        for col in table.columns:
+            cell = row.cells.get(col, Cell())
+            line += [_fmt(cell.mean, 4), _fmt(cell.std, 4)]
+        rows.append(line + [_fmt(row.tuned_pct, 4), row.seeds])
+    return rows
+
+
+def write_report(tables: dict[str, Table], out: str | Path) -> list[Path]:
+    """Markdown, CSV and PNG files for every table; returns the paths written."""
+    from grft_lightning import report_plots
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for family, table in tables.items():
+        stem = family.replace("/", "_")
+        (out / f"{stem}.md").write_text(to_markdown(table))
+        with open(out / f"{stem}.csv", "w", newline="") as handle:
+            csv.writer(handle).writerows(csv_rows(table))
+        written += [out / f"{stem}.md", out / f"{stem}.csv"]
+        written += report_plots.plot_table(table, out)
+    (out / "report.md").write_text("\n".join(to_markdown(t) for t in tables.values()))
+    return written + [out / "report.md"]
+
+
+def log_wandb(tables: dict[str, Table], images: list[Path], project: str) -> None:
+    import wandb
+
+    run = wandb.init(project=project, job_type="report")
+    for family, table in tables.items():
+        header, *rows = csv_rows(table)
+        run.log({f"{family}/table": wandb.Table(columns=header, data=rows)})
+    for image in images:
+        run.log({f"plots/{image.stem}": wandb.Image(str(image))})
+    run.finish()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m grft_lightning.report",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs_dir", help="folder searched recursively for results.json")
+    parser.add_argument("--out", help="output folder (default: RUNS_DIR/report)")
+    parser.add_argument("--reference", help="YAML of published rows, e.g. "
+                        "benchmarks/reference.yaml")
+    parser.add_argument("--wandb", action="store_true", help="also log the tables to W&B")
+    parser.add_argument("--wandb-project", default="grft-lightning")
+    args = parser.parse_args(argv)
+
+    results = load_results(args.runs_dir)
+    if not results and not args.reference:
+        parser.error(f"no results.json under {args.runs_dir}")
+    tables = summarize(results)
+    if args.reference:
+        add_reference(tables, args.reference)
+    written = write_report(tables, args.out or Path(args.runs_dir) / "report")
+    for table in tables.values():
+        print(to_markdown(table))
+    print(f"{len(results)} runs; wrote {', '.join(str(p) for p in written)}")
+    if args.wandb:
+        log_wandb(tables, [p for p in written if p.suffix == ".png"], args.wandb_project)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,385 @@
+"""Launch a grid of runs (task configs x method configs x seeds) locally, on SLURM or with W&B.
+
+    python -m grft_lightning.sweep --suite vtab|fgvc|offline|CONFIG.yaml ... --methods grft gps \\
+        --seeds 0 1 2 --runs-dir runs --mode local|slurm|wandb [--dry-run] \\
+        [--extra "--trainer.max_epochs 1" ...]
+
+Every run is one command, run from the repository root:
+
+    python train.py fit --config TASK --config METHOD --seed_everything SEED \\
+        --run_dir RUNS/<suite>/<task>/<method>/seed<SEED> [extra ...]
+
+- Suites: ``vtab`` is ``configs/vtab/<task>.yaml`` for the 19 VTAB-1k tasks, ``fgvc`` the 5 FGVC
+  datasets under ``configs/fgvc/``, any other name every ``configs/<name>/*.yaml`` except
+  ``base.yaml``; a path to a YAML file is a single task whose suite is its folder's name.
+- Methods: ``configs/methods/<name>.yaml`` (or a path to a YAML file).
+- A run is done when ``<run_dir>/results.json`` exists; done runs are skipped in every mode, so a
+  sweep can be launched again after a failure or a preemption.
+- ``--extra`` strings are split like a shell line and appended to every command; pass one that
+  starts with ``--`` and has no space as ``--extra=--trainer.fast_dev_run=true``.
+
+Modes:
+- ``local``: runs the pending runs one after the other (same Python interpreter), prints each run
+  directory and its status, goes on after a failure, and exits non-zero if any run failed. A run
+  that exits 0 without writing results.json counts as failed.
+- ``slurm``: writes a job-array script (one index per pending run) and its runs list under
+  ``RUNS/slurm/`` and prints the ``sbatch`` command.
+- ``wandb``: writes a grid sweep YAML under ``RUNS/wandb/`` and prints the ``wandb sweep`` and
+  ``wandb agent`` commands. W&B passes grid values as ``--name=value``, which ``train.py`` cannot
+  take as two ``--config`` files, so each agent run goes through ``python -m grft_lightning.sweep
+  agent-run``, which builds the command above (and skips done runs) and then executes train.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+import yaml
+
+from grft_lightning.report import FGVC_DATASETS, VTAB_TASKS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+KNOWN_SUITES = {"vtab": VTAB_TASKS, "fgvc": FGVC_DATASETS}
+
+
+class SweepError(ValueError):
+    """A sweep that cannot be planned (missing configs); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One (task config, method config, seed); paths are relative to the repository root."""
+
+    suite: str
+    task: str
+    method: str
+    seed: int
+    task_config: str
+    method_config: str
+    run_dir: str
+    extra: tuple[str, ...] = ()
+
+    @property
+    def args(self) -> list[str]:
+        """Arguments after ``train.py``."""
+        return ["fit", "--config", self.task_config, "--config", self.method_config,
+                "--seed_everything", str(self.seed), "--run_dir", self.run_dir, *self.extra]
+
+    def command(self, python: str = sys.executable, train_script: str = "train.py") -> list[str]:
+        return [python, train_script, *self.args]
+
+    def done(self, root: Path = REPO_ROOT) -> bool:
+        return (Path(root) / self.run_dir / "results.json").exists()
+
+
+def _rel(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` when inside it (commands stay portable), else absolute."""
+    path = path.resolve()
+    try:
+        return path.relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _find(path: str, root: Path) -> Path | None:
+    for candidate in (Path(root) / path, Path(path)):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def suite_configs(suite: str, root: Path = REPO_ROOT) -> list[tuple[str, str, Path]]:
+    """(suite, task, config path) for every task of ``suite`` (a name or a YAML path)."""
+    if suite.endswith((".yaml", ".yml")):
+        path = _find(suite, root)
+        if path is None:
+            raise SweepError(f"--suite {suite}: no such config file (looked in {root} and .)")
+        return [(path.resolve().parent.name, path.stem, path)]
+    folder = Path(root) / "configs" / suite
+    if "/" in suite or os.sep in suite:  # a folder of task configs
+        folder = next((p for p in (Path(suite), Path(root) / suite) if p.is_dir()), folder)
+        suite = folder.resolve().name
+    if suite in KNOWN_SUITES:
+        paths = [folder / f"{task}.yaml" for task in KNOWN_SUITES[suite]]
+        missing = [_rel(p, root) for p in paths if not p.is_file()]
+        if len(missing) == len(paths):
+            raise SweepError(f"suite {suite!r} has no configs: expected {folder}/<task>.yaml "
+                             f"for {', '.join(KNOWN_SUITES[suite])}")
+        if missing:
+            raise SweepError(f"suite {suite!r} lacks {', '.join(missing)}; write them or pass "
+                             "the task configs you have as --suite paths")
+    else:
+        paths = sorted(p for p in folder.glob("*.yaml") if p.name != "base.yaml")
+        if not paths:
+            others = sorted(p.name for p in (Path(root) / "configs").glob("*")
+                            if p.is_dir() and p.name != "methods")
+            raise SweepError(f"suite {suite!r} has no configs: {folder}/*.yaml matched no task "
+                             f"(base.yaml is not one); suites with a folder: {others}")
+    return [(suite, path.stem, path) for path in paths]
+
+
+def method_config(name: str, root: Path = REPO_ROOT) -> Path:
+    """``configs/methods/<name>.yaml``, or ``name`` itself when it is a YAML path."""
+    if name.endswith((".yaml", ".yml")):
+        path = _find(name, root)
+        if path is None:
+            raise SweepError(f"--methods {name}: no such config file (looked in {root} and .)")
+        return path
+    path = Path(root) / "configs" / "methods" / f"{name}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise SweepError(f"method {name!r}: {path} not found; available in {path.parent}: "
+                         f"{', '.join(available) or 'none'}")
+    return path
+
+
+def make_run(suite: str, task: str, task_config: Path, method: Path, seed: int,
+             runs_dir: str | Path, extra: tuple[str, ...], root: Path) -> Run:
+    run_dir = Path(runs_dir).resolve() / suite / task / method.stem / f"seed{seed}"
+    return Run(suite, task, method.stem, int(seed), _rel(task_config, root), _rel(method, root),
+               _rel(run_dir, root), tuple(extra))
+
+
+def plan_runs(suites: list[str], methods: list[str], seeds: list[int],
+              runs_dir: str | Path = "runs", extra: list[str] | tuple[str, ...] = (),
+              root: Path = REPO_ROOT) -> list[Run]:
+    """Every (task, method, seed) in order: tasks outermost, then methods, then seeds.
+
+    A relative ``runs_dir`` is taken from the current directory. Raises ``SweepError`` naming
+    the missing config file.
+    """
+    tasks = [entry for suite in suites for entry in suite_configs(suite, root)]
+    method_paths = [method_config(name, root) for name in methods]
+    runs = [make_run(suite, task, path, method, seed, runs_dir, tuple(extra), root)
+            for (suite, task, path), method, seed in itertools.product(tasks, method_paths, seeds)]
+    return list(dict.fromkeys(runs))  # the same config given twice runs once
+
+
+def pending(runs: list[Run], root: Path = REPO_ROOT) -> list[Run]:
+    """The runs without a results.json."""
+    return [run for run in runs if not run.done(root)]
+
+
+def run_local(runs: list[Run], root: Path = REPO_ROOT, python: str = sys.executable,
+              train_script: str = "train.py") -> int:
+    """Run every pending run in turn; returns the number of failed runs."""
+    failed, skipped = [], 0
+    for index, run in enumerate(runs, 1):
+        tag = f"[{index}/{len(runs)}]"
+        if run.done(root):
+            print(f"{tag} skip {run.run_dir} (results.json exists)", flush=True)
+            skipped += 1
+            continue
+        command = run.command(python, train_script)
+        print(f"{tag} run {run.run_dir}\n  {shlex.join(command)}", flush=True)
+        code = subprocess.run(command, cwd=root).returncode
+        if code == 0 and not run.done(root):
+            status = "failed (exit 0 but no results.json)"
+        else:
+            status = "ok" if code == 0 else f"failed (exit {code})"
+        print(f"{tag} {run.run_dir}: {status}", flush=True)
+        if status != "ok":
+            failed.append((run, status))
+    ran = len(runs) - skipped
+    print(f"sweep: {len(runs)} runs, {skipped} skipped, {ran - len(failed)} ok, "
+          f"{len(failed)} failed")
+    for run, status in failed:
+        print(f"  {status}: {run.run_dir}\n    {shlex.join(run.command(python, train_script))}")
+    return len(failed)
+
+
+class _Script(Template):
+    delimiter = "@@"  # bash uses $ and ${...}
+
+
+SBATCH_ARRAY = _Script("""#!/bin/bash
+# Job array written by `python -m grft_lightning.sweep --mode slurm`: array index i runs line i+1
+# of RUNS_FILE (a run directory, then the train.py arguments, shell-quoted).
+#SBATCH --job-name=@@name
+#SBATCH --array=0-@@last@@throttle
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=@@gpus
+#SBATCH --gres=gpu:@@gpus
+#SBATCH --cpus-per-task=@@cpus
+#SBATCH --time=@@time
+#SBATCH --output=@@logs/%A_%a.out
+#SBATCH --signal=SIGUSR1@90
+#SBATCH --requeue
+@@options
+# Lightning detects SLURM by itself (SLURMEnvironment). On SIGUSR1, 90 s before the time limit,
+# it saves an hpc checkpoint and requeues this array task; the requeued task runs the same line,
+# and the fit resumes from <run_dir>/checkpoints/last.ckpt. A finished run is skipped.
+set -euo pipefail
+cd @@root
+RUNS_FILE=@@runs_file
+PYTHON="${PYTHON:-@@python}"
+LINE=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" "$RUNS_FILE")
+eval "ARGS=($LINE)"
+RUN_DIR="${ARGS[0]}"
+if [ -f "$RUN_DIR/results.json" ]; then
+    echo "skip $RUN_DIR (results.json exists)"
+    exit 0
+fi
+# Lightning requires --ntasks-per-node to equal the devices per node.
+srun "$PYTHON" train.py "${ARGS[@]:1}" @@trainer
+""")
+
+
+def write_slurm(runs: list[Run], out_dir: Path, root: Path = REPO_ROOT, gpus: int = 1,
+                cpus: int = 8, time_limit: str = "12:00:00", partition: str | None = None,
+                max_parallel: int | None = None, options: list[str] = (),
+                python: str = sys.executable) -> tuple[Path, Path]:
+    """Write ``<name>.sbatch`` and ``<name>.runs`` for ``runs``; returns both paths."""
+    out_dir = Path(out_dir)
+    name = time.strftime("sweep-%Y%m%d-%H%M%S")
+    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    runs_file, script = out_dir / f"{name}.runs", out_dir / f"{name}.sbatch"
+    runs_file.write_text("".join(shlex.join([run.run_dir, *run.args]) + "\n" for run in runs))
+    lines = ([f"#SBATCH --partition={partition}"] if partition else [])
+    lines += [f"#SBATCH {option}" for option in options]
+    trainer = f"--trainer.devices {gpus} --trainer.num_nodes 1"
+    if gpus > 1:
+        trainer += " --trainer.strategy ddp"
+    script.write_text(SBATCH_ARRAY.substitute(
+        name=name, last=len(runs) - 1, throttle=f"%{max_parallel}" if max_parallel else "",
+        gpus=gpus, cpus=cpus, time=time_limit, logs=shlex.quote(str((out_dir / "logs").resolve())),
+        options="\n".join(lines), root=shlex.quote(str(Path(root).resolve())),
+        runs_file=shlex.quote(str(runs_file.resolve())), python=python, trainer=trainer))
+    return script, runs_file
+
+
+def write_wandb(runs: list[Run], path: Path, runs_dir: str) -> Path:
+    """A W&B grid sweep over task config x method config x seed; returns the YAML path."""
+    values = lambda attr: list(dict.fromkeys(getattr(run, attr) for run in runs))  # noqa: E731
+    extra = list(runs[0].extra) if runs else []
+    sweep = {
+        "program": "train.py",
+        "name": Path(path).stem,
+        "method": "grid",
+        "parameters": {"task_config": {"values": values("task_config")},
+                       "method_config": {"values": values("method_config")},
+                       "seed": {"values": values("seed")}},
+        # train.py takes two --config files, which W&B's ${args} cannot express; agent-run
+        # builds the real command (see the module docstring).
+        "command": ["${env}", "${interpreter}", "-m", "grft_lightning.sweep", "agent-run",
+                    "--runs-dir", runs_dir, "${args}", "--", *extra],
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return Path(path)
+
+
+def agent_command(argv: list[str], root: Path = REPO_ROOT) -> tuple[Run, list[str]]:
+    """The run and train.py command for ``agent-run --runs-dir R --task_config=T ... -- extra``."""
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(prog="python -m grft_lightning.sweep agent-run")
+    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--task_config", required=True)
+    parser.add_argument("--method_config", required=True)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--train-script", default="train.py")
+    args = parser.parse_args(argv)
+    [(suite, task, path)] = suite_configs(args.task_config, root)
+    run = make_run(suite, task, path, method_config(args.method_config, root), args.seed,
+                   Path(root) / args.runs_dir, tuple(extra), root)
+    return run, run.command(sys.executable, args.train_script)
+
+
+def _agent_run(argv: list[str]) -> int:
+    run, command = agent_command(argv)
+    if run.done():
+        print(f"skip {run.run_dir} (results.json exists)")
+        return 0
+    print(shlex.join(command), flush=True)
+    os.chdir(REPO_ROOT)
+    os.execv(command[0], command)  # the agent then watches (and can stop) train.py itself
+    return 1  # not reached
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m grft_lightning.sweep", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", nargs="+", required=True,
+                        help="vtab, fgvc, offline (any folder under configs/), a folder of "
+                             "task configs, or task YAML paths")
+    parser.add_argument("--methods", nargs="+", required=True,
+                        help="names of configs/methods/<name>.yaml, or YAML paths")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--runs-dir", default="runs", help="root of the run directories")
+    parser.add_argument("--mode", choices=["local", "slurm", "wandb"], default="local")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the planned commands; run and write nothing")
+    parser.add_argument("--extra", action="append", default=[],
+                        help="arguments appended to every run (repeatable), e.g. "
+                             "--extra \"--trainer.max_epochs 1\"")
+    parser.add_argument("--train-script", default="train.py",
+                        help="script run with the arguments above (local mode)")
+    parser.add_argument("--root", type=Path, default=REPO_ROOT,
+                        help="repository root: configs are found and runs started there")
+    slurm = parser.add_argument_group("slurm mode")
+    slurm.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per run (one node)")
+    slurm.add_argument("--slurm-cpus", type=int, default=8, help="CPUs per task")
+    slurm.add_argument("--slurm-time", default="12:00:00")
+    slurm.add_argument("--slurm-partition")
+    slurm.add_argument("--slurm-max-parallel", type=int, help="array throttle (%%N)")
+    slurm.add_argument("--sbatch-option", action="append", default=[],
+                       help="extra #SBATCH line, e.g. --sbatch-option=--account=abc")
+    parser.add_argument("--wandb-project", default="grft-lightning")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["agent-run"]:
+        return _agent_run(argv[1:])
+    parser = _parser()
+    args = parser.parse_args(argv)
+    extra = [token for text in args.extra for token in shlex.split(text)]
+    try:
+        runs = plan_runs(args.suite, args.methods, args.seeds, args.runs_dir, extra, args.root)
+    except SweepError as err:
+        parser.error(str(err))
+    todo = pending(runs, args.root)
+    print(f"{len(runs)} runs planned: {len(runs) - len(todo)} done, {len(todo)} pending")
+    if args.dry_run:
+        for run in runs:
+            state = "done" if run.done(args.root) else "todo"
+            print(f"{state} {shlex.join(run.command(sys.executable, args.train_script))}")
+        return 0
+    if args.mode == "local":
+        if not (args.root / args.train_script).is_file():
+            parser.error(f"{args.root / args.train_script} not found; pass --train-script")
+        return 1 if run_local(runs, args.root, sys.executable, args.train_script) else 0
+    if not todo:
+        print("nothing to launch: every run has its results.json")
+        return 0
+    out = Path(args.runs_dir) / args.mode
+    if args.mode == "slurm":
+        script, runs_file = write_slurm(
+            todo, out, args.root, args.slurm_gpus, args.slurm_cpus, args.slurm_time,
+            args.slurm_partition, args.slurm_max_parallel, args.sbatch_option)
+        print(f"wrote {script} and {runs_file} ({len(todo)} array tasks); submit with:\n"
+              f"  sbatch {script}")
+        return 0
+    path = write_wandb(runs, out / time.strftime("sweep-%Y%m%d-%H%M%S.yaml"),
+                       _rel(Path(args.runs_dir).resolve(), args.root))
+    print(f"wrote {path} ({len(runs)} grid points, {len(todo)} pending; done ones are skipped)."
+          f"\nFrom {args.root}:\n  wandb sweep --project {args.wandb_project} {path}\n"
+          f"  wandb agent --count {len(todo)} <entity>/{args.wandb_project}/<sweep id>"
+          "   # once per GPU or machine")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
