@@ -65,6 +65,12 @@ class GRFTCLI(LightningCLI):
         parser.link_arguments("model.backbone", "data.init_args.backbone")
         parser.link_arguments("model.image_size", "data.init_args.image_size")
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning would overwrite this run's model config with the checkpoint's
+        # hyper-parameters; here the run's config is the source of truth, and
+        # PEFTModule.on_load_checkpoint refuses a checkpoint of another method or budget.
+        return
+
     # -- run directory, loggers, checkpoints --------------------------------------------------
     def _cfg(self):
         return self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -226,6 +232,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> GRFTCLI:
         args=args,
         run=run,
         parser_kwargs={"parser_mode": "yaml"},
+        # The run config is the source of truth; on_load_checkpoint checks method and budget.
+        load_from_checkpoint_support=False,
     )
 
 

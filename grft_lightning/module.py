@@ -19,10 +19,6 @@ from grft_lightning.methods.base import Method, classifier, head_parameter_ids
 from grft_lightning.schedules import warmup_cosine
 
 
-def _default_optimizer(params):
-    return torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
-
-
 class PEFTModule(L.LightningModule):
     """Fine-tune a pre-trained timm backbone with any tuning method.
 
@@ -35,8 +31,9 @@ class PEFTModule(L.LightningModule):
         weights_format: layout of ``weights``: ``auto``, ``timm`` or ``ordered``.
         drop_path_rate: stochastic depth rate.
         image_size: input size (ViTs: position embeddings are resampled); linked to the data.
-        optimizer: optimizer factory; receives only tuned tensors, in groups (no weight decay on
-            1-D tensors; the head at ``head_lr``).
+        optimizer: optimizer factory (default AdamW with its defaults: lr 1e-3, weight decay
+            0.01); receives only tuned tensors, in groups (no weight decay on 1-D tensors; the
+            head at ``head_lr``).
         scheduler: a per-step LR scheduler factory; default: linear warm-up + cosine from the
             arguments below.
         head_lr: learning rate of the head (default: the optimizer's lr).
@@ -62,7 +59,7 @@ class PEFTModule(L.LightningModule):
         weights_format: WeightsFormat = "auto",
         drop_path_rate: float = 0.0,
         image_size: int | None = None,
-        optimizer: OptimizerCallable = _default_optimizer,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         head_lr: float | None = None,
         warmup_epochs: float = 0.0,

@@ -1,0 +1,187 @@
+"""The training system through the real CLI, in-process: tiny ViT, synthetic in-memory data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from grft_lightning.cli import cli_main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_args(run_dir: Path, *extra: str, method: str = "grft_lightning.methods.GRFT",
+              method_args: str = '{"mode": "row", "rows_per_matrix": 2}', epochs: int = 1) -> list[str]:
+    return [
+        "fit",
+        "--model.backbone", "test_vit", "--model.pretrained", "false", "--model.image_size", "32",
+        "--model.method", json.dumps({"class_path": method, "init_args": json.loads(method_args)}),
+        "--data", json.dumps({"class_path": "grft_lightning.data.SyntheticImages",
+                              "init_args": {"num_classes": 4, "n_train": 32, "n_val": 16, "n_test": 16}}),
+        "--trainer.max_epochs", str(epochs), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.log_every_n_steps", "1", "--trainer.num_sanity_val_steps", "0",
+        "--selection.progress", "false", "--wandb.mode", "disabled", "--run_dir", str(run_dir),
+        *extra,
+    ]
+
+
+def selection_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if k.endswith(("row_index", "col_index", ".index"))}
+
+
+def test_fit_then_test_writes_the_run_directory(tmp_path, capsys):
+    run = tmp_path / "run"
+    cli = cli_main(tiny_args(run))
+    out = capsys.readouterr().out
+    results = json.loads((run / "results.json").read_text())
+    required = {"method", "dataset", "backbone", "seed", "tuned", "backbone_params", "tuned_pct",
+                "selection_seconds", "train_seconds", "val_acc", "test_acc", "peak_memory_bytes", "git_sha"}
+    assert required <= results.keys()
+    assert (results["method"], results["dataset"], results["backbone"], results["seed"]) == \
+        ("grft_row", "synthetic", "test_vit", 0)
+    # 2 rows x (64 + 64 + 64 + 192) fan-in x 6 blocks, + biases, + head 64*4+4
+    assert results["counts"]["selected"] == 2 * (64 + 64 + 64 + 192) * 6
+    assert results["tuned"] == results["counts"]["selected"] + results["counts"]["bias"] + 260
+    assert results["tuned_pct"] == pytest.approx(100 * results["tuned"] / results["backbone_params"])
+    assert 0.0 <= results["test_acc"] <= 1.0 and 0.0 <= results["val_acc"] <= 1.0
+    for name in ("config.yaml", "tuned.safetensors", "metrics.csv", "selection.png", "checkpoints/last.ckpt"):
+        assert (run / name).is_file(), name
+    assert "tuned params:" in out and f"run directory: {run}" in out and "test accuracy:" in out
+    assert cli.trainer.global_step == 4  # 32 images / batch 8
+
+
+def test_resume_keeps_the_selection_and_continues_the_step_count(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    first = cli_main(tiny_args(run, epochs=1))
+    picked = selection_of(first.model)
+    assert first.trainer.global_step == 4
+
+    from grft_lightning.methods import GRFT
+
+    def no_reselect(*args, **kwargs):
+        raise AssertionError("selection ran again on resume")
+
+    monkeypatch.setattr(GRFT, "select", no_reselect)
+    second = cli_main(tiny_args(run, epochs=2))  # same command, one more epoch: resumes last.ckpt
+    assert second.trainer.global_step == 8
+    again = selection_of(second.model)
+    assert picked.keys() == again.keys() and all(torch.equal(picked[k], again[k]) for k in picked)
+
+
+def test_checkpoint_of_another_budget_is_refused(tmp_path):
+    run = tmp_path / "run"
+    cli_main(tiny_args(run))
+    with pytest.raises(ValueError, match="another method or budget"):
+        cli_main(tiny_args(tmp_path / "other", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+                           method_args='{"mode": "row", "rows_per_matrix": 3}'))
+
+
+@pytest.mark.parametrize("method", ["GPS", "Full", "Linear", "BitFit", "RandomRows"])
+def test_every_method_trains_through_the_cli(tmp_path, method):
+    args = '{"k": 1}' if method == "GPS" else '{"rows_per_matrix": 2}' if method == "RandomRows" else "{}"
+    cli_main(tiny_args(tmp_path / "run", method=f"grft_lightning.methods.{method}", method_args=args))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["test_acc"] is not None
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    cli = cli_main(tiny_args(tmp_path / "run", "--trainer.precision", "bf16-mixed"))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert cli.trainer.precision == "bf16-mixed"
+    assert results["test_acc"] is not None and torch.isfinite(torch.tensor(results["tuned_pct"]))
+
+
+def test_wandb_offline_leaves_a_run_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    args = tiny_args(run)
+    args[args.index("--wandb.mode") + 1] = "offline"
+    cli_main(args)
+    offline_runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1 and any(offline_runs[0].rglob("*.wandb"))
+
+
+def test_selection_from_a_previous_run_file(tmp_path):
+    first = cli_main(tiny_args(tmp_path / "a"))
+    second = cli_main(tiny_args(tmp_path / "b", "--selection.from_file", str(tmp_path / "a" / "tuned.safetensors")))
+    a, b = selection_of(first.model), selection_of(second.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_selection_file_of_another_method_is_refused(tmp_path):
+    cli_main(tiny_args(tmp_path / "a"))
+    with pytest.raises(ValueError, match="was selected by"):
+        cli_main(tiny_args(tmp_path / "b", "--selection.from_file", str(tmp_path / "a" / "tuned.safetensors"),
+                           method_args='{"mode": "column", "columns_per_matrix": 2}'))
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        cli_main(["fit", "--config", str(tmp_path / "nope.yaml")])
+
+
+def test_non_finite_loss_names_the_step_and_last_finite_loss():
+    from grft_lightning.methods import Linear
+    from grft_lightning.module import PEFTModule
+
+    module = PEFTModule(Linear(), backbone="test_vit", num_classes=3, pretrained=False, image_size=32)
+    module._check_finite(torch.tensor(1.25))
+    with pytest.raises(FloatingPointError, match=r"global step 0 .*last finite loss: 1.25"):
+        module._check_finite(torch.tensor(float("nan")))
+
+
+def test_optimizer_sees_only_tuned_tensors_without_decay_on_1d(tmp_path):
+    from grft_lightning.methods import GRFT
+    from grft_lightning.module import PEFTModule
+
+    module = PEFTModule(GRFT(rows_per_matrix=2), backbone="test_vit", num_classes=3, pretrained=False,
+                        image_size=32, head_lr=0.5)
+    groups = module.parameter_groups()
+    seen = [p for g in groups for p in g["params"]]
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    assert len(seen) == len(trainable) and {id(p) for p in seen} == {id(p) for p in trainable}
+    for group in groups:
+        if any(p.ndim < 2 for p in group["params"]):
+            assert group["weight_decay"] == 0.0 and all(p.ndim < 2 for p in group["params"])
+    head = {id(p) for p in module.model.head.parameters()}
+    assert all(g.get("lr") == 0.5 for g in groups if id(g["params"][0]) in head)
+
+
+def test_weight_file_of_another_architecture_is_refused(tmp_path):
+    import timm
+
+    from grft_lightning.backbones import create_backbone
+
+    path = tmp_path / "cnn.pth"
+    torch.save(timm.create_model("test_efficientnet", pretrained=False).state_dict(), path)
+    with pytest.raises(ValueError, match="cnn.pth"):
+        create_backbone("test_vit", num_classes=3, weights=str(path), image_size=32)
+
+
+def test_timm_layout_weight_file_keeps_backbone_and_replaces_head(tmp_path):
+    import timm
+
+    from grft_lightning.backbones import create_backbone
+
+    source = timm.create_model("test_vit", pretrained=False, img_size=32, num_classes=1000)
+    path = tmp_path / "vit.pth"
+    torch.save(source.state_dict(), path)
+    model = create_backbone("test_vit", num_classes=3, weights=str(path), image_size=32)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    assert model.head.out_features == 3
+
+
+@pytest.mark.slow
+def test_every_shipped_yaml_parses(capsys):
+    configs = sorted((REPO / "configs").rglob("*.yaml"))
+    assert len(configs) >= 30
+    for path in configs:
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["fit", "--config", str(path), "--print_config"])
+        assert exit_info.value.code in (0, None), path
+        printed = capsys.readouterr().out
+        assert "class_path: grft_lightning.methods." in printed, path
