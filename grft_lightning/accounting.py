@@ -40,7 +40,9 @@ def count_parameters(model: nn.Module) -> dict[str, float]:
       when tuned, norm layers), outside the head.
     * ``selected``: every other tuned entry outside the head -- the active entries of delta
       layers (rows x in, out x columns, out x k), trainable pre-trained weights (full
-      fine-tuning, norm scales) and parameters a method adds (LoRA, adapters).
+      fine-tuning, norm scales) and parameters a method adds (LoRA, adapters). A trainable
+      pre-trained weight that is the base weight of a delta layer (GPSMasked: the weight is
+      trained under a gradient mask) counts that layer's ``num_tuned()`` entries, not its size.
     * ``tuned = selected + bias + head``.
     * ``backbone``: all pre-trained parameters outside the head (what the method starts from;
       added parameters are not counted).
@@ -49,6 +51,7 @@ def count_parameters(model: nn.Module) -> dict[str, float]:
     head_ids = head_parameter_ids(model)
     added = added_parameter_owners(model)
     biases = _bias_ids(model)
+    masked = {id(m.base_layer.weight): m.num_tuned() for m in model.modules() if isinstance(m, DeltaLayer)}
     counts = {"selected": 0, "bias": 0, "head": 0, "backbone": 0}
     for p in model.parameters():
         pid = id(p)
@@ -60,7 +63,9 @@ def count_parameters(model: nn.Module) -> dict[str, float]:
                 counts["selected"] += owner.num_tuned() if isinstance(owner, DeltaLayer) else p.numel()
         else:
             counts["backbone"] += p.numel()
-            if p.requires_grad:
+            if p.requires_grad and pid in masked:
+                counts["selected"] += masked[pid]
+            elif p.requires_grad:
                 counts["bias" if pid in biases else "selected"] += p.numel()
     counts["tuned"] = counts["selected"] + counts["bias"] + counts["head"]
     counts["tuned_pct"] = 100.0 * counts["tuned"] / max(counts["backbone"], 1)

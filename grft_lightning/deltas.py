@@ -34,6 +34,11 @@ def fan_in(layer: nn.Module) -> int:
     return layer.weight[0].numel()
 
 
+def _sync_after_load(module: DeltaLayer, _incompatible_keys) -> None:
+    """``load_state_dict`` post-hook: the Python-side flags follow the loaded buffers."""
+    module._sync_flag()
+
+
 class DeltaLayer(nn.Module, metaclass=abc.ABCMeta):
     """Base class: a frozen base layer plus a trainable delta filled in by a selection.
 
@@ -51,9 +56,11 @@ class DeltaLayer(nn.Module, metaclass=abc.ABCMeta):
         base_layer.weight.requires_grad_(False)
         self.base_layer = base_layer
         self.original_name = original_name
-        self.register_buffer("selected", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("selected", torch.zeros((), dtype=torch.bool, device=base_layer.weight.device))
         self._is_selected = False
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._sync_flag())
+        # A module-level function, not a lambda: a model holding deltas must stay picklable
+        # (torch.save(model), spawn-based launchers).
+        self.register_load_state_dict_post_hook(_sync_after_load)
 
     # -- shared helpers -----------------------------------------------------------------------
     @property
@@ -140,8 +147,11 @@ class StructuredDelta(DeltaLayer):
         self.register_buffer("col_index", torch.zeros(self.columns, dtype=torch.long, device=w.device))
         # 0: rows, 1: columns; fixed for row/column modes, chosen per matrix by the auto selection.
         self.register_buffer("axis", torch.tensor(COLUMN if mode == "column" else ROW, device=w.device))
+        self._axis = COLUMN if mode == "column" else ROW  # not int(self.axis): no .item() on meta tensors
+
+    def _sync_flag(self) -> None:
+        super()._sync_flag()
         self._axis = int(self.axis)
-        self.register_load_state_dict_post_hook(lambda module, _keys: setattr(module, "_axis", int(module.axis)))
 
     def set_selection(self, axis: int, index: torch.Tensor) -> None:
         if axis == ROW:
@@ -168,14 +178,19 @@ class StructuredDelta(DeltaLayer):
         return self.rows * self.fan_in if self._axis == ROW else self.columns * self.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
         if not self._is_selected:
-            return y
+            return self.base_layer(x)
+        lead = None
+        if not self.is_conv and x.dim() != 2:
+            # On a 3-D input F.linear returns a *view* of its addmm output, and an in-place op on
+            # a view makes autograd copy the whole output gradient (CopySlices) in backward: so
+            # work on 2-D rows and view the result back.
+            lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        y = self.base_layer(x)
         # In place on the base output: neither addmm nor conv needs its output for backward,
         # so no second output-sized tensor is kept per layer.
-        if self._axis == ROW:
-            return self._add_rows(x, y)
-        return self._add_columns(x, y)
+        y = self._add_rows(x, y) if self._axis == ROW else self._add_columns(x, y)
+        return y if lead is None else y.view(*lead, y.shape[-1])
 
     def _add_rows(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         rows, d = self.row_index, self.row_delta()
@@ -318,6 +333,9 @@ def merge(model: nn.Module) -> nn.Module:
         merged = _merged(module)
         if merged is not None:
             set_submodule(model, path, merged)
+    if getattr(model, "peft_method", None) is not None:
+        # A merged model is a plain model: save_tuned must not export it as a tuned one.
+        model.peft_method = None
     return model
 
 

@@ -151,7 +151,7 @@ class GRFT(Method):
         cols = sorted({c for _, c in counts})
         what = {"row": f"rows per matrix {rows}", "column": f"columns per matrix {cols}",
                 "auto": f"row budget per matrix {rows} (or columns {cols})"}[self.mode]
-        return f"GRFT {self.mode}: {what} in {len(counts)} matrices = {entries:,} weight entries"
+        return f"{type(self).__name__} {self.mode}: {what} in {len(counts)} matrices = {entries:,} weight entries"
 
     # -- select -----------------------------------------------------------------------------
     def select_layer(self, layer: StructuredDelta, grad: torch.Tensor | None) -> None:

@@ -1,0 +1,327 @@
+"""Selection: exact rows / columns / entries on hand-built gradients, and gradient accumulation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from grft_lightning.deltas import COLUMN, ROW, delta_layers
+from grft_lightning.methods import GPS, GRFT, RandomRows
+from grft_lightning.selection import (
+    accumulate_gradients,
+    column_scores,
+    per_row_top_k,
+    row_scores,
+    top_k,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class Toy(nn.Module):
+    """A Linear (4 x 6), a Conv2d (3 x 2*2*2), a depthwise Conv2d (3 x 1*3*3) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+        self.conv = nn.Conv2d(2, 3, 2)
+        self.dw = nn.Conv2d(3, 3, 3, padding=1, groups=3)
+        self.head = nn.Linear(3, 2)
+
+    def get_classifier(self):
+        return self.head
+
+    def forward(self, x):  # x: (n, 6)
+        h = self.fc(x).view(-1, 1, 2, 2).repeat(1, 2, 1, 1)  # (n, 2, 2, 2)
+        h = self.dw(self.conv(F.pad(h, (0, 1, 0, 1))))
+        return self.head(h.mean((2, 3)))
+
+
+def _grads(fc: torch.Tensor, conv: torch.Tensor, dw: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"fc.weight": fc.reshape(4, 6), "conv.weight": conv.reshape(3, 2, 2, 2), "dw.weight": dw.reshape(3, 1, 3, 3)}
+
+
+def _layers(model):
+    return {layer.original_name: layer for _, layer in delta_layers(model)}
+
+
+# -- scoring primitives ------------------------------------------------------------------------
+def test_top_k_breaks_ties_by_lowest_index_and_returns_sorted_indices():
+    scores = torch.tensor([1.0, 3.0, 3.0, 0.0, 3.0, 2.0])
+    assert top_k(scores, 2).tolist() == [1, 2]
+    assert top_k(scores, 4).tolist() == [1, 2, 4, 5]
+    assert top_k(torch.zeros(5), 3).tolist() == [0, 1, 2]
+    assert top_k(torch.tensor([[0.0, 5.0, 5.0], [7.0, 7.0, 7.0]]), 1, dim=1).tolist() == [[1], [0]]
+
+
+def test_scores_read_convolutions_as_out_by_fan_in():
+    g = torch.arange(3 * 2 * 2 * 2, dtype=torch.float32).view(3, 2, 2, 2)
+    m = g.view(3, 8)
+    assert torch.equal(row_scores(g), (m**2).sum(1))
+    assert torch.equal(column_scores(g), (m**2).sum(0))
+    assert row_scores(g.to(torch.bfloat16)).dtype == torch.float32
+    dw = torch.zeros(3, 1, 3, 3)
+    dw[1, 0, 2, 1] = -4.0
+    assert per_row_top_k(dw, 1)[1].tolist() == [7]  # |.|, position 2*3+1 of the 9-wide fan-in
+
+
+# -- GRFT --------------------------------------------------------------------------------------
+def test_grft_rows_with_ties():
+    model = GRFT(rows_per_matrix=2, exclude=[]).apply(Toy())
+    fc = torch.zeros(4, 6)
+    fc[1, 0], fc[2, 5], fc[3, 3] = 2.0, -2.0, 2.0  # rows 1, 2, 3 tie: lowest indices win
+    conv = torch.zeros(3, 8)
+    conv[2, :] = 1.0  # energy 8
+    conv[0, 7] = 3.0  # energy 9
+    dw = torch.zeros(3, 9)
+    dw[1] = 0.5  # energy 2.25; rows 0 and 2 tie at 0 -> row 0
+    model.peft_method.select(model, _grads(fc, conv, dw))
+    layers = _layers(model)
+    assert layers["fc"].row_index.tolist() == [1, 2]
+    assert layers["conv"].row_index.tolist() == [0, 2]
+    assert layers["dw"].row_index.tolist() == [0, 1]
+    assert all(layer._axis == ROW and layer._is_selected for layer in layers.values())
+
+
+def test_grft_columns():
+    model = GRFT(mode="column", columns_per_matrix=2, exclude=[]).apply(Toy())
+    fc = torch.zeros(4, 6)
+    fc[:, 4] = 1.0  # 4
+    fc[0, 1] = 3.0  # 9
+    fc[3, 2] = 2.0  # 4: ties with column 4, lower index wins
+    conv = torch.zeros(3, 8)
+    conv[:, 6] = 1.0  # channel 1, kernel position (1, 0)
+    conv[2, 3] = -5.0  # channel 0, kernel position (1, 1)
+    dw = torch.zeros(3, 9)
+    dw[:, 8] = 1.0
+    model.peft_method.select(model, _grads(fc, conv, dw))
+    layers = _layers(model)
+    assert layers["fc"].col_index.tolist() == [1, 2]
+    assert layers["conv"].col_index.tolist() == [3, 6]
+    assert layers["dw"].col_index.tolist() == [0, 8]  # column 8, then the all-zero tie -> 0
+    assert all(layer._axis == COLUMN for layer in layers.values())
+
+
+def test_grft_auto_chooses_per_matrix_by_energy_per_parameter():
+    method = GRFT(mode="auto", rows_per_matrix=1, exclude=[])
+    model = method.apply(Toy())
+    layers = _layers(model)
+    # columns at the same budget: floor(rows * fan_in / out)
+    assert (layers["fc"].columns, layers["conv"].columns, layers["dw"].columns) == (1, 2, 3)
+    fc = torch.zeros(4, 6)
+    fc[:, 2] = 1.0  # best column: 4 / 4 per parameter; best row: 1 / 6 -> columns
+    conv = torch.zeros(3, 8)
+    conv[0, :] = 1.0  # best row: 8 / 8; best two columns: 2 / 6 -> rows
+    dw = torch.ones(3, 9)  # equal energy per parameter: rows (columns must do strictly better)
+    method.select(model, _grads(fc, conv, dw))
+    assert layers["fc"]._axis == COLUMN and layers["fc"].col_index.tolist() == [2]
+    assert layers["conv"]._axis == ROW and layers["conv"].row_index.tolist() == [0]
+    assert layers["dw"]._axis == ROW and layers["dw"].row_index.tolist() == [0]
+    assert layers["fc"].num_tuned() == 4 and layers["conv"].num_tuned() == 8
+
+
+# -- GPS ---------------------------------------------------------------------------------------
+def test_gps_per_row_top_k():
+    method = GPS(k=2)
+    model = method.apply(Toy())
+    fc = torch.tensor([[0.0, -3.0, 1.0, 3.0, 0.0, 0.0],
+                       [1.0, 1.0, 1.0, 1.0, 1.0, 1.0],  # all tied: 0, 1
+                       [0.0, 0.0, 0.0, 0.0, -0.5, 0.2],
+                       [9.0, 0.0, 8.0, 0.0, -10.0, 0.0]])
+    conv = torch.zeros(3, 8)
+    conv[0, 7], conv[0, 2] = 1.0, -1.0
+    conv[1, 5] = 1.0  # then the first zero: 0
+    dw = torch.arange(27, dtype=torch.float32).view(3, 9) * torch.tensor([1.0, -1.0, 1.0])[:, None]
+    method.select(model, _grads(fc, conv, dw))
+    layers = _layers(model)
+    assert layers["fc"].index.tolist() == [[1, 3], [0, 1], [4, 5], [0, 4]]
+    assert layers["conv"].index.tolist() == [[2, 7], [0, 5], [0, 1]]
+    assert layers["dw"].index.tolist() == [[7, 8]] * 3
+
+
+class GroupedToy(nn.Module):
+    """One grouped Conv2d: 6 output channels, 2 groups of 2 input channels, 3x3 -> a 6 x 18 matrix."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, groups=2)
+        self.head = nn.Linear(6, 2)
+
+    def get_classifier(self):
+        return self.head
+
+    def forward(self, x):
+        return self.head(self.conv(x).mean((2, 3)))
+
+
+def test_grouped_conv_rows_columns_and_entries():
+    g = torch.zeros(6, 2, 3, 3)
+    g[4, 1, 2, 0] = 5.0  # row 4 (second group), fan-in position 1*9 + 2*3 + 0 = 15
+    g[1, :, 1, 1] = 2.0  # row 1, positions 4 and 13 (the centre tap of both input channels)
+    g[:, 0, 0, 2] = 1.5  # every row, position 2
+    grads = {"conv.weight": g}
+
+    rows = GRFT(rows_per_matrix=2, exclude=[])
+    model = rows.apply(GroupedToy())
+    rows.select(model, grads)
+    assert model.conv.row_index.tolist() == [1, 4]  # energies 10.25 and 27.25 vs 2.25
+
+    cols = GRFT(mode="column", columns_per_matrix=2, exclude=[])
+    model = cols.apply(GroupedToy())
+    cols.select(model, grads)
+    assert model.conv.col_index.tolist() == [2, 15]  # 13.5 and 25 vs 4 for 4 and 13
+
+    gps = GPS(k=1)
+    model = gps.apply(GroupedToy())
+    gps.select(model, grads)
+    assert model.conv.index.tolist() == [[2], [4], [2], [2], [15], [2]]  # row 1: 2.0 > 1.5, tie 4/13 -> 4
+
+
+# -- select() contract ---------------------------------------------------------------------------
+def _toy_grads():
+    torch.manual_seed(0)
+    return _grads(torch.randn(4, 6), torch.randn(3, 8), torch.randn(3, 9))
+
+
+@pytest.mark.parametrize("method", [GRFT(rows_per_matrix=1, exclude=[]), GPS(k=1)], ids=["grft", "gps"])
+def test_select_rejects_missing_and_misshaped_gradients(method):
+    model = method.apply(Toy())
+    grads = _toy_grads()
+    with pytest.raises(ValueError, match=r"select needs accumulated gradients \(got None\)"):
+        method.select(model, None)
+    missing = {k: v for k, v in grads.items() if k != "conv.weight"}
+    with pytest.raises(ValueError, match=r"missing gradient for conv\.weight \(shape \(3, 2, 2, 2\)\)"):
+        method.select(model, missing)
+    bad = dict(grads, **{"dw.weight": torch.zeros(3, 9)})
+    with pytest.raises(ValueError, match=r"gradient for dw\.weight has shape \(3, 9\), expected \(3, 1, 3, 3\)"):
+        method.select(model, bad)
+    assert not any(layer._is_selected for layer in _layers(model).values())  # nothing half-done
+
+
+@pytest.mark.parametrize("method", [GRFT(rows_per_matrix=1, exclude=[]), GPS(k=1), RandomRows(rows_per_matrix=1, exclude=[])],
+                         ids=["grft", "gps", "random"])
+def test_select_twice_needs_reselect_which_resets_deltas(method):
+    model = method.apply(Toy())
+    method.select(model, _toy_grads())
+    with torch.no_grad():
+        for layer in _layers(model).values():
+            layer.delta.fill_(1.0)
+    with pytest.raises(RuntimeError, match=r"select\(\) was already called on this model \(3 layers selected, e\.g\. fc\); "
+                                           r"pass reselect=True"):
+        method.select(model, _toy_grads())
+    assert all(torch.all(layer.delta == 1.0) for layer in _layers(model).values())
+    method.select(model, _toy_grads(), reselect=True)
+    assert all(layer._is_selected and torch.count_nonzero(layer.delta) == 0 for layer in _layers(model).values())
+
+
+def test_random_rows_is_seeded_and_within_budget():
+    def pick(seed, mode="row"):
+        kwargs = {"rows_per_matrix": 2} if mode == "row" else {"columns_per_matrix": 2}
+        method = RandomRows(mode=mode, exclude=[], seed=seed, **kwargs)
+        model = method.apply(Toy())
+        method.select(model)
+        attr = "row_index" if mode == "row" else "col_index"
+        return {name: getattr(layer, attr).tolist() for name, layer in _layers(model).items()}
+
+    assert pick(0) == pick(0)
+    assert pick(0, "column") == pick(0, "column")
+    assert any(pick(s) != pick(0) for s in range(1, 5))
+    for name, (rows, cols) in zip(["fc", "conv", "dw"], [(4, 6), (3, 8), (3, 9)]):
+        assert pick(3)[name] == sorted(set(pick(3)[name])) and max(pick(3)[name]) < rows
+        assert pick(3, "column")[name] == sorted(set(pick(3, "column")[name])) and max(pick(3, "column")[name]) < cols
+    with pytest.raises(ValueError, match="RandomRows.mode must be row or column"):
+        RandomRows(mode="auto")
+
+
+# -- accumulate_gradients -------------------------------------------------------------------------
+def _batches(n=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(2, 3, 32, 32, generator=gen), torch.randint(0, 5, (2,), generator=gen)) for _ in range(n)]
+
+
+def _ce(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def _reference(model, batches):
+    """Gradient of the summed loss, by plain autograd on an untouched copy."""
+    ref = copy.deepcopy(model).requires_grad_(True)
+    sum(_ce(ref, b) for b in batches).backward()
+    return {n: p.grad for n, p in ref.named_parameters()}
+
+
+def _flags(model):
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def test_accumulate_sums_over_batches_without_a_method(tiny_vit):
+    batches = _batches()
+    ref = _reference(tiny_vit, batches)
+    tiny_vit.pos_embed.requires_grad_(False)  # a mixed set of flags to restore
+    flags = _flags(tiny_vit)
+    grads = accumulate_gradients(tiny_vit, batches, _ce)
+    expected = {f"{n}.weight" for n, m in tiny_vit.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and n != "head"}
+    assert set(grads) == expected and "patch_embed.proj.weight" in grads
+    for name, g in grads.items():
+        assert g.dtype == torch.float32
+        assert torch.allclose(g, ref[name], atol=1e-6, rtol=1e-4), name
+    assert _flags(tiny_vit) == flags
+    assert all(p.grad is None for p in tiny_vit.parameters())
+
+
+@pytest.mark.parametrize("method", [GRFT(), GPS(k=1)], ids=["grft", "gps"])
+def test_accumulate_returns_original_names_after_apply(tiny_vit, method):
+    batches = _batches()
+    ref = _reference(tiny_vit, batches)
+    method.apply(tiny_vit)
+    flags = _flags(tiny_vit)
+    grads = accumulate_gradients(tiny_vit, batches, _ce)
+    expected = {f"{layer.original_name}.weight" for _, layer in delta_layers(tiny_vit)}
+    assert set(grads) == expected and "blocks.0.attn.qkv.weight" in grads
+    assert ("patch_embed.proj.weight" in grads) == isinstance(method, GPS)  # GRFT excludes the patch embedding
+    for name, g in grads.items():
+        assert torch.allclose(g, ref[name], atol=1e-6, rtol=1e-4), name
+    assert _flags(tiny_vit) == flags
+    assert all(p.grad is None for p in tiny_vit.parameters())
+    sub = accumulate_gradients(tiny_vit, batches[:1], _ce, names=["blocks.1.mlp.fc2.weight"])
+    assert list(sub) == ["blocks.1.mlp.fc2.weight"]
+    with pytest.raises(KeyError, match="not an eligible weight"):
+        accumulate_gradients(tiny_vit, batches, _ce, names=["blocks.1.mlp.fc2.base_layer.weight"])
+
+
+def test_accumulate_restores_flags_when_the_loss_raises(tiny_vit):
+    GRFT().apply(tiny_vit)
+    flags = _flags(tiny_vit)
+    calls = []
+
+    def failing(model, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom in loss")
+        return _ce(model, batch)
+
+    with pytest.raises(RuntimeError, match="boom in loss"):
+        accumulate_gradients(tiny_vit, _batches(), failing)
+    assert _flags(tiny_vit) == flags
+    assert all(p.grad is None for p in tiny_vit.parameters())
+
+
+def test_accumulate_under_bf16_autocast_sums_in_fp32(tiny_vit):
+    batches = _batches()
+    ref = _reference(tiny_vit, batches)
+    GRFT().apply(tiny_vit)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grads = accumulate_gradients(tiny_vit, batches, _ce)
+    for name, g in grads.items():
+        assert g.dtype == torch.float32
+        err = (g - ref[name]).norm() / ref[name].norm()
+        assert err < 0.05, (name, float(err))
+    # and the selection it feeds agrees with the fp32 one on most rows
+    fp32 = row_scores(ref["blocks.0.mlp.fc1.weight"])
+    bf16 = row_scores(grads["blocks.0.mlp.fc1.weight"])
+    assert len(set(top_k(fp32, 8).tolist()) & set(top_k(bf16, 8).tolist())) >= 6
