@@ -8,6 +8,8 @@ selection pass -- lives here, once.
 
 from __future__ import annotations
 
+import abc
+
 from typing import Any, Callable, Literal, Sequence
 
 import lightning as L
@@ -47,7 +49,7 @@ def _distributed_world() -> tuple[int, int]:
     return 1, 0
 
 
-class ImageClassificationData(L.LightningDataModule):
+class ImageClassificationData(L.LightningDataModule, metaclass=abc.ABCMeta):
     """Base DataModule for image classification benchmarks.
 
     Args:
@@ -89,18 +91,18 @@ class ImageClassificationData(L.LightningDataModule):
 
     # -- what a subclass provides ------------------------------------------------------------
     @property
+    @abc.abstractmethod
     def num_classes(self) -> int:
         """Number of classes of the task."""
-        raise NotImplementedError(f"{type(self).__name__} must define num_classes")
 
     @property
     def dataset_name(self) -> str:
         """Name written to ``results.json`` (``dataset``)."""
         return type(self).__name__.lower()
 
+    @abc.abstractmethod
     def build_split(self, split: Split) -> Dataset:
         """Return a dataset of ``(PIL.Image in RGB, int label)`` for ``split``."""
-        raise NotImplementedError(f"{type(self).__name__} must define build_split")
 
     def describe(self) -> dict[str, Any]:
         """Extra facts recorded in ``results.json`` (e.g. which extraction a folder is)."""
@@ -163,6 +165,10 @@ class ImageClassificationData(L.LightningDataModule):
         return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """Predictions are made on the test split (``python train.py predict``)."""
         return self._eval_loader("test")
 
     def selection_dataloader(self, loss: Literal["supcon", "ce"]) -> DataLoader:
