@@ -70,16 +70,10 @@ class FGVC(ImageClassificationData):
             of stopping; their number is recorded in results.json as ``skipped_images``.
         verify_images: Check every image once with PIL before training (header and checksums;
             about a minute for the largest set, NABirds; turn off once a folder is checked).
-        batch_size: Training batch size per device.
-        eval_batch_size: Batch size for validation and test (default: ``batch_size``).
-        num_workers: DataLoader worker processes per device.
-        pin_memory: Pin host memory for faster host-to-GPU copies.
         augmentation: ``fgvc`` (random resized crop + flip for training; resize 248/224 + center
             crop for eval) or ``resize``.
-        backbone: timm model name whose pretrained config gives mean/std/size (linked from
-            ``model.backbone`` by the CLI).
-        image_size: Overrides the backbone's input size (linked from ``model.image_size``).
-        selection_batch_size: Batch size of the selection pass (default: ``batch_size``).
+        **kwargs: loader and preprocessing options of :class:`ImageClassificationData`
+            (batch_size, eval_batch_size, num_workers, pin_memory, augmentation, ...).
     """
 
     def __init__(
@@ -89,25 +83,10 @@ class FGVC(ImageClassificationData):
         protocol: Literal["final", "tune"] = "final",
         skip_bad_images: bool = False,
         verify_images: bool = True,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 4,
-        pin_memory: bool = True,
         augmentation: Literal["resize", "fgvc"] = "fgvc",
-        backbone: str | None = None,
-        image_size: int | None = None,
-        selection_batch_size: int | None = None,
+        **kwargs,
     ):
-        super().__init__(
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            augmentation=augmentation,
-            backbone=backbone,
-            image_size=image_size,
-            selection_batch_size=selection_batch_size,
-        )
+        super().__init__(augmentation=augmentation, **kwargs)
         if dataset not in FGVC_DATASETS:
             raise ValueError(f"unknown FGVC dataset {dataset!r}; valid: {', '.join(FGVC_DATASETS)}")
         if protocol not in PROTOCOL_JSONS:

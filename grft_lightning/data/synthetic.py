@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 from PIL import Image
 
@@ -21,13 +19,8 @@ class SyntheticImages(ImageClassificationData):
         size: side of the generated images in pixels.
         seed: seed of the generator.
         batch_size: training batch size.
-        eval_batch_size: validation/test batch size.
-        num_workers: loader workers.
-        pin_memory: pin host memory.
-        augmentation: ``resize`` or ``fgvc``.
-        backbone: linked from ``model.backbone``.
-        image_size: linked from ``model.image_size``.
-        selection_batch_size: batch size of the selection pass.
+        **kwargs: loader and preprocessing options of :class:`ImageClassificationData`
+            (batch_size, eval_batch_size, num_workers, pin_memory, augmentation, ...).
     """
 
     def __init__(
@@ -39,16 +32,10 @@ class SyntheticImages(ImageClassificationData):
         size: int = 32,
         seed: int = 0,
         batch_size: int = 8,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        augmentation: Literal["resize", "fgvc"] = "resize",
-        backbone: str | None = None,
-        image_size: int | None = None,
-        selection_batch_size: int | None = None,
+        **kwargs,
     ):
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, augmentation, backbone, image_size,
-                         selection_batch_size)
+        kwargs.setdefault("num_workers", 0)
+        super().__init__(batch_size=batch_size, **kwargs)
         self._num_classes = num_classes
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
         self.size, self.seed = size, seed

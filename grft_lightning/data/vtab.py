@@ -131,15 +131,8 @@ class VTAB1k(ImageClassificationData):
         skip_bad_images: Skip images that cannot be decoded (with a warning naming each) instead
             of stopping; their number is recorded in results.json as ``skipped_images``.
         verify_images: Check every image once with PIL before training (header and checksums).
-        batch_size: Training batch size per device.
-        eval_batch_size: Batch size for validation and test (default: ``batch_size``).
-        num_workers: DataLoader worker processes per device.
-        pin_memory: Pin host memory for faster host-to-GPU copies.
-        augmentation: ``resize`` (the VTAB protocol: plain resize, no augmentation) or ``fgvc``.
-        backbone: timm model name whose pretrained config gives mean/std/size (linked from
-            ``model.backbone`` by the CLI).
-        image_size: Overrides the backbone's input size (linked from ``model.image_size``).
-        selection_batch_size: Batch size of the selection pass (default: ``batch_size``).
+        **kwargs: loader and preprocessing options of :class:`ImageClassificationData`
+            (batch_size, eval_batch_size, num_workers, pin_memory, augmentation, ...).
     """
 
     def __init__(
@@ -150,25 +143,9 @@ class VTAB1k(ImageClassificationData):
         extraction: str | None = None,
         skip_bad_images: bool = False,
         verify_images: bool = True,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 4,
-        pin_memory: bool = True,
-        augmentation: Literal["resize", "fgvc"] = "resize",
-        backbone: str | None = None,
-        image_size: int | None = None,
-        selection_batch_size: int | None = None,
+        **kwargs,
     ):
-        super().__init__(
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            augmentation=augmentation,
-            backbone=backbone,
-            image_size=image_size,
-            selection_batch_size=selection_batch_size,
-        )
+        super().__init__(**kwargs)
         if task not in VTAB_TASKS:
             raise ValueError(f"unknown VTAB-1k task {task!r}; valid tasks: {', '.join(VTAB_TASKS)}")
         if protocol not in PROTOCOL_LISTS:
