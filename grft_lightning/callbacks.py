@@ -1,13 +1,16 @@
-"""Callbacks: the gradient-selection pass at ``on_fit_start``, and run bookkeeping."""
+"""Callbacks: the gradient-selection pass at ``on_fit_start``, per-rank seeding, and run bookkeeping."""
 
 from __future__ import annotations
 
+import os
+import random
 import resource
 import time
 from pathlib import Path
 from typing import Iterator, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -38,7 +41,8 @@ class GradientSelection(L.Callback):
     Args:
         loss: selection loss, ``supcon`` or ``ce``.
         temperature: SupCon temperature.
-        max_batches: stop the pass after this many batches (None: the whole split).
+        max_batches: stop the pass after this many batches, counted over all ranks (None: the
+            whole split).
         from_file: take the selection from a previous run's ``tuned.safetensors`` instead of
             computing it (the method and budget must be the same; values start at zero).
         progress: show a progress bar.
@@ -101,7 +105,10 @@ class GradientSelection(L.Callback):
         loader = datamodule.selection_dataloader(self.loss)
         batches = _on_device(loader, pl_module.device)
         if self.max_batches is not None:
-            batches = (b for i, b in zip(range(self.max_batches), batches))
+            # A cap on the whole pass: this rank's share of the first max_batches batches
+            # (the selection loader deals batch j to rank j % world).
+            mine = len(range(trainer.global_rank, self.max_batches, trainer.world_size))
+            batches = (b for i, b in zip(range(mine), batches))
         loss_fn = selection_loss_fn(self.loss, self.temperature)
         was_training = pl_module.training
         pl_module.eval()
@@ -159,3 +166,38 @@ class RunClock(L.Callback):
         if device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(device))
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class RankSeed(L.Callback):
+    """Give each process its own random stream, from ``(seed, rank)`` and, per epoch, ``epoch``.
+
+    ``seed_everything`` leaves every DDP process with the same RNG state, so random augmentation
+    in the main process (``num_workers: 0``), dropout, drop-path and mixup would draw the same
+    numbers on every rank (Lightning's seeding of loader workers mixes in the rank, but from that
+    same state). This callback re-seeds Python's, NumPy's and torch's global RNGs with a number
+    mixed from ``(seed, rank)`` when fit starts (before the selection pass) and from
+    ``(seed, rank, epoch)`` at the start of every training epoch. The
+    model is built before, with the plain seed, so it starts the same everywhere (DDP also
+    broadcasts rank 0's weights). The data order is unaffected: it comes from the seed and the
+    epoch alone (:class:`~grft_lightning.data.samplers.EpochShuffle`), the same on every rank so
+    that the shards do not overlap. Re-seeding per epoch also means that a run resumed in the
+    middle of an epoch draws, in the main process, the same random numbers as an uninterrupted
+    run again from the next epoch on (loader workers are seeded once, when they start;
+    docs/cluster.md).
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._seed(trainer, "fit")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._seed(trainer, trainer.current_epoch)
+
+    @staticmethod
+    def _seed(trainer: L.Trainer, when: int | str) -> None:
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        entropy = [seed & 0xFFFFFFFF, trainer.global_rank, 0 if when == "fit" else 1 + int(when)]
+        value = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+        random.seed(value)
+        np.random.seed(value)
+        torch.manual_seed(value)

@@ -24,7 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from grft_lightning.callbacks import GradientSelection, RunClock
+from grft_lightning.callbacks import GradientSelection, RankSeed, RunClock
 from grft_lightning.data.base import ImageClassificationData
 from grft_lightning.export import save_tuned
 from grft_lightning.io import make_atomic_checkpoint_io
@@ -89,25 +89,29 @@ class GRFTCLI(LightningCLI):
         kwargs.setdefault("default_root_dir", str(run_dir))
         if trainer_cfg.get("logger") in (None, True):
             kwargs["logger"] = self._loggers(run_dir, cfg)
-        plugins = list(trainer_cfg.get("plugins") or [])
+        plugins = _as_list(trainer_cfg.get("plugins"))
         kwargs["plugins"] = plugins + [make_atomic_checkpoint_io()]
-        callbacks = list(trainer_cfg.get("callbacks") or [])
+        callbacks = _as_list(trainer_cfg.get("callbacks"))
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             callbacks += self._checkpoints(run_dir, cfg.get("checkpoint_every_n_steps"))
-        kwargs["callbacks"] = callbacks + [RunClock()]
+        kwargs["callbacks"] = callbacks + [RunClock(), RankSeed()]
         return super().instantiate_trainer(**kwargs)
 
     @staticmethod
     def _checkpoints(run_dir: Path, every_n_steps: int | None) -> list[ModelCheckpoint]:
-        # Both write last.ckpt (save_top_k=0 keeps no other file): one every N steps, one at
-        # the end of every epoch.
-        epoch_end = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
-                                    save_on_train_epoch_end=True)
+        # Two callbacks (Lightning forbids both triggers on one), each keeping one file named
+        # last.ckpt: one every N steps, one at the end of every epoch (after validation). Not
+        # save_last=True with save_top_k=0: in Lightning 2.6 that writes last.ckpt only on step
+        # triggers and at the end of training, never at an epoch's end, and the second callback
+        # then writes last-v1.ckpt. No version counter: both overwrite the same file.
+        def keep_one(**trigger) -> ModelCheckpoint:
+            return ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, save_last=False,
+                                   enable_version_counter=False, **trigger)
+
+        epoch_end = keep_one(every_n_epochs=1, save_on_train_epoch_end=True)
         if not every_n_steps:
             return [epoch_end]
-        steps = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
-                                every_n_train_steps=every_n_steps)
-        return [steps, epoch_end]
+        return [keep_one(every_n_train_steps=every_n_steps), epoch_end]
 
     def _loggers(self, run_dir: Path, cfg) -> list:
         loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
@@ -177,6 +181,13 @@ class GRFTCLI(LightningCLI):
         print(f"run directory: {run_dir}")
 
 
+def _as_list(value) -> list:
+    """A trainer option that takes one object or a list of them (callbacks, plugins), as a list."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def _includes(path: Path, seen: tuple[Path, ...] = ()) -> list[str]:
     """The files a config includes with a top-level ``config:`` key, deepest first, then itself."""
     import yaml
@@ -222,7 +233,12 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> GRFTCLI:
     """Run the CLI (``args`` like ``sys.argv[1:]``; tests call it in-process)."""
     import sys
 
-    args = expand_config_includes(list(sys.argv[1:] if args is None else args))
+    if args is None:
+        # Expanded in sys.argv itself: launchers that re-run the command (DDP) see the same
+        # arguments, and LightningCLI is not handed a second set of them.
+        sys.argv[1:] = expand_config_includes(sys.argv[1:])
+    else:
+        args = expand_config_includes(list(args))
     return GRFTCLI(
         PEFTModule,
         ImageClassificationData,

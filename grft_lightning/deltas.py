@@ -257,12 +257,65 @@ def _scatter_positions(kernel: torch.Tensor, position: torch.Tensor, d: torch.Te
     return kernel + d[:, :, None] * onehot[None]
 
 
+class _IndexLinear(torch.autograd.Function):
+    """``y = x (W0 + scatter(D))^T + b`` for a 2-D ``x``, without keeping a weight-sized tensor.
+
+    The effective weight is formed for the product and dropped; backward forms it again for
+    ``grad_x`` (the one product a frozen linear needs anyway) and gets ``grad_D[i, j] =
+    sum_n grad[n, i] x[n, index[i, j]]`` by gathers, ``O(N * out * k)``, instead of the dense
+    weight gradient's ``N * out * in`` products. Under autocast the products run in the autocast
+    dtype and ``x`` is saved in it, as ``F.linear`` would.
+    """
+
+    @staticmethod
+    def forward(ctx, x, delta, index, weight, bias):
+        kind = x.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        with torch.autocast(kind, enabled=False):
+            x = x.to(dtype)
+            y = F.linear(x, _effective_weight(weight, delta, index, dtype), None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(x, delta, index, weight)
+        ctx.saved_dtype = dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, delta, index, weight = ctx.saved_tensors
+        grad = grad.to(ctx.saved_dtype)
+        grad_x = grad_delta = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.matmul(_effective_weight(weight, delta, index, ctx.saved_dtype))
+        if ctx.needs_input_grad[1]:
+            k, fan_in = index.shape[1], x.shape[1]
+            if k * GATHER_FAN_IN_RATIO <= fan_in:
+                grad_delta = torch.stack([(grad * x.index_select(1, index[:, j])).float().sum(0) for j in range(k)], 1)
+            else:  # many entries per row: one dense product is cheaper than k gathers
+                grad_delta = grad.t().matmul(x).gather(1, index)
+            grad_delta = grad_delta.to(delta.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_weight = grad.t().matmul(x).to(weight.dtype)
+        if ctx.needs_input_grad[4]:
+            grad_bias = grad.float().sum(0)
+        return grad_x, grad_delta, None, grad_weight, grad_bias
+
+
+def _effective_weight(weight: torch.Tensor, delta: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return weight.clone().scatter_add_(1, index, delta.to(weight.dtype)).to(dtype)
+
+
+#: below ``k * GATHER_FAN_IN_RATIO <= fan_in`` an index delta's gradient is gathered entry by
+#: entry (GPS's k=1 everywhere); above it, one dense product and a gather are faster.
+GATHER_FAN_IN_RATIO = 16
+
+
 class IndexDelta(DeltaLayer):
     """GPS's delta: for every output neuron, ``k`` selected input connections.
 
-    The effective weight ``W0 + scatter(D)`` is formed in each forward (so its gradient is dense
-    for one step), but only ``D`` (out x k) is a parameter: no optimizer state is kept for the
-    untouched entries.
+    Only ``D`` (out x k) is a parameter: no optimizer state is kept for the untouched entries.
+    On a linear layer the effective weight ``W0 + scatter(D)`` is a temporary of the product
+    (``_IndexLinear``): no weight-sized tensor is kept per layer between forward and backward,
+    and the dense weight gradient is never formed for small ``k``. On a convolution the
+    effective weight is formed in the forward and its gradient is dense for one step.
     """
 
     def __init__(self, base_layer: nn.Module, original_name: str, k: int):
@@ -289,6 +342,10 @@ class IndexDelta(DeltaLayer):
         if not self._is_selected:
             return self.base_layer(x)
         base = self.base_layer
+        if not self.is_conv:
+            flat = x.reshape(-1, x.shape[-1])
+            y = _IndexLinear.apply(flat, self.delta, self.index, base.weight, base.bias)
+            return y.view(*x.shape[:-1], y.shape[-1])
         weight = base.weight + self.dense_delta()
         if self.is_conv:
             return F.conv2d(x, weight, base.bias, base.stride, base.padding, base.dilation, base.groups)

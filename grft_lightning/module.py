@@ -47,6 +47,8 @@ class PEFTModule(L.LightningModule):
             evaluate/export with it (None disables).
         freeze_norm_stats: keep BatchNorm running statistics fixed (BatchNorm layers in eval mode
             during training).
+        channels_last: hold 4-D weights channels-last, so convolutions run in NHWC (on the CPU
+            about 2x faster training for MobileNetV2; no effect on a ViT's linear layers).
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class PEFTModule(L.LightningModule):
         cutmix: float = 0.0,
         ema_decay: float | None = None,
         freeze_norm_stats: bool = False,
+        channels_last: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["method", "optimizer", "scheduler"])
@@ -80,6 +83,8 @@ class PEFTModule(L.LightningModule):
         self.scheduler_factory = scheduler
         model = create_backbone(backbone, num_classes, pretrained, weights, weights_format, drop_path_rate, image_size)
         self.model = method.apply(model)
+        if channels_last:  # convolutions follow their weight's memory format
+            self.model.to(memory_format=torch.channels_last)
         self.counts = count_parameters(self.model)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -215,6 +220,12 @@ class PEFTModule(L.LightningModule):
                 live = p.detach().clone()
                 p.copy_(self.ema[name])
                 self.ema[name].copy_(live)
+
+    def on_fit_start(self) -> None:
+        # A resumed EMA is loaded (on_load_checkpoint) before Lightning moves the module to its
+        # device; a plain dict does not move with it, and lerp_ would mix devices.
+        if self.ema is not None:
+            self.ema = {k: v.to(self.device) for k, v in self.ema.items()}
 
     def on_validation_start(self) -> None:
         self.swap_ema()

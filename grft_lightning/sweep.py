@@ -1,8 +1,8 @@
 """Launch a grid of runs (task configs x method configs x seeds) locally, on SLURM or with W&B.
 
     python -m grft_lightning.sweep --suite vtab|fgvc|offline|CONFIG.yaml ... --methods grft gps \\
-        --seeds 0 1 2 --runs-dir runs --mode local|slurm|wandb [--dry-run] \\
-        [--extra "--trainer.max_epochs 1" ...]
+        --seeds 0 1 2 --runs-dir runs --mode local|inprocess|slurm|wandb [--dry-run] \\
+        [--methods-dir configs/methods] [--extra "--trainer.max_epochs 1" ...]
 
 Every run is one command, run from the repository root:
 
@@ -12,7 +12,8 @@ Every run is one command, run from the repository root:
 - Suites: ``vtab`` is ``configs/vtab/<task>.yaml`` for the 19 VTAB-1k tasks, ``fgvc`` the 5 FGVC
   datasets under ``configs/fgvc/``, any other name every ``configs/<name>/*.yaml`` except
   ``base.yaml``; a path to a YAML file is a single task whose suite is its folder's name.
-- Methods: ``configs/methods/<name>.yaml`` (or a path to a YAML file).
+- Methods: ``<methods-dir>/<name>.yaml`` (default ``configs/methods/``; a suite with its own
+  recipes passes e.g. ``--methods-dir configs/offline/methods``), or a path to a YAML file.
 - A run is done when ``<run_dir>/results.json`` exists; done runs are skipped in every mode, so a
   sweep can be launched again after a failure or a preemption.
 - ``--extra`` strings are split like a shell line and appended to every command; pass one that
@@ -22,6 +23,15 @@ Modes:
 - ``local``: runs the pending runs one after the other (same Python interpreter), prints each run
   directory and its status, goes on after a failure, and exits non-zero if any run failed. A run
   that exits 0 without writing results.json counts as failed.
+- ``inprocess``: like ``local``, but every run is a call of ``grft_lightning.cli.cli_main`` in
+  this process, which saves the start-up of one interpreter per run (imports: seconds on a
+  small CPU machine; the offline suite runs 72 short runs this way). Between runs it restores
+  the global state a run may change (current directory, grad mode, default dtype, torch
+  threads, an open W&B run) and frees the run. A run that raises counts as failed and the sweep
+  goes on. Runs share the process, so pass ``--extra "--wandb.mode disabled"`` unless each run
+  must log to W&B (each W&B run is finished before the next starts). ``--workers N`` runs N
+  such processes side by side, each on every N-th pending run with ``cpu_count // N`` torch
+  threads (on a small shared CPU machine, N one-thread processes beat one N-thread process).
 - ``slurm``: writes a job-array script (one index per pending run) and its runs list under
   ``RUNS/slurm/`` and prints the ``sbatch`` command.
 - ``wandb``: writes a grid sweep YAML under ``RUNS/wandb/`` and prints the ``wandb sweep`` and
@@ -106,7 +116,7 @@ def suite_configs(suite: str, root: Path = REPO_ROOT) -> list[tuple[str, str, Pa
         return [(path.resolve().parent.name, path.stem, path)]
     folder = Path(root) / "configs" / suite
     if "/" in suite or os.sep in suite:  # a folder of task configs
-        folder = next((p for p in (Path(suite), Path(root) / suite) if p.is_dir()), folder)
+        folder = next((p for p in (Path(root) / suite, Path(suite)) if p.is_dir()), folder)
         suite = folder.resolve().name
     if suite in KNOWN_SUITES:
         paths = [folder / f"{task}.yaml" for task in KNOWN_SUITES[suite]]
@@ -127,14 +137,14 @@ def suite_configs(suite: str, root: Path = REPO_ROOT) -> list[tuple[str, str, Pa
     return [(suite, path.stem, path) for path in paths]
 
 
-def method_config(name: str, root: Path = REPO_ROOT) -> Path:
-    """``configs/methods/<name>.yaml``, or ``name`` itself when it is a YAML path."""
+def method_config(name: str, root: Path = REPO_ROOT, methods_dir: str | Path = "configs/methods") -> Path:
+    """``<methods_dir>/<name>.yaml`` (relative to ``root``), or ``name`` itself when it is a YAML path."""
     if name.endswith((".yaml", ".yml")):
         path = _find(name, root)
         if path is None:
             raise SweepError(f"--methods {name}: no such config file (looked in {root} and .)")
         return path
-    path = Path(root) / "configs" / "methods" / f"{name}.yaml"
+    path = Path(root) / methods_dir / f"{name}.yaml"
     if not path.is_file():
         available = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise SweepError(f"method {name!r}: {path} not found; available in {path.parent}: "
@@ -151,14 +161,14 @@ def make_run(suite: str, task: str, task_config: Path, method: Path, seed: int,
 
 def plan_runs(suites: list[str], methods: list[str], seeds: list[int],
               runs_dir: str | Path = "runs", extra: list[str] | tuple[str, ...] = (),
-              root: Path = REPO_ROOT) -> list[Run]:
+              root: Path = REPO_ROOT, methods_dir: str | Path = "configs/methods") -> list[Run]:
     """Every (task, method, seed) in order: tasks outermost, then methods, then seeds.
 
     A relative ``runs_dir`` is taken from the current directory. Raises ``SweepError`` naming
     the missing config file.
     """
     tasks = [entry for suite in suites for entry in suite_configs(suite, root)]
-    method_paths = [method_config(name, root) for name in methods]
+    method_paths = [method_config(name, root, methods_dir) for name in methods]
     runs = [make_run(suite, task, path, method, seed, runs_dir, tuple(extra), root)
             for (suite, task, path), method, seed in itertools.product(tasks, method_paths, seeds)]
     return list(dict.fromkeys(runs))  # the same config given twice runs once
@@ -169,32 +179,110 @@ def pending(runs: list[Run], root: Path = REPO_ROOT) -> list[Run]:
     return [run for run in runs if not run.done(root)]
 
 
-def run_local(runs: list[Run], root: Path = REPO_ROOT, python: str = sys.executable,
-              train_script: str = "train.py") -> int:
-    """Run every pending run in turn; returns the number of failed runs."""
-    failed, skipped = [], 0
+def _run_each(runs: list[Run], root: Path, execute, show, label: str = "") -> int:
+    """Run the pending runs in turn with ``execute(run) -> exit code``; returns the failures.
+
+    ``show(run)`` is the command printed for a run; ``label`` prefixes every line. A run that
+    returns 0 without writing its results.json counts as failed.
+    """
+    failed, skipped, start = [], 0, time.perf_counter()
     for index, run in enumerate(runs, 1):
-        tag = f"[{index}/{len(runs)}]"
+        tag = f"[{label}{index}/{len(runs)}]"
         if run.done(root):
             print(f"{tag} skip {run.run_dir} (results.json exists)", flush=True)
             skipped += 1
             continue
-        command = run.command(python, train_script)
-        print(f"{tag} run {run.run_dir}\n  {shlex.join(command)}", flush=True)
-        code = subprocess.run(command, cwd=root).returncode
+        print(f"{tag} run {run.run_dir}\n  {show(run)}", flush=True)
+        began, cpu = time.perf_counter(), _cpu_seconds()
+        code = execute(run)
         if code == 0 and not run.done(root):
             status = "failed (exit 0 but no results.json)"
         else:
             status = "ok" if code == 0 else f"failed (exit {code})"
-        print(f"{tag} {run.run_dir}: {status}", flush=True)
+        print(f"{tag} {run.run_dir}: {status} ({time.perf_counter() - began:.1f} s, "
+              f"{_cpu_seconds() - cpu:.1f} CPU s)", flush=True)
         if status != "ok":
             failed.append((run, status))
     ran = len(runs) - skipped
-    print(f"sweep: {len(runs)} runs, {skipped} skipped, {ran - len(failed)} ok, "
-          f"{len(failed)} failed")
+    print(f"{label}sweep: {len(runs)} runs, {skipped} skipped, {ran - len(failed)} ok, "
+          f"{len(failed)} failed ({time.perf_counter() - start:.0f} s)")
     for run, status in failed:
-        print(f"  {status}: {run.run_dir}\n    {shlex.join(run.command(python, train_script))}")
+        print(f"  {status}: {run.run_dir}\n    {show(run)}")
     return len(failed)
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (on a shared machine the wall time
+    of a run depends on the others' load; its CPU time much less)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def run_local(runs: list[Run], root: Path = REPO_ROOT, python: str = sys.executable,
+              train_script: str = "train.py") -> int:
+    """Run every pending run in turn, one process each; returns the number of failed runs."""
+    return _run_each(runs, root, lambda run: subprocess.run(run.command(python, train_script), cwd=root).returncode,
+                     lambda run: shlex.join(run.command(python, train_script)))
+
+
+def run_inprocess(runs: list[Run], root: Path = REPO_ROOT, workers: int = 1, label: str = "") -> int:
+    """Run every pending run through ``cli_main`` in this process, or spread over ``workers``
+    processes (worker ``i`` takes runs ``i, i + workers, ...``); returns the failures."""
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        shards = [runs[i::workers] for i in range(workers)]
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter, no forked torch state
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = [pool.submit(_inprocess_worker, shard, root, threads, f"w{i} ")
+                       for i, shard in enumerate(shards) if shard]
+            failed = sum(future.result() for future in futures)
+        print(f"sweep: {len(runs)} runs over {workers} workers, {failed} failed")
+        return failed
+    return _run_each(runs, root, lambda run: _call_cli(run, root),
+                     lambda run: shlex.join(["cli_main", *run.args]), label)
+
+
+def _inprocess_worker(runs: list[Run], root: Path, threads: int, label: str) -> int:
+    import torch
+
+    torch.set_num_threads(threads)
+    return run_inprocess(runs, root, 1, label)
+
+
+def _call_cli(run: Run, root: Path) -> int:
+    """One run through ``cli_main(run.args)`` from ``root``; 0 or 1 (the error is printed)."""
+    import gc
+    import traceback
+
+    import torch
+
+    from grft_lightning.cli import cli_main
+
+    cwd, grad, dtype, threads = os.getcwd(), torch.is_grad_enabled(), torch.get_default_dtype(), torch.get_num_threads()
+    code = 0
+    try:
+        os.chdir(root)
+        cli_main(run.args)
+    except SystemExit as exit_:  # the argument parser exits on a bad config
+        code = exit_.code if isinstance(exit_.code, int) and exit_.code else 1
+    except Exception:  # noqa: BLE001 -- one failed run must not stop the sweep
+        traceback.print_exc()
+        code = 1
+    finally:
+        os.chdir(cwd)
+        torch.set_grad_enabled(grad)
+        torch.set_default_dtype(dtype)
+        torch.set_num_threads(threads)
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            wandb.finish()  # else the next run's WandbLogger would log into this one
+        gc.collect()
+    return code
 
 
 class _Script(Template):
@@ -314,10 +402,16 @@ def _parser() -> argparse.ArgumentParser:
                         help="vtab, fgvc, offline (any folder under configs/), a folder of "
                              "task configs, or task YAML paths")
     parser.add_argument("--methods", nargs="+", required=True,
-                        help="names of configs/methods/<name>.yaml, or YAML paths")
+                        help="names of <methods-dir>/<name>.yaml, or YAML paths")
+    parser.add_argument("--methods-dir", default="configs/methods",
+                        help="folder of the method configs named by --methods (relative to --root)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--runs-dir", default="runs", help="root of the run directories")
-    parser.add_argument("--mode", choices=["local", "slurm", "wandb"], default="local")
+    parser.add_argument("--mode", choices=["local", "inprocess", "slurm", "wandb"], default="local",
+                        help="local: one train.py process per run; inprocess: every run in this "
+                             "process (no start-up per run); slurm, wandb: write a job array / sweep")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="inprocess mode: processes running runs side by side")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the planned commands; run and write nothing")
     parser.add_argument("--extra", action="append", default=[],
@@ -347,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     extra = [token for text in args.extra for token in shlex.split(text)]
     try:
-        runs = plan_runs(args.suite, args.methods, args.seeds, args.runs_dir, extra, args.root)
+        runs = plan_runs(args.suite, args.methods, args.seeds, args.runs_dir, extra, args.root,
+                         args.methods_dir)
     except SweepError as err:
         parser.error(str(err))
     todo = pending(runs, args.root)
@@ -361,6 +456,10 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.root / args.train_script).is_file():
             parser.error(f"{args.root / args.train_script} not found; pass --train-script")
         return 1 if run_local(runs, args.root, sys.executable, args.train_script) else 0
+    if args.mode == "inprocess":
+        if args.workers < 1:
+            parser.error(f"--workers must be >= 1, got {args.workers}")
+        return 1 if run_inprocess(runs, args.root, args.workers) else 0
     if not todo:
         print("nothing to launch: every run has its results.json")
         return 0

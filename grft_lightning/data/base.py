@@ -9,13 +9,14 @@ selection pass -- lives here, once.
 from __future__ import annotations
 
 import abc
-
+import os
 from typing import Any, Callable, Literal, Sequence
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from grft_lightning.data.samplers import DealtBatches, EpochShuffle, ResumableLoader
 from grft_lightning.data.transforms import (
     TwoViews,
     fgvc_eval_transform,
@@ -88,6 +89,8 @@ class ImageClassificationData(L.LightningDataModule, metaclass=abc.ABCMeta):
         self.selection_batch_size = selection_batch_size or batch_size
         self.skipped_images = 0  # images dropped because they could not be decoded (reported)
         self._splits: dict[str, Dataset] = {}
+        self._train_loader: ResumableLoader | None = None
+        self._train_resume: dict[str, int] | None = None  # loader state from a checkpoint, not yet applied
 
     # -- what a subclass provides ------------------------------------------------------------
     @property
@@ -135,12 +138,14 @@ class ImageClassificationData(L.LightningDataModule, metaclass=abc.ABCMeta):
         for split in ("train", "val", "test"):
             self.raw_split(split)
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, sampler=None) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, sampler=None, batch_sampler=None,
+                loader_cls: type[DataLoader] = DataLoader) -> DataLoader:
+        return loader_cls(
             dataset,
-            batch_size=batch_size,
-            shuffle=shuffle if sampler is None else False,
+            batch_size=batch_size if batch_sampler is None else 1,  # 1: what DataLoader requires then
+            shuffle=shuffle if sampler is None and batch_sampler is None else False,
             sampler=sampler,
+            batch_sampler=batch_sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
@@ -159,7 +164,35 @@ class ImageClassificationData(L.LightningDataModule, metaclass=abc.ABCMeta):
         return self._loader(dataset, self.eval_batch_size, shuffle=False, sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("train"), self.batch_size, shuffle=True)
+        """Shuffled from ``(seed, epoch)`` only and dealt across ranks; resumable mid-epoch
+        (:mod:`grft_lightning.data.samplers`). The seed is the run's (``PL_GLOBAL_SEED``, set by
+        ``seed_everything``), the same on every rank."""
+        dataset = self.dataset("train")
+        world, rank = _distributed_world()
+        sampler = EpochShuffle(dataset, world, rank, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        self._train_loader = self._loader(dataset, self.batch_size, shuffle=False, sampler=sampler,
+                                          loader_cls=ResumableLoader)
+        if self._train_resume is not None:
+            self._train_loader.load_state_dict(self._train_resume)
+            self._train_resume = None
+        return self._train_loader
+
+    # The training loader's position is saved with the DataModule's state in every checkpoint and
+    # handed to the loader on resume. Lightning also saves the state of a loader that has one
+    # (ResumableLoader does), but in Lightning 2.6 it gives it back only if the loader is created
+    # after the checkpoint is restored; here ``trainer.estimated_stepping_batches`` (used by
+    # PEFTModule.configure_optimizers) creates it before, and the state would be dropped.
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self._train_loader is None else {"train_loader": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        resume = state_dict.get("train_loader")
+        if resume is None:
+            return
+        if self._train_loader is not None:  # created already (strategies that restore after setup)
+            self._train_loader.load_state_dict(resume)
+        else:
+            self._train_resume = dict(resume)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
@@ -176,8 +209,10 @@ class ImageClassificationData(L.LightningDataModule, metaclass=abc.ABCMeta):
 
         ``supcon`` yields ``(views, labels)`` with ``views`` of shape ``(B, 2, C, H, W)`` (two
         augmented views per image, methods.md); ``ce`` yields ``(images, labels)`` with the
-        evaluation transform (deterministic). Under DDP each rank reads a disjoint shard that
-        together cover the split exactly once, so summed gradients equal the single-process sum.
+        evaluation transform (deterministic). Under DDP the single-process batches are dealt to
+        the ranks (:class:`~grft_lightning.data.samplers.DealtBatches`): each batch is read once,
+        by one rank, with the same images as with one process, so the all-reduced sum of
+        per-batch gradients equals the single-process sum (up to the order of float additions).
         """
         cfg = self.data_config
         if loss == "supcon":
@@ -188,12 +223,8 @@ class ImageClassificationData(L.LightningDataModule, metaclass=abc.ABCMeta):
             raise ValueError(f"selection loss must be 'supcon' or 'ce', got {loss!r}")
         dataset = TransformedDataset(self.raw_split("train"), transform)
         world, rank = _distributed_world()
-        sampler = None
-        if world > 1:
-            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-
-            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
-        return self._loader(dataset, self.selection_batch_size, shuffle=False, sampler=sampler)
+        batches = DealtBatches(len(dataset), self.selection_batch_size, world, rank)
+        return self._loader(dataset, self.selection_batch_size, shuffle=False, batch_sampler=batches)
 
 
 class ListDataset(Dataset):

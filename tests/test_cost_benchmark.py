@@ -1,0 +1,47 @@
+"""The cost benchmark's --small run: the table's shape, not its timings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ["full", "linear", "bitfit", "lora", "adapter", "gps", "gps_masked", "grft_row", "grft_column"]
+KEYS = {"method", "step_seconds", "peak_memory_bytes", "tuned", "tuned_pct", "optimizer_state_bytes",
+        "selection_seconds", "export_bytes", "step_time_ratio", "peak_memory_ratio"}
+
+
+def test_small_run_writes_every_method_and_key(tmp_path):
+    out = tmp_path / "cost"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "cost.py"), "--small", "--device", "cpu",
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "cost.json").read_text())
+    assert {"device", "dtype", "batch", "torch"} <= set(result)
+    assert (result["dtype"], result["batch"]) == ("fp32", 2)
+    rows = {row["method"]: row for row in result["rows"]}
+    assert [row["method"] for row in result["rows"]] == METHODS
+    for name, row in rows.items():
+        assert KEYS <= set(row), name
+        assert row["step_seconds"] > 0 and row["peak_memory_bytes"] > 0 and row["export_bytes"] > 0, name
+        assert (row["selection_seconds"] is not None) == (name in ("gps", "gps_masked", "grft_row", "grft_column")), name
+    assert rows["full"]["step_time_ratio"] == 1.0 and rows["full"]["peak_memory_ratio"] == 1.0
+    assert rows["full"]["peak_above_baseline_ratio"] == 1.0
+    # counts are exact even in a quick run: GPS trains the same entries either way; GRFT keeps tiny optimizer state
+    assert rows["gps"]["tuned"] == rows["gps_masked"]["tuned"]
+    assert rows["grft_row"]["optimizer_state_bytes"] < rows["full"]["optimizer_state_bytes"] / 10
+    assert rows["gps_masked"]["optimizer_state_bytes"] == rows["full"]["optimizer_state_bytes"] - _norm_state(rows)
+    table = (tmp_path / "cost.md").read_text()
+    assert table.count("\n| ") == 1 + len(METHODS)  # header + one line per method
+
+
+def _norm_state(rows) -> int:
+    """AdamW state of what full fine-tuning trains and GPS does not: LayerNorms, pos_embed, cls_token
+    of test_vit (depth 6, width 64, 5 tokens at 32 px): two fp32 moments plus one step counter each."""
+    d, depth, tokens = 64, 6, 5
+    norm_params = (2 * depth + 1) * 2 * d
+    tensors = (2 * depth + 1) * 2 + 2
+    return 2 * 4 * (norm_params + d + tokens * d) + tensors * 4
