@@ -3,36 +3,35 @@
     python benchmarks/cost.py --out benchmarks/results/cost_cpu   # ViT-B/16, 224 px, CPU fp32, batch 8
     python benchmarks/cost.py --small --out /tmp/cost             # tiny ViT, a few seconds (CI)
 
-Writes ``OUT.json`` and ``OUT.md``. Each method runs in its own Python process (``--small``: all
-in this one), from the same seed, weights and synthetic batch. Per method:
+Writes ``OUT.json`` and ``OUT.md``. Three phases, each method from the same seed, weights and
+synthetic batch (``--small`` runs all of them in this process, the others in child processes):
 
-* ``step_seconds``: median time of a training step (zero_grad, forward, cross-entropy plus the
-  method's regularizer, backward, ``method.on_before_optimizer_step``, AdamW step) over
-  ``--steps`` steps after ``--warmup`` steps, on one fixed batch (no data loading). The clock
-  (``--clock``) is wall time on a GPU (after synchronising). On a CPU it is the process's CPU
-  time (user + system) with one torch thread by default: on a shared host wall time measures
-  the neighbours' load as much as the method, while the CPU time of a one-thread process is
-  what its wall time would be on an idle core. Both clocks are kept (``step_wall_seconds``,
-  ``step_cpu_seconds``, extra keys). With ``--rounds R`` every method is measured R times
-  (alternating order) and the median is kept.
-* ``peak_memory_bytes``: GPU: ``torch.cuda.max_memory_allocated``. CPU: the process's maximum
-  resident set size (``VmHWM``). Either peak is reset just before the first warm-up step, after
-  the model, the selection and the optimizer are built: it is the peak *of training*. CPU
-  processes run with ``MALLOC_ARENA_MAX=2`` and ``MALLOC_MMAP_THRESHOLD_=1048576`` (unless set):
-  glibc then serves every tensor of 1 MiB or more by ``mmap`` and returns it to the system when
-  freed, so the resident size follows the live tensors instead of what the allocator keeps.
-* ``baseline_memory_bytes`` (extra): CPU: the resident size once the libraries the method needs
-  are imported (torch, timm, grft_lightning; peft for LoRA), before the model exists -- the same
-  for every method but LoRA; GPU: 0. ``peak_above_baseline_ratio`` compares ``peak - baseline``,
-  the CPU figure closest to the GPU's tensor-only peak.
-* ``tuned``, ``tuned_pct``: ``grft_lightning.count_parameters`` after selection.
-* ``optimizer_state_bytes``: bytes of every tensor in ``optimizer.state`` after the steps.
-* ``selection_seconds`` (gradient methods): ``accumulate_gradients`` with cross-entropy over
-  ``--selection-batches`` synthetic batches of the training batch size, plus ``method.select``;
-  it runs in a process of its own whose selection is handed to the timing process, so its
-  gradient sums do not count in the training peak.
-* ``export_bytes``: size of the ``grft_lightning.save_tuned`` file after the steps.
-* ``step_time_ratio``, ``peak_memory_ratio``: divided by full fine-tuning's value of this run.
+1. *select* (one process per gradient method): ``accumulate_gradients`` with cross-entropy over
+   ``--selection-batches`` batches of the training batch size, plus ``method.select``, timed
+   (``selection_seconds``); the selection is handed to the next phases, so its gradient sums
+   never count in a training peak.
+2. *memory* (one process per method): ``--memory-steps`` training steps. ``peak_memory_bytes``:
+   GPU: ``torch.cuda.max_memory_allocated``; CPU: the process's maximum resident set size
+   (``VmHWM``). Either is reset just before the first step, after the model, selection and
+   optimizer exist: the peak *of training*. CPU processes run with ``MALLOC_ARENA_MAX=2`` and
+   ``MALLOC_MMAP_THRESHOLD_=1048576`` (unless set): glibc then serves every block of 1 MiB or
+   more by ``mmap`` and returns it when freed, so the resident size follows the live tensors,
+   not what the allocator keeps. Also ``tuned``/``tuned_pct`` (``count_parameters``),
+   ``optimizer_state_bytes`` (every tensor in ``optimizer.state``) and ``export_bytes``
+   (``save_tuned``). Extra: ``baseline_memory_bytes``, the resident size once the libraries the
+   method needs are imported (peft for LoRA) and before the model exists (0 on a GPU), and
+   ``peak_above_baseline_ratio``, which compares ``peak - baseline``: on a CPU the figure closest
+   to the GPU's tensor-only peak.
+3. *time* (one process for all methods): every method built side by side, then ``--warmup`` +
+   ``--steps`` training steps (zero_grad, forward, cross-entropy plus the method's regularizer,
+   backward, ``method.on_before_optimizer_step``, AdamW step) taken round-robin, the order
+   reversed every other round, so that a shared host's changing load falls on all methods
+   alike. ``step_seconds`` is the median over the timed steps, by ``--clock``: wall time on a
+   GPU (synchronised); on a CPU the process's CPU time with one torch thread, which is the wall
+   time of an idle core and counts none of the neighbours' work. Both clocks are kept
+   (``step_wall_seconds``, ``step_cpu_seconds``).
+
+``step_time_ratio`` and ``peak_memory_ratio`` divide by full fine-tuning's value of the same run.
 """
 
 from __future__ import annotations
@@ -82,10 +81,6 @@ def _status_bytes(field: str) -> int | None:
         return None
 
 
-def _baseline(device) -> int:
-    return 0 if device.type == "cuda" else (_status_bytes("VmRSS") or 0)
-
-
 def _reset_peak(device) -> None:
     import torch
 
@@ -115,58 +110,94 @@ def _peak(device) -> int:
 
 
 # -- one method -------------------------------------------------------------------------------
-def _setup(name: str, args):
-    import timm
-    import torch
+class Run:
+    """A method applied to a fresh backbone, its selection filled, its optimizer built."""
 
-    import grft_lightning.export  # noqa: F401  (every library a method needs is loaded before the baseline)
+    def __init__(self, name: str, args, selection_dir: str | None, select: bool = False):
+        import timm
+        import torch
 
-    if name == "lora":
-        import peft  # noqa: F401
-    device = torch.device(args.device)
-    baseline = _baseline(device)
-    torch.manual_seed(args.seed)
-    kwargs = {"img_size": args.img_size} if args.img_size else {}
-    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, **kwargs)
-    method = build_method(name)
-    method.apply(model)
-    model.to(device)
-    size = model.pretrained_cfg["input_size"][-1] if not args.img_size else args.img_size
-    gen = torch.Generator().manual_seed(args.seed)
-    images = torch.randn(args.batch, 3, size, size, generator=gen).to(device)
-    labels = torch.randint(0, args.num_classes, (args.batch,), generator=gen).to(device)
-    return model, method, images, labels, device, baseline
+        import grft_lightning.export  # noqa: F401  (every library is loaded before the baseline)
 
+        if name == "lora":
+            import peft  # noqa: F401
+        self.name, self.args = name, args
+        self.device = torch.device(args.device)
+        self.baseline = 0 if self.device.type == "cuda" else (_status_bytes("VmRSS") or 0)
+        torch.manual_seed(args.seed)
+        kwargs = {"img_size": args.img_size} if args.img_size else {}
+        self.model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, **kwargs)
+        self.method = build_method(name)
+        self.method.apply(self.model)
+        self.model.to(self.device)
+        size = args.img_size or self.model.pretrained_cfg["input_size"][-1]
+        gen = torch.Generator().manual_seed(args.seed)
+        self.images = torch.randn(args.batch, 3, size, size, generator=gen).to(self.device)
+        self.labels = torch.randint(0, args.num_classes, (args.batch,), generator=gen).to(self.device)
+        self.selection_seconds = None
+        if self.method.needs_gradients:
+            path = os.path.join(selection_dir, f"{name}.pt")
+            if select:
+                self.selection_seconds = self._select()
+                torch.save(_selection_state(self.model), path)
+            else:
+                self.model.load_state_dict(torch.load(path, map_location=self.device), strict=False)
+        tuned = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in tuned if p.ndim >= 2]},
+                  {"params": [p for p in tuned if p.ndim < 2], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr,
+                                           weight_decay=args.weight_decay)
 
-def _autocast(args, device):
-    import torch
+    def _autocast(self):
+        import torch
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.dtype)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
+    def _sync(self) -> None:
+        import torch
 
-def _select(model, method, images, labels, args, device) -> float:
-    import torch.nn.functional as F
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
-    from grft_lightning import accumulate_gradients
+    def _select(self) -> float:
+        import torch.nn.functional as F
 
-    def loss_fn(m, batch):
-        return F.cross_entropy(m(batch[0]).float(), batch[1])
+        from grft_lightning import accumulate_gradients
 
-    model.eval()
-    clock = _clock(args)
-    start = clock()
-    with _autocast(args, device):
-        grads = accumulate_gradients(model, [(images, labels)] * args.selection_batches, loss_fn)
-    method.select(model, grads)
-    _sync(device)
-    seconds = clock() - start
-    model.train()
-    return seconds
+        def loss_fn(model, batch):
+            return F.cross_entropy(model(batch[0]).float(), batch[1])
 
+        clock = time.process_time if self.args.clock == "cpu" else time.perf_counter
+        self.model.eval()
+        start = clock()
+        with self._autocast():
+            grads = accumulate_gradients(self.model, [(self.images, self.labels)] * self.args.selection_batches, loss_fn)
+        self.method.select(self.model, grads)
+        self._sync()
+        seconds = clock() - start
+        self.model.train()
+        return seconds
 
-def _clock(args):
-    return time.process_time if args.clock == "cpu" else time.perf_counter
+    def step(self) -> tuple[float, float]:
+        """One training step; returns (wall seconds, process CPU seconds)."""
+        import torch.nn.functional as F
+
+        from grft_lightning.methods.base import classifier
+
+        model, method = self.model, self.method
+        start, start_cpu = time.perf_counter(), time.process_time()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            features = model.forward_head(model.forward_features(self.images), pre_logits=True)
+            loss = F.cross_entropy(classifier(model)(features).float(), self.labels)
+            reg = method.regularizer(model, self.images, features)
+            total = loss if reg is None else loss + reg
+        total.backward()
+        method.on_before_optimizer_step(model)
+        self.optimizer.step()
+        self._sync()
+        return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def _selection_state(model) -> dict:
@@ -175,168 +206,118 @@ def _selection_state(model) -> dict:
     return {f"{path}.{key}": buf for path, layer in delta_layers(model) for key, buf in layer.named_buffers(recurse=False)}
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _optimizer(model, args):
-    import torch
-
-    tuned = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in tuned if p.ndim >= 2]},
-              {"params": [p for p in tuned if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, weight_decay=args.weight_decay)
+# -- the three phases (each runs in a child process unless --small) ---------------------------
+def select_phase(names: list[str], args) -> dict:
+    return {name: {"selection_seconds": Run(name, args, args.selection_dir, select=True).selection_seconds}
+            for name in names}
 
 
-def _train_step(model, method, optimizer, images, labels, args, device) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of one training step."""
-    import torch.nn.functional as F
-
-    from grft_lightning.methods.base import classifier
-
-    start, start_cpu = time.perf_counter(), time.process_time()
-    optimizer.zero_grad(set_to_none=True)
-    with _autocast(args, device):
-        features = model.forward_head(model.forward_features(images), pre_logits=True)
-        loss = F.cross_entropy(classifier(model)(features).float(), labels)
-        reg = method.regularizer(model, images, features)
-        total = loss if reg is None else loss + reg
-    total.backward()
-    method.on_before_optimizer_step(model)
-    optimizer.step()
-    _sync(device)
-    return time.perf_counter() - start, time.process_time() - start_cpu
-
-
-def run_one(name: str, args) -> dict:
-    """Everything measured for one method, in this process (see the module docstring)."""
+def memory_phase(names: list[str], args) -> dict:
     import torch
 
     from grft_lightning import count_parameters, save_tuned
 
-    model, method, images, labels, device, baseline = _setup(name, args)
-    selection_seconds = None
-    if method.needs_gradients:
-        if args.selection_file:
-            with open(args.selection_file + ".json") as handle:
-                selection_seconds = json.load(handle)["selection_seconds"]
-            model.load_state_dict(torch.load(args.selection_file, map_location=device), strict=False)
-        else:
-            selection_seconds = _select(model, method, images, labels, args, device)
-    optimizer = _optimizer(model, args)
-    _reset_peak(device)
-    times = [_train_step(model, method, optimizer, images, labels, args, device)
-             for _ in range(args.warmup + args.steps)][args.warmup:]
-    wall, cpu = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
-    peak = _peak(device)
-    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+    (name,) = names
+    run = Run(name, args, args.selection_dir)
+    _reset_peak(run.device)
+    for _ in range(args.memory_steps):
+        run.step()
+    peak = _peak(run.device)
+    state = sum(t.numel() * t.element_size() for s in run.optimizer.state.values() for t in s.values()
                 if torch.is_tensor(t))
-    counts = count_parameters(model)
+    counts = count_parameters(run.model)
     with tempfile.TemporaryDirectory() as tmp:
-        export_bytes = os.path.getsize(save_tuned(model, os.path.join(tmp, "tuned.safetensors")))
-    return {"method": name, "step_seconds": cpu if args.clock == "cpu" else wall, "step_wall_seconds": wall,
-            "step_cpu_seconds": cpu, "peak_memory_bytes": peak,
-            "tuned": int(counts["tuned"]), "tuned_pct": counts["tuned_pct"], "optimizer_state_bytes": int(state),
-            "selection_seconds": selection_seconds, "export_bytes": export_bytes, "baseline_memory_bytes": baseline}
+        export_bytes = os.path.getsize(save_tuned(run.model, os.path.join(tmp, "tuned.safetensors")))
+    return {name: {"peak_memory_bytes": peak, "baseline_memory_bytes": run.baseline, "tuned": int(counts["tuned"]),
+                   "tuned_pct": counts["tuned_pct"], "optimizer_state_bytes": int(state), "export_bytes": export_bytes}}
 
 
-def select_one(name: str, args) -> None:
-    """Run the selection pass and write the selection buffers to ``args.selection_file``."""
-    import torch
+def time_phase(names: list[str], args) -> dict:
+    runs = {name: Run(name, args, args.selection_dir) for name in names}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    for i in range(args.warmup + args.steps):
+        for name in names if i % 2 == 0 else names[::-1]:
+            times[name].append(runs[name].step())
+    out = {}
+    for name, measured in times.items():
+        wall = statistics.median(t[0] for t in measured[args.warmup:])
+        cpu = statistics.median(t[1] for t in measured[args.warmup:])
+        out[name] = {"step_seconds": cpu if args.clock == "cpu" else wall, "step_wall_seconds": wall, "step_cpu_seconds": cpu}
+    return out
 
-    model, method, images, labels, device, _ = _setup(name, args)
-    seconds = _select(model, method, images, labels, args, device)
-    torch.save(_selection_state(model), args.selection_file)
-    with open(args.selection_file + ".json", "w") as handle:
-        json.dump({"selection_seconds": seconds}, handle)
+
+PHASES = {"select": select_phase, "memory": memory_phase, "time": time_phase}
 
 
-# -- the parent: one child per method ------------------------------------------------------------
-def _child(args, name: str, phase: str, selection_file: str | None) -> dict | None:
-    command = [sys.executable, os.path.abspath(__file__), "--one", name, "--phase", phase] + _forward_args(args)
-    if selection_file:
-        command += ["--selection-file", selection_file]
+def _phase(phase: str, names: list[str], args) -> dict:
+    """Run a phase here (``--small``) or in a fresh child process."""
+    if not args.isolate:
+        return PHASES[phase](names, args)
+    command = [sys.executable, os.path.abspath(__file__), "--phase", phase, "--one", ",".join(names)] + _forward_args(args)
     env = {**MALLOC, "HF_HUB_OFFLINE": "1", **os.environ}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"cost.py --one {name} --phase {phase} failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    if phase == "select":
-        return None
+        raise RuntimeError(f"cost.py --phase {phase} --one {','.join(names)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
     return json.loads(lines[-1][len(MARK):])
 
 
 def _forward_args(args) -> list[str]:
     out = ["--model", args.model, "--num-classes", str(args.num_classes), "--batch", str(args.batch),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--selection-batches", str(args.selection_batches),
-           "--device", args.device, "--dtype", args.dtype, "--seed", str(args.seed), "--lr", str(args.lr),
-           "--weight-decay", str(args.weight_decay), "--clock", args.clock]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--memory-steps", str(args.memory_steps),
+           "--selection-batches", str(args.selection_batches), "--device", args.device, "--dtype", args.dtype,
+           "--seed", str(args.seed), "--lr", str(args.lr), "--weight-decay", str(args.weight_decay),
+           "--clock", args.clock, "--selection-dir", args.selection_dir]
     out += ["--threads", str(args.threads)] if args.threads else []
     return out + (["--img-size", str(args.img_size)] if args.img_size else [])
-
-
-def measure(name: str, args) -> dict:
-    if not args.isolate:
-        return run_one(name, args)
-    if build_method(name).needs_gradients:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "selection.pt")
-            _child(args, name, "select", path)
-            return _child(args, name, "train", path)
-    return _child(args, name, "train", None)
-
-
-def _combine(rounds: list[dict]) -> dict:
-    """One row from several rounds: median step time and selection time, largest peak."""
-    row = dict(rounds[0])
-    for key in ("step_seconds", "step_wall_seconds", "step_cpu_seconds"):
-        row[key] = statistics.median(r[key] for r in rounds)
-    row["peak_memory_bytes"] = max(r["peak_memory_bytes"] for r in rounds)
-    if row["selection_seconds"] is not None:
-        row["selection_seconds"] = statistics.median(r["selection_seconds"] for r in rounds)
-    return row
 
 
 def run_all(args) -> dict:
     import timm
     import torch
 
-    measured: dict[str, list[dict]] = {name: [] for name in args.methods}
-    for r in range(args.rounds):
-        for name in args.methods if r % 2 == 0 else args.methods[::-1]:
-            start = time.perf_counter()
-            row = measure(name, args)
-            measured[name].append(row)
-            print(f"round {r + 1} {name:12s} step {row['step_seconds']:7.3f} s  peak {row['peak_memory_bytes'] / 2**20:7,.0f} MiB"
-                  f"  ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-    rows = {name: _combine(rounds) for name, rounds in measured.items()}
+    rows = {name: {"method": name, "selection_seconds": None} for name in args.methods}
+    with tempfile.TemporaryDirectory() as selection_dir:
+        args.selection_dir = selection_dir
+        for name in args.methods:
+            if build_method(name).needs_gradients:
+                _merge(rows, _phase("select", [name], args), "select")
+        for name in args.methods:
+            _merge(rows, _phase("memory", [name], args), "memory")
+        _merge(rows, _phase("time", args.methods, args), "time")
     full = rows.get("full")
     for row in rows.values():
-        above, above_full = (row["peak_memory_bytes"] - row["baseline_memory_bytes"],
-                             full["peak_memory_bytes"] - full["baseline_memory_bytes"]) if full else (0, 0)
+        above = row["peak_memory_bytes"] - row["baseline_memory_bytes"]
         row["step_time_ratio"] = row["step_seconds"] / full["step_seconds"] if full else None
         row["peak_memory_ratio"] = row["peak_memory_bytes"] / full["peak_memory_bytes"] if full else None
-        row["peak_above_baseline_ratio"] = above / above_full if full else None
+        # in one process (--small) the resident size before a method includes the previous ones
+        row["peak_above_baseline_ratio"] = (above / (full["peak_memory_bytes"] - full["baseline_memory_bytes"])
+                                            if full and args.isolate else None)
     device = torch.device(args.device)
-    label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    label = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
     return {
         "device": label, "dtype": args.dtype, "batch": args.batch, "torch": torch.__version__, "timm": timm.__version__,
         "clock": args.clock, "model": args.model, "img_size": args.img_size, "num_classes": args.num_classes,
-        "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
-        "selection_batches": args.selection_batches, "isolated": args.isolate,
+        "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup,
+        "memory_steps": args.memory_steps, "selection_batches": args.selection_batches, "isolated": args.isolate,
         "malloc": {k: os.environ.get(k, v) for k, v in MALLOC.items()} if args.isolate and device.type == "cpu" else None,
         "peak_memory": "cuda max allocated" if device.type == "cuda" else "VmHWM (max resident set) of the process",
         "rows": [{k: rows[n][k] for k in KEYS + EXTRA_KEYS} for n in args.methods],
     }
 
 
+def _merge(rows: dict, found: dict, phase: str) -> None:
+    for name, values in found.items():
+        rows[name].update(values)
+        if phase != "time":
+            print(f"{phase:6s} {name:12s} " + " ".join(f"{k}={v}" for k, v in values.items()), file=sys.stderr, flush=True)
+        else:
+            print(f"time   {name:12s} step {values['step_seconds']:.3f} s", file=sys.stderr, flush=True)
+
+
 # -- report -----------------------------------------------------------------------------------
 def _size(n: int | None) -> str:
-    if n is None:
-        return "–"
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:
             return f"{n / scale:,.1f} {unit}"
@@ -348,8 +329,8 @@ def _ratio(x: float | None) -> str:
 
 
 def checks(rows: list[dict]) -> list[tuple[str, bool]]:
-    """The cost targets, judged on ``peak_memory_ratio`` and ``step_time_ratio`` (ratios to full
-    fine-tuning of the same run), where the rows allow; the above-baseline ratio is shown too."""
+    """The cost targets, judged on ``step_time_ratio`` and ``peak_memory_ratio`` (ratios to full
+    fine-tuning of the same run) where the rows allow; the above-baseline ratio is shown too."""
     r = {row["method"]: row for row in rows}
 
     def mem(key: str) -> str:
@@ -374,9 +355,7 @@ def checks(rows: list[dict]) -> list[tuple[str, bool]]:
 
 def markdown(result: dict) -> str:
     cpu = result["malloc"] is not None
-    rounds = f", median over {result['rounds']} rounds" if result["rounds"] > 1 else ""
-    apart = ", in a process of its own" if result["isolated"] else ""
-    clock = {"cpu": "process CPU time (user + system; one thread: the wall time of an idle core)",
+    clock = {"cpu": "process CPU time (user + system, one thread: the wall time of an idle core)",
              "wall": "wall time"}[result["clock"]]
     notes = [
         f"device: {result['device']}; dtype: {result['dtype']}; batch: {result['batch']}; torch {result['torch']}, "
@@ -384,26 +363,27 @@ def markdown(result: dict) -> str:
         f"backbone: `{result['model']}` (random weights, {result['num_classes']} classes"
         f"{', ' + str(result['img_size']) + ' px' if result['img_size'] else ''}); AdamW (weight decay on ndim >= 2); "
         "one fixed synthetic batch, same seed for every method",
-        f"step: median {clock} of {result['steps']} steps after {result['warmup']} warm-up steps{rounds}; selection: "
-        f"`accumulate_gradients` (cross-entropy) over {result['selection_batches']} batches + `select`{apart}",
-        f"peak memory: {result['peak_memory']}, reset before the first warm-up step"
+        f"step: median {clock} of {result['steps']} steps after {result['warmup']} warm-up steps, all methods in one "
+        "process, round-robin (order reversed every other round); the wall column is the same steps' wall time",
+        f"selection: `accumulate_gradients` (cross-entropy) over {result['selection_batches']} batches + `select`",
+        f"peak memory: {result['peak_memory']} over {result['memory_steps']} steps, reset before the first"
         + ("; one process per method, " + ", ".join(f"{k}={v}" for k, v in result["malloc"].items()) if cpu else "")
         + ("" if result["isolated"] else "; all methods in one process (indicative only)"),
-        "above imports: (peak - resident size after importing the method's libraries) / the same for full fine-tuning"
-        if cpu else "",
+        "above imports: (peak - resident size after importing the method's libraries) / the same for full "
+        "fine-tuning" if cpu else "",
         "ratios: to full fine-tuning in the same run",
     ]
     head = "# Training-step cost per method\n\n" + "".join(f"- {n}\n" for n in notes if n) + "\n"
-    lines = ["| method | step (s) | step / full | wall (s) | peak memory | peak / full | above imports / full | tuned | tuned % "
-             "| optimizer state | selection (s) | export |",
+    lines = ["| method | step (s) | step / full | wall (s) | peak memory | peak / full | above imports / full | tuned "
+             "| tuned % | optimizer state | selection (s) | export |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
         sel = "–" if row["selection_seconds"] is None else f"{row['selection_seconds']:.1f}"
         lines.append(f"| {LABELS.get(row['method'], row['method'])} | {row['step_seconds']:.3f} | {_ratio(row['step_time_ratio'])} "
                      f"| {row['step_wall_seconds']:.2f} | {_size(row['peak_memory_bytes'])} | {_ratio(row['peak_memory_ratio'])} "
-                     f"| {_ratio(row['peak_above_baseline_ratio'])} | {row['tuned']:,} "
-                     f"| {row['tuned_pct']:.3f} | {_size(row['optimizer_state_bytes'])} | {sel} | {_size(row['export_bytes'])} |")
-    found = checks(result["rows"]) if result["isolated"] else []
+                     f"| {_ratio(row['peak_above_baseline_ratio'])} | {row['tuned']:,} | {row['tuned_pct']:.3f} "
+                     f"| {_size(row['optimizer_state_bytes'])} | {sel} | {_size(row['export_bytes'])} |")
+    found = checks(result["rows"]) if result["isolated"] and result["model"] == "vit_base_patch16_224" else []
     tail = "" if not found else "\n\n## Targets (set for ViT-B/16, CPU fp32, batch 8)\n\n" + "\n".join(
         f"- [{'x' if ok else ' '}] {text}" for text, ok in found)
     return head + "\n".join(lines) + tail + "\n"
@@ -417,33 +397,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--batch", type=int, default=None, help="default: 8 on CPU, 64 on GPU")
-    p.add_argument("--steps", type=int, default=5, help="timed steps")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--rounds", type=int, default=1, help="measure every method this many times (median)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per method")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
+    p.add_argument("--memory-steps", type=int, default=3, help="steps of the memory phase (the optimizer state "
+                   "exists from the second on)")
     p.add_argument("--selection-batches", type=int, default=4, help="batches of the timed selection pass")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clock", default=None, choices=["wall", "cpu"],
-                   help="step_seconds clock (default: cpu on a CPU, wall on a GPU; see the module docstring)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 with the cpu clock or --small, else torch's)")
+                   help="clock of step_seconds (default: cpu on a CPU, wall on a GPU; see above)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 with the cpu clock)")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=1e-4, help="on tensors with ndim >= 2")
-    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
-                   help="one process per method (default; off with --small)")
     p.add_argument("--small", action="store_true",
-                   help="quick check: test_vit at 32 px, batch 2, 1+2 steps, 1 selection batch, one process")
+                   help="quick check: test_vit at 32 px, batch 2, 1+2 steps, 1 selection batch, all in this process")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md (e.g. benchmarks/results/cost_cpu)")
+    p.add_argument("--phase", default=None, choices=list(PHASES), help=argparse.SUPPRESS)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--phase", default="train", choices=["select", "train"], help=argparse.SUPPRESS)
-    p.add_argument("--selection-file", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--selection-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.small:
         args.model, args.img_size, args.steps, args.warmup, args.selection_batches = "test_vit", 32, 2, 1, 1
-        args.batch = args.batch or 2
-        args.threads = args.threads or 1  # a tiny model gains nothing from threads, and a busy CI host stalls them
+        args.memory_steps, args.batch = 2, args.batch or 2
     import torch
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -451,11 +428,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.batch = args.batch or (64 if on_gpu else 8)
     args.dtype = args.dtype or ("bf16" if on_gpu else "fp32")
     args.clock = args.clock or ("wall" if on_gpu else "cpu")
-    if args.clock == "cpu" and not args.threads:
-        args.threads = 1
+    args.threads = args.threads or (1 if args.clock == "cpu" or args.small else None)
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.isolate = (not args.small) if args.isolate is None else args.isolate
+    args.isolate = not args.small
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
@@ -465,13 +441,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
-    if args.one:
-        if args.phase == "select":
-            select_one(args.one, args)
-            return None
-        row = run_one(args.one, args)
-        print(MARK + json.dumps(row), flush=True)
-        return row
+    if args.phase:  # a child of run_all
+        print(MARK + json.dumps(PHASES[args.phase](args.one.split(","), args)), flush=True)
+        return None
     result = run_all(args)
     text = markdown(result)
     if args.out:

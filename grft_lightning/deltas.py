@@ -8,8 +8,12 @@ the index buffers. Three kinds (methods.md, "How the tuned parameters are held")
 * columns (input features / input channel x kernel position) ``C``: ``y += x[..., C] D^T``
 * per-row index entries (GPS): ``W = W0 + scatter(D)`` for the selected ``(row, col)`` pairs.
 
-Row and column deltas are extra small products, so their backward never forms the gradient of
-the full weight, and the optimizer only ever sees ``D``. For a grouped or depthwise convolution
+The optimizer only ever sees ``D``, and no kind forms the gradient of the full weight (GPS's
+only for a large ``k``). On a linear layer the three kinds share one autograd function
+(``_DeltaLinear``): ``W0 + delta`` is a temporary of the product, formed again in backward for
+the input gradient, so the layer costs one product each way like a frozen linear and keeps no
+weight-sized tensor between forward and backward. On a convolution, row and column deltas are
+extra small convolutions added in place to the base output. For a grouped or depthwise convolution
 a row is an output channel with its ``in/groups x kh x kw`` weights (the extra product gathers
 that group's input channels); a column is a position of the per-group fan-in and is applied to
 every group through a dense kernel (the kernel gradient is then the size of the weight, which for
@@ -180,22 +184,19 @@ class StructuredDelta(DeltaLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._is_selected:
             return self.base_layer(x)
-        lead = None
-        if not self.is_conv and x.dim() != 2:
-            # On a 3-D input F.linear returns a *view* of its addmm output, and an in-place op on
-            # a view makes autograd copy the whole output gradient (CopySlices) in backward: so
-            # work on 2-D rows and view the result back.
-            lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        if not self.is_conv:
+            rows = self._axis == ROW
+            delta, index = (self.row_delta(), self.row_index) if rows else (self.column_delta(), self.col_index)
+            base = self.base_layer
+            y = _DeltaLinear.apply(x.reshape(-1, x.shape[-1]), delta, index, base.weight, base.bias, self._axis)
+            return y.view(*x.shape[:-1], y.shape[-1])
         y = self.base_layer(x)
-        # In place on the base output: neither addmm nor conv needs its output for backward,
-        # so no second output-sized tensor is kept per layer.
-        y = self._add_rows(x, y) if self._axis == ROW else self._add_columns(x, y)
-        return y if lead is None else y.view(*lead, y.shape[-1])
+        # In place on the base output: conv does not need its output for backward, so no
+        # second output-sized tensor is kept per layer.
+        return self._add_rows(x, y) if self._axis == ROW else self._add_columns(x, y)
 
     def _add_rows(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         rows, d = self.row_index, self.row_delta()
-        if not self.is_conv:
-            return y.index_add_(-1, rows, F.linear(x, d.to(x.dtype)).to(y.dtype))
         conv = self.base_layer
         kernel = d.view(len(rows), *conv.weight.shape[1:])
         if conv.groups == 1:
@@ -209,8 +210,6 @@ class StructuredDelta(DeltaLayer):
 
     def _add_columns(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cols, d = self.col_index, self.column_delta()
-        if not self.is_conv:
-            return y.add_(F.linear(x.index_select(-1, cols), d.to(x.dtype)).to(y.dtype))
         conv = self.base_layer
         kh, kw = conv.kernel_size
         if conv.groups == 1:
@@ -257,38 +256,49 @@ def _scatter_positions(kernel: torch.Tensor, position: torch.Tensor, d: torch.Te
     return kernel + d[:, :, None] * onehot[None]
 
 
-class _IndexLinear(torch.autograd.Function):
-    """``y = x (W0 + scatter(D))^T + b`` for a 2-D ``x``, without keeping a weight-sized tensor.
+ENTRY = 2  # _DeltaLinear's third kind: GPS's per-row entries (ROW and COLUMN are GRFT's)
 
-    The effective weight is formed for the product and dropped; backward forms it again for
-    ``grad_x`` (the one product a frozen linear needs anyway) and gets ``grad_D[i, j] =
-    sum_n grad[n, i] x[n, index[i, j]]`` by gathers, ``O(N * out * k)``, instead of the dense
-    weight gradient's ``N * out * in`` products. Under autocast the products run in the autocast
-    dtype and ``x`` is saved in it, as ``F.linear`` would.
+
+class _DeltaLinear(torch.autograd.Function):
+    """``y = x (W0 + delta)^T + b`` for a 2-D ``x``: one product each way, like a frozen linear.
+
+    The effective weight (rows ``W0[R] += D``, columns ``W0[:, C] += D`` or entries
+    ``scatter_add``) is a temporary of the product, formed again in backward for ``grad_x``, so
+    no weight-sized tensor outlives a layer's forward and the delta adds no output- or
+    input-sized pass. The delta's gradient reads only what it needs: ``grad[:, R]^T x`` (rows),
+    ``grad^T x[:, C]`` (columns: only that slice of ``x`` is saved) or, for entries, gathers
+    ``sum_n grad[n, i] x[n, index[i, j]]`` instead of the dense ``N * out * in`` product. Under
+    autocast the products run in the autocast dtype and the saved input is in it, as for
+    ``F.linear``.
     """
 
     @staticmethod
-    def forward(ctx, x, delta, index, weight, bias):
-        kind = x.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-        with torch.autocast(kind, enabled=False):
+    def forward(ctx, x, delta, index, weight, bias, kind):
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
             x = x.to(dtype)
-            y = F.linear(x, _effective_weight(weight, delta, index, dtype), None if bias is None else bias.to(dtype))
-        ctx.save_for_backward(x, delta, index, weight)
-        ctx.saved_dtype = dtype
+            y = F.linear(x, _effective_weight(weight, delta, index, kind, dtype), None if bias is None else bias.to(dtype))
+        whole = kind != COLUMN or ctx.needs_input_grad[3]  # a trained W0 needs all of x
+        ctx.save_for_backward(x if whole else x.index_select(1, index), delta, index, weight)
+        ctx.kind, ctx.dtype, ctx.whole = kind, dtype, whole
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, delta, index, weight = ctx.saved_tensors
-        grad = grad.to(ctx.saved_dtype)
+        kind, grad = ctx.kind, grad.to(ctx.dtype)
         grad_x = grad_delta = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad.matmul(_effective_weight(weight, delta, index, ctx.saved_dtype))
+            grad_x = grad.matmul(_effective_weight(weight, delta, index, kind, ctx.dtype))
         if ctx.needs_input_grad[1]:
-            k, fan_in = index.shape[1], x.shape[1]
-            if k * GATHER_FAN_IN_RATIO <= fan_in:
-                grad_delta = torch.stack([(grad * x.index_select(1, index[:, j])).float().sum(0) for j in range(k)], 1)
+            if kind == ROW:
+                grad_delta = grad.index_select(1, index).t().matmul(x)
+            elif kind == COLUMN:
+                grad_delta = grad.t().matmul(x.index_select(1, index) if ctx.whole else x)
+            elif index.shape[1] * GATHER_FAN_IN_RATIO <= x.shape[1]:
+                grad_delta = torch.stack([(grad * x.index_select(1, index[:, j])).float().sum(0)
+                                          for j in range(index.shape[1])], 1)
             else:  # many entries per row: one dense product is cheaper than k gathers
                 grad_delta = grad.t().matmul(x).gather(1, index)
             grad_delta = grad_delta.to(delta.dtype)
@@ -296,11 +306,17 @@ class _IndexLinear(torch.autograd.Function):
             grad_weight = grad.t().matmul(x).to(weight.dtype)
         if ctx.needs_input_grad[4]:
             grad_bias = grad.float().sum(0)
-        return grad_x, grad_delta, None, grad_weight, grad_bias
+        return grad_x, grad_delta, None, grad_weight, grad_bias, None
 
 
-def _effective_weight(weight: torch.Tensor, delta: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return weight.clone().scatter_add_(1, index, delta.to(weight.dtype)).to(dtype)
+def _effective_weight(weight: torch.Tensor, delta: torch.Tensor, index: torch.Tensor, kind: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    w, d = weight.clone(), delta.to(weight.dtype)
+    if kind == ENTRY:
+        w.scatter_add_(1, index, d)
+    else:
+        w.index_add_(0 if kind == ROW else 1, index, d)
+    return w.to(dtype)
 
 
 #: below ``k * GATHER_FAN_IN_RATIO <= fan_in`` an index delta's gradient is gathered entry by
@@ -313,7 +329,7 @@ class IndexDelta(DeltaLayer):
 
     Only ``D`` (out x k) is a parameter: no optimizer state is kept for the untouched entries.
     On a linear layer the effective weight ``W0 + scatter(D)`` is a temporary of the product
-    (``_IndexLinear``): no weight-sized tensor is kept per layer between forward and backward,
+    (``_DeltaLinear``): no weight-sized tensor is kept per layer between forward and backward,
     and the dense weight gradient is never formed for small ``k``. On a convolution the
     effective weight is formed in the forward and its gradient is dense for one step.
     """
@@ -344,7 +360,7 @@ class IndexDelta(DeltaLayer):
         base = self.base_layer
         if not self.is_conv:
             flat = x.reshape(-1, x.shape[-1])
-            y = _IndexLinear.apply(flat, self.delta, self.index, base.weight, base.bias)
+            y = _DeltaLinear.apply(flat, self.delta, self.index, base.weight, base.bias, ENTRY)
             return y.view(*x.shape[:-1], y.shape[-1])
         weight = base.weight + self.dense_delta()
         if self.is_conv:

@@ -1,7 +1,7 @@
 """Accuracy tables and plots in the papers' layout, from a folder of runs.
 
     python -m grft_lightning.report RUNS_DIR [--out DIR] [--reference benchmarks/reference.yaml]
-                                             [--wandb]
+                                             [--json PATH] [--wandb]
 
 Reads every ``results.json`` under ``RUNS_DIR`` (recursively; keys in docs/INTERFACES.md), groups
 the runs by (benchmark family, dataset, method) and writes, per family, ``<family>.md``,
@@ -26,6 +26,11 @@ Definitions (the only place they are made; tables, CSV and plots all use them):
   seeds: the aggregate is then formed seed by seed and the sample std is taken over seeds. Its
   mean equals the mean of the per-task means either way.
 - Tuned %: mean over the family's tasks of the per-task mean of ``results["tuned_pct"]``.
+- ``--json``: one row per (family, task or aggregate column, method) of the measured rows,
+  ``{"family", "task", "method", "acc_mean", "acc_std", "tuned_pct", "seeds"}``, accuracy as a
+  fraction (the table's percent / 100, ``acc_std`` null for one seed or an aggregate whose seeds
+  do not align), ``tuned_pct`` in percent (per task: the mean over its runs; per aggregate: the
+  row's Tuned %), ``seeds`` the sorted seeds (of an aggregate: those every task of the row has).
 
 Reference rows (``--reference``) are published numbers, marked "(reported)"; columns they do not
 give stay blank.
@@ -70,6 +75,7 @@ class Cell:
     mean: float | None = None
     std: float | None = None
     per_seed: dict[int, float] = field(default_factory=dict)
+    tuned_pct: float | None = field(default=None, compare=False)  # task cells: mean over runs
 
     def text(self) -> str:
         if self.mean is None:
@@ -148,7 +154,7 @@ def _task_cell(runs: list[dict]) -> tuple[Cell, float | None]:
     std = statistics.stdev(values) if len(values) > 1 else None
     tuned = [float(run["tuned_pct"]) for run in runs if run.get("tuned_pct") is not None]
     tuned_pct = statistics.fmean(tuned) if tuned else None
-    return Cell(statistics.fmean(values), std, per_seed), tuned_pct
+    return Cell(statistics.fmean(values), std, per_seed, tuned_pct), tuned_pct
 
 
 def aggregate(cells: list[Cell | None]) -> Cell:
@@ -284,6 +290,28 @@ def csv_rows(table: Table) -> list[list[str]]:
     return rows
 
 
+def json_rows(tables: dict[str, Table]) -> list[dict]:
+    """The measured cells of every table as plain rows (definitions: module docstring)."""
+    rows = []
+    for family, table in tables.items():
+        for row in table.rows:
+            if row.reported:
+                continue
+            task_seeds = [set(row.cells[t].per_seed) for t in table.tasks if t in row.cells]
+            common = sorted(set.intersection(*task_seeds)) if task_seeds else []
+            for column in table.columns:
+                cell = row.cells.get(column)
+                if cell is None or cell.mean is None:
+                    continue
+                aggregate_column = column in table.aggregates
+                tuned = row.tuned_pct if aggregate_column else cell.tuned_pct
+                rows.append({
+                    "family": family, "task": column, "method": row.method,
+                    "acc_mean": cell.mean / 100.0, "acc_std": None if cell.std is None else cell.std / 100.0,
+                    "tuned_pct": tuned, "seeds": common if aggregate_column else sorted(cell.per_seed)})
+    return rows
+
+
 def write_report(tables: dict[str, Table], out: str | Path) -> list[Path]:
     """Markdown, CSV and PNG files for every table; returns the paths written."""
     from grft_lightning import report_plots
@@ -322,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output folder (default: RUNS_DIR/report)")
     parser.add_argument("--reference", help="YAML of published rows, e.g. "
                         "benchmarks/reference.yaml")
+    parser.add_argument("--json", help="also write the measured cells as JSON rows to this file")
     parser.add_argument("--wandb", action="store_true", help="also log the tables to W&B")
     parser.add_argument("--wandb-project", default="grft-lightning")
     args = parser.parse_args(argv)
@@ -333,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.reference:
         add_reference(tables, args.reference)
     written = write_report(tables, args.out or Path(args.runs_dir) / "report")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(json_rows(tables), indent=1) + "\n")
+        written.append(Path(args.json))
     for table in tables.values():
         print(to_markdown(table))
     print(f"{len(results)} runs; wrote {', '.join(str(p) for p in written)}")

@@ -261,3 +261,38 @@ def test_config_round_trips_through_the_constructor():
     for make in list(METHODS.values()) + list(CNN_METHODS.values()):
         method = make()
         assert type(method)(**method.config()).config() == method.config()
+
+
+# -- GPS's index delta on linear layers (deltas._IndexLinear: what the benchmark's GPS row runs) --------
+@pytest.mark.parametrize("k", [1, 2, 5])  # 1 and 2 gather the gradient entry by entry; 5 takes the dense product
+@pytest.mark.parametrize("autocast", [False, True])
+def test_index_delta_linear_equals_dense_weight(k, autocast):
+    from grft_lightning.deltas import IndexDelta
+
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 7)
+    gen = torch.Generator().manual_seed(1)
+    index = torch.stack([torch.randperm(64, generator=gen)[:k] for _ in range(7)])
+    delta = IndexDelta(copy.deepcopy(layer), "l", k)
+    delta.set_selection(index)
+    delta.base_layer.bias.requires_grad_(True)
+    with torch.no_grad():
+        delta.delta.normal_()
+    dense = torch.zeros(7, 64).scatter_(1, index, delta.delta.detach())
+    weight = (layer.weight.detach() + dense).requires_grad_(True)
+    bias = layer.bias.detach().clone().requires_grad_(True)
+    x1, x2 = (torch.randn(3, 5, 64, generator=gen).requires_grad_(True) for _ in range(2))
+    with torch.no_grad():
+        x2.copy_(x1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y1, y2 = delta(x1), F.linear(x2, weight, bias)
+    assert y1.dtype == y2.dtype and y1.shape == y2.shape
+    g = torch.randn(y1.shape, generator=gen)
+    (y1.float() * g).sum().backward()
+    (y2.float() * g).sum().backward()
+    tol = 0.05 if autocast else 1e-5
+    assert (y1.float() - y2.float()).abs().max() < tol
+    assert (x1.grad - x2.grad).abs().max() < tol
+    assert (delta.delta.grad - weight.grad.gather(1, index)).abs().max() < 10 * tol
+    assert (delta.base_layer.bias.grad - bias.grad).abs().max() < 10 * tol
+    assert delta.base_layer.weight.grad is None and delta.delta.grad.dtype == torch.float32

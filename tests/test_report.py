@@ -210,3 +210,24 @@ def test_wandb_logs_each_table(runs_dir, tmp_path, monkeypatch):
     assert logged["fgvc/table"]["columns"][:3] == ["method", "reported", "cub"]
     assert logged["fgvc/table"]["data"][1][12] == "84.0000"
     assert logged["finished"]
+
+
+def test_json_rows(tables, runs_dir, tmp_path):
+    rows = report.json_rows(tables)
+    offline = {(r["task"], r["method"]): r for r in rows if r["family"] == "offline"}
+    assert set(offline) == {("mnist", "grft"), ("rotation", "grft"), (MEAN, "grft"), ("mnist", "gps")}
+    assert offline[("mnist", "grft")] == {"family": "offline", "task": "mnist", "method": "grft",
+                                          "acc_mean": pytest.approx(0.9), "acc_std": None,
+                                          "tuned_pct": pytest.approx(1.0), "seeds": [0]}
+    assert offline[(MEAN, "grft")]["acc_mean"] == pytest.approx(0.7)
+    assert offline[(MEAN, "grft")]["seeds"] == [0]
+    dtd = next(r for r in rows if r["task"] == "dtd" and r["method"] == "gps")
+    assert dtd["acc_mean"] == pytest.approx(0.63) and dtd["acc_std"] == pytest.approx(math.sqrt(13) / 100)
+    assert dtd["tuned_pct"] == pytest.approx(0.4) and dtd["seeds"] == [0, 1, 2]
+    natural = next(r for r in rows if r["task"] == "Natural" and r["method"] == "gps")
+    assert natural["tuned_pct"] == pytest.approx(0.22) and natural["seeds"] == [0, 1, 2]
+    assert not any(r["task"] == "Specialized" and r["method"] == "gps" for r in rows)  # blank cell
+
+    path = tmp_path / "out" / "rows.json"
+    assert report.main([str(runs_dir), "--out", str(tmp_path / "report"), "--json", str(path)]) == 0
+    assert json.loads(path.read_text()) == json.loads(json.dumps(rows))
