@@ -76,8 +76,8 @@ class MaskedWeight(DeltaLayer):
         return self.base_layer(x)
 
     def dense_delta(self) -> torch.Tensor:
-        raise NotImplementedError(f"{self.original_name}: a masked weight is trained in place; the pre-trained "
-                                  "weight is not kept, so there is no separate delta")
+        raise RuntimeError(f"{self.original_name}: a masked weight is trained in place; the pre-trained "
+                           "weight is not kept, so there is no separate delta")
 
     def merged_module(self) -> nn.Module:
         return self.base_layer
