@@ -242,7 +242,8 @@ def time_phase(names: list[str], args) -> dict:
     for name, measured in times.items():
         wall = statistics.median(t[0] for t in measured[args.warmup:])
         cpu = statistics.median(t[1] for t in measured[args.warmup:])
-        out[name] = {"step_seconds": cpu if args.clock == "cpu" else wall, "step_wall_seconds": wall, "step_cpu_seconds": cpu}
+        out[name] = {"step_seconds": cpu if args.clock == "cpu" else wall, "step_wall_seconds": wall,
+                     "step_cpu_seconds": cpu}
     return out
 
 
@@ -257,7 +258,8 @@ def _phase(phase: str, names: list[str], args) -> dict:
     env = {**MALLOC, "HF_HUB_OFFLINE": "1", **os.environ}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"cost.py --phase {phase} --one {','.join(names)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"cost.py --phase {phase} --one {','.join(names)} failed ({done.returncode}):\n"
+                           + done.stderr[-4000:])
     lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
     return json.loads(lines[-1][len(MARK):])
 
@@ -339,7 +341,8 @@ def checks(rows: list[dict]) -> list[tuple[str, bool]]:
     out = []
     if {"full", "grft_row", "lora"} <= r.keys():
         g, lora = r["grft_row"], r["lora"]
-        out.append((f"GRFT row step time {g['step_time_ratio']:.3f}x full (<= 0.75) and <= LoRA's {lora['step_time_ratio']:.3f}x",
+        out.append((f"GRFT row step time {g['step_time_ratio']:.3f}x full (<= 0.75) and <= LoRA's "
+                    f"{lora['step_time_ratio']:.3f}x",
                     g["step_time_ratio"] <= 0.75 and g["step_seconds"] <= lora["step_seconds"]))
         for key in ("grft_row", "grft_column"):
             if key in r:
@@ -379,8 +382,9 @@ def markdown(result: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
         sel = "–" if row["selection_seconds"] is None else f"{row['selection_seconds']:.1f}"
-        lines.append(f"| {LABELS.get(row['method'], row['method'])} | {row['step_seconds']:.3f} | {_ratio(row['step_time_ratio'])} "
-                     f"| {row['step_wall_seconds']:.2f} | {_size(row['peak_memory_bytes'])} | {_ratio(row['peak_memory_ratio'])} "
+        lines.append(f"| {LABELS.get(row['method'], row['method'])} | {row['step_seconds']:.3f} "
+                     f"| {_ratio(row['step_time_ratio'])} | {row['step_wall_seconds']:.2f} "
+                     f"| {_size(row['peak_memory_bytes'])} | {_ratio(row['peak_memory_ratio'])} "
                      f"| {_ratio(row['peak_above_baseline_ratio'])} | {row['tuned']:,} | {row['tuned_pct']:.3f} "
                      f"| {_size(row['optimizer_state_bytes'])} | {sel} | {_size(row['export_bytes'])} |")
     found = checks(result["rows"]) if result["isolated"] and result["model"] == "vit_base_patch16_224" else []

@@ -194,7 +194,8 @@ def test_lora_on_cnn_convs_counts_and_wraps_exactly_the_targets(tiny_cnn):
 
 
 # -- merge and export -------------------------------------------------------------------------------
-@pytest.mark.parametrize("model_name, method_name", [("tiny_vit", m) for m in METHODS] + [("tiny_cnn", m) for m in CNN_METHODS])
+@pytest.mark.parametrize("model_name, method_name",
+                         [("tiny_vit", m) for m in METHODS] + [("tiny_cnn", m) for m in CNN_METHODS])
 def test_export_and_merge_round_trip(request, tmp_path, model_name, method_name):
     model = request.getfixturevalue(model_name)
     size = 64 if model_name == "tiny_cnn" else 32
