@@ -64,7 +64,7 @@ def check_vtab(task: str, root: str, verify: bool) -> Report:
     dm = VTAB1k(task, root=root)
     report = Report(dm.dataset_name, num_classes=dm.num_classes)
     try:
-        report.location = dm.task_dir
+        report.location = dm.data_dir
     except DatasetError as err:
         report.problem(str(err))
         return report
@@ -92,7 +92,7 @@ def check_fgvc(dataset: str, root: str, verify: bool) -> Report:
     dm = FGVC(dataset, root=root)
     report = Report(dm.dataset_name, num_classes=dm.num_classes)
     try:
-        report.location = dm.dataset_dir
+        report.location = dm.data_dir
     except DatasetError as err:
         report.problem(str(err))
         return report

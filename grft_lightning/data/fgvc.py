@@ -18,10 +18,9 @@ import json
 import os
 from typing import Any, Literal, NamedTuple
 
-from torch.utils.data import Dataset
-
-from grft_lightning.data.base import ImageClassificationData, ListDataset, Split
-from grft_lightning.data.folders import DatasetError, Sample, check_samples, load_rgb, resolve_root
+from grft_lightning.data.base import Split
+from grft_lightning.data.folders import DatasetError, Sample, resolve_root
+from grft_lightning.data.prepared import PreparedFolderData
 
 
 class FGVCDataset(NamedTuple):
@@ -56,7 +55,7 @@ def layout(dataset: str) -> str:
     )
 
 
-class FGVC(ImageClassificationData):
+class FGVC(PreparedFolderData):
     """One of the FGVC datasets (CUB-200-2011, NABirds, Oxford Flowers, Stanford Dogs/Cars).
 
     Args:
@@ -86,20 +85,12 @@ class FGVC(ImageClassificationData):
         augmentation: Literal["resize", "fgvc"] = "fgvc",
         **kwargs,
     ):
-        super().__init__(augmentation=augmentation, **kwargs)
         if dataset not in FGVC_DATASETS:
             raise ValueError(f"unknown FGVC dataset {dataset!r}; valid: {', '.join(FGVC_DATASETS)}")
-        if protocol not in PROTOCOL_JSONS:
-            raise ValueError(f"data.protocol must be 'final' or 'tune', got {protocol!r}")
+        super().__init__(root, protocol, skip_bad_images, verify_images, augmentation=augmentation, **kwargs)
         self.dataset_key = dataset
-        self.root = root
-        self.protocol = protocol
-        self.skip_bad_images = skip_bad_images
-        self.verify_images = verify_images
         self._jsons: dict[str, dict[str, int]] = {}
         self._class_index: dict[int, int] | None = None
-        self._skipped: dict[str, str] = {}
-        self._probed: dict = {}
 
     @property
     def info(self) -> FGVCDataset:
@@ -118,7 +109,11 @@ class FGVC(ImageClassificationData):
         return resolve_root(self.root, "FGVC_ROOT", layout(self.dataset_key))
 
     @property
-    def dataset_dir(self) -> str:
+    def missing_hint(self) -> str:
+        return f" Json keys are relative to the image folder {self.image_dir}."
+
+    @property
+    def data_dir(self) -> str:
         """``<root>/<folder>``, holding the three json files."""
         path = os.path.join(self.resolved_root, self.info.folder)
         if not os.path.isdir(path):
@@ -136,7 +131,7 @@ class FGVC(ImageClassificationData):
     def read_json(self, name: str) -> dict[str, int]:
         """``<name>.json`` as {image path relative to the image folder: original class id}."""
         if name not in self._jsons:
-            self._jsons[name] = self._parse_json(os.path.join(self.dataset_dir, f"{name}.json"))
+            self._jsons[name] = self._parse_json(os.path.join(self.data_dir, f"{name}.json"))
         return self._jsons[name]
 
     def _parse_json(self, path: str) -> dict[str, int]:
@@ -163,7 +158,7 @@ class FGVC(ImageClassificationData):
             ids = sorted({i for name in JSON_FILES for i in self.read_json(name).values()})
             if len(ids) != self.num_classes:
                 raise DatasetError(
-                    f"{self.dataset_dir}: train.json, val.json and test.json hold {len(ids)} "
+                    f"{self.data_dir}: train.json, val.json and test.json hold {len(ids)} "
                     f"distinct class ids, but {self.dataset_key} has {self.num_classes} classes. "
                     "Check that the folder holds the VPT json splits of this dataset."
                 )
@@ -173,35 +168,14 @@ class FGVC(ImageClassificationData):
     def samples(self, name: str) -> list[Sample]:
         """The samples of one json file, labels remapped (no image checks)."""
         mapping, index = self.read_json(name), self.class_index
-        path, image_dir = os.path.join(self.dataset_dir, f"{name}.json"), self.image_dir
+        path, image_dir = os.path.join(self.data_dir, f"{name}.json"), self.image_dir
         return [
             Sample(os.path.join(image_dir, key), index[cls], f"{path} key {key!r}")
             for key, cls in mapping.items()
         ]
 
-    def build_split(self, split: Split) -> Dataset:
-        if self.protocol == "tune" and split == "test":
-            return self.raw_split("val")  # the same json: build and check it once
-        samples = [s for name in PROTOCOL_JSONS[self.protocol][split] for s in self.samples(name)]
-        kept = check_samples(
-            samples,
-            verify=self.verify_images,
-            skip_bad=self.skip_bad_images,
-            skipped=self._skipped,
-            cache=self._probed,
-            missing_hint=f" Json keys are relative to the image folder {self.image_dir}.",
-        )
-        self.skipped_images = len(self._skipped)
-        return ListDataset([(s.path, s.label) for s in kept], load_rgb)
+    def split_samples(self, split: Split) -> list[Sample]:
+        return [s for name in PROTOCOL_JSONS[self.protocol][split] for s in self.samples(name)]
 
     def describe(self) -> dict[str, Any]:
-        try:
-            data_dir = os.path.abspath(self.dataset_dir)
-        except DatasetError:
-            data_dir = None
-        return {
-            "protocol": self.protocol,
-            "benchmark": "fgvc",
-            "skipped_images": self.skipped_images,
-            "data_dir": data_dir,
-        }
+        return {"benchmark": "fgvc", **super().describe()}

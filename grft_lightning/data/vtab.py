@@ -17,10 +17,9 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable, Literal, NamedTuple
 
-from torch.utils.data import Dataset
-
-from grft_lightning.data.base import ImageClassificationData, ListDataset, Split
-from grft_lightning.data.folders import DatasetError, Sample, check_samples, load_rgb, resolve_root
+from grft_lightning.data.base import Split
+from grft_lightning.data.folders import DatasetError, Sample, resolve_root
+from grft_lightning.data.prepared import PreparedFolderData
 
 
 class VTABTask(NamedTuple):
@@ -111,7 +110,7 @@ def write_list_file(path: str, entries: Iterable[tuple[str, int]]) -> None:
             f.write(f"{rel} {int(label)}\n")
 
 
-class VTAB1k(ImageClassificationData):
+class VTAB1k(PreparedFolderData):
     """A VTAB-1k task from a prepared folder (NOAH/SSF/GPS layout, or data/prepare_vtab_tfds.py).
 
     Args:
@@ -145,19 +144,11 @@ class VTAB1k(ImageClassificationData):
         verify_images: bool = True,
         **kwargs,
     ):
-        super().__init__(**kwargs)
         if task not in VTAB_TASKS:
             raise ValueError(f"unknown VTAB-1k task {task!r}; valid tasks: {', '.join(VTAB_TASKS)}")
-        if protocol not in PROTOCOL_LISTS:
-            raise ValueError(f"data.protocol must be 'final' or 'tune', got {protocol!r}")
+        super().__init__(root, protocol, skip_bad_images, verify_images, **kwargs)
         self.task = task
-        self.root = root
-        self.protocol = protocol
         self.extraction = extraction
-        self.skip_bad_images = skip_bad_images
-        self.verify_images = verify_images
-        self._skipped: dict[str, str] = {}
-        self._probed: dict = {}
 
     @property
     def info(self) -> VTABTask:
@@ -171,8 +162,10 @@ class VTAB1k(ImageClassificationData):
     def dataset_name(self) -> str:
         return f"vtab/{self.task}"
 
+    missing_hint = " Paths in list files are relative to the task folder."
+
     @property
-    def task_dir(self) -> str:
+    def data_dir(self) -> str:
         """The task folder, ``<root>/<folder>`` or ``<root>/vtab-1k/<folder>``."""
         root = resolve_root(self.root, "VTAB_ROOT", LAYOUT)
         folder = self.info.folder
@@ -188,43 +181,21 @@ class VTAB1k(ImageClassificationData):
 
     def read_list(self, filename: str) -> list[Sample]:
         """Parse one of the task's list files (no image checks)."""
-        return read_list_file(os.path.join(self.task_dir, filename), self.num_classes, self.task)
+        return read_list_file(os.path.join(self.data_dir, filename), self.num_classes, self.task)
 
-    def build_split(self, split: Split) -> Dataset:
-        if self.protocol == "tune" and split == "test":
-            return self.raw_split("val")  # the same list file: build and check it once
-        samples = self.read_list(PROTOCOL_LISTS[self.protocol][split])
-        kept = check_samples(
-            samples,
-            verify=self.verify_images,
-            skip_bad=self.skip_bad_images,
-            skipped=self._skipped,
-            cache=self._probed,
-            missing_hint=" Paths in list files are relative to the task folder.",
-        )
-        self.skipped_images = len(self._skipped)
-        return ListDataset([(s.path, s.label) for s in kept], load_rgb)
+    def split_samples(self, split: Split) -> list[Sample]:
+        return self.read_list(PROTOCOL_LISTS[self.protocol][split])
 
     def recorded_extraction(self) -> str:
         """``extraction`` if set, else the note in the task folder, else ``unrecorded``."""
         if self.extraction:
             return self.extraction
         try:
-            with open(os.path.join(self.task_dir, EXTRACTION_FILE), encoding="utf-8") as f:
+            with open(os.path.join(self.data_dir, EXTRACTION_FILE), encoding="utf-8") as f:
                 return f.readline().strip() or "unrecorded"
         except (OSError, DatasetError):
             return "unrecorded"
 
     def describe(self) -> dict[str, Any]:
-        try:
-            data_dir = os.path.abspath(self.task_dir)
-        except DatasetError:
-            data_dir = None
-        return {
-            "task_group": self.info.group,
-            "protocol": self.protocol,
-            "benchmark": "vtab-1k",
-            "skipped_images": self.skipped_images,
-            "extraction": self.recorded_extraction(),
-            "data_dir": data_dir,
-        }
+        return {"task_group": self.info.group, "benchmark": "vtab-1k", **super().describe(),
+                "extraction": self.recorded_extraction()}
