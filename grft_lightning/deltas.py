@@ -10,9 +10,9 @@ the index buffers. Three kinds (methods.md, "How the tuned parameters are held")
 
 The optimizer only ever sees ``D``, and no kind forms the gradient of the full weight (GPS's
 only for a large ``k``). On a linear layer the three kinds share one autograd function
-(``_DeltaLinear``): ``W0 + delta`` is a temporary of the product, formed again in backward for
-the input gradient, so the layer costs one product each way like a frozen linear and keeps no
-weight-sized tensor between forward and backward. On a convolution, row and column deltas are
+(``_DeltaLinear``): rows and columns add a skinny correction to the frozen product in place,
+entries form ``W0 + delta`` as a temporary of the product (again in backward for the input
+gradient), so the layer keeps no weight-sized tensor between forward and backward. On a convolution, row and column deltas are
 extra small convolutions added in place to the base output. For a grouped or depthwise convolution
 a row is an output channel with its ``in/groups x kh x kw`` weights (the extra product gathers
 that group's input channels); a column is a position of the per-group fan-in and is applied to
@@ -262,10 +262,11 @@ ENTRY = 2  # _DeltaLinear's third kind: GPS's per-row entries (ROW and COLUMN ar
 class _DeltaLinear(torch.autograd.Function):
     """``y = x (W0 + delta)^T + b`` for a 2-D ``x``: one product each way, like a frozen linear.
 
-    The effective weight (rows ``W0[R] += D``, columns ``W0[:, C] += D`` or entries
-    ``scatter_add``) is a temporary of the product, formed again in backward for ``grad_x``, so
-    no weight-sized tensor outlives a layer's forward and the delta adds no output- or
-    input-sized pass. The delta's gradient reads only what it needs: ``grad[:, R]^T x`` (rows),
+    Rows and columns never form the effective weight: the frozen product ``x W0^T`` is corrected
+    in place by a skinny one (``y[:, R] += x D^T``, ``y += x[:, C] D^T``; in backward
+    ``grad_x += grad[:, R] D`` or ``grad_x[:, C] += grad D``), so no weight-sized temporary is
+    made at all. GPS's entries form ``W0.scatter_add(D)`` as a temporary of the product, again in
+    backward for ``grad_x``; no weight-sized tensor outlives a layer's forward. The delta's gradient reads only what it needs: ``grad[:, R]^T x`` (rows),
     ``grad^T x[:, C]`` (columns: only that slice of ``x`` is saved) or, for entries, gathers
     ``sum_n grad[n, i] x[n, index[i, j]]`` instead of the dense ``N * out * in`` product. Under
     autocast the products run in the autocast dtype and the saved input is in it, as for
@@ -278,10 +279,18 @@ class _DeltaLinear(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):
             x = x.to(dtype)
-            weight_ = _effective_weight(weight, delta, index, kind, dtype)
-            y = F.linear(x, weight_, None if bias is None else bias.to(dtype))
+            b = None if bias is None else bias.to(dtype)
+            x_c = x.index_select(1, index) if kind == COLUMN else None
+            if kind == ENTRY:
+                y = F.linear(x, _effective_weight(weight, delta, index, kind, dtype), b)
+            else:  # the frozen product, then a skinny correction added in place
+                y = F.linear(x, weight.to(dtype), b)
+                if kind == ROW:  # y[:, R] += x D^T
+                    y.index_add_(1, index, x.matmul(delta.to(dtype).t()))
+                else:  # y += x[:, C] D^T
+                    y.addmm_(x_c, delta.to(dtype).t())
         whole = kind != COLUMN or ctx.needs_input_grad[3]  # a trained W0 needs all of x
-        ctx.save_for_backward(x if whole else x.index_select(1, index), delta, index, weight)
+        ctx.save_for_backward(x if whole else x_c, delta, index, weight)
         ctx.kind, ctx.dtype, ctx.whole = kind, dtype, whole
         return y
 
@@ -291,7 +300,15 @@ class _DeltaLinear(torch.autograd.Function):
         kind, grad = ctx.kind, grad.to(ctx.dtype)
         grad_x = grad_delta = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad.matmul(_effective_weight(weight, delta, index, kind, ctx.dtype))
+            if kind == ENTRY:
+                grad_x = grad.matmul(_effective_weight(weight, delta, index, kind, ctx.dtype))
+            else:
+                d = delta.to(ctx.dtype)
+                grad_x = grad.matmul(weight.to(ctx.dtype))
+                if kind == ROW:  # + grad[:, R] D
+                    grad_x.addmm_(grad.index_select(1, index), d)
+                else:  # grad_x[:, C] += grad D
+                    grad_x.index_add_(1, index, grad.matmul(d))
         if ctx.needs_input_grad[1]:
             if kind == ROW:
                 grad_delta = grad.index_select(1, index).t().matmul(x)
