@@ -124,7 +124,7 @@ def load_tuned(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for layer_path, items in grouped.items():
         if layer_path not in layers:
             raise ValueError(f"{path}: delta for {layer_path} but the rebuilt model has no such delta layer")
-        layers[layer_path].import_tensors({k: v.to(layers[layer_path].delta.device) for k, v in items.items()})
+        layers[layer_path].import_tensors({k: v.to(layers[layer_path].selected.device) for k, v in items.items()})
     unselected = [p for p, layer in layers.items() if not layer._is_selected]
     if unselected:
         raise ValueError(f"{path}: no selection for {len(unselected)} delta layers (e.g. {unselected[0]}); "

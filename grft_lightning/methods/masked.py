@@ -82,11 +82,6 @@ class MaskedWeight(DeltaLayer):
     def merged_module(self) -> nn.Module:
         return self.base_layer
 
-    @property
-    def delta(self) -> torch.Tensor:
-        """The tensor this layer trains: here the weight itself (``load_tuned`` reads its device)."""
-        return self.base_layer.weight
-
     def export_tensors(self) -> dict[str, torch.Tensor]:
         # The selection as GPS's per-row indices; the trained weight is exported under param/.
         index = self.mask.view(self.out_features, -1).nonzero()[:, 1]
