@@ -237,6 +237,19 @@ def test_random_rows_is_seeded_and_within_budget():
         RandomRows(mode="auto")
 
 
+def test_random_rows_follows_the_run_seed_by_default(monkeypatch):
+    def pick(run_seed, seed=None):
+        monkeypatch.setenv("PL_GLOBAL_SEED", str(run_seed))
+        method = RandomRows(rows_per_matrix=2, exclude=[], seed=seed)
+        model = method.apply(Toy())
+        method.select(model)
+        return {name: layer.row_index.tolist() for name, layer in _layers(model).items()}
+
+    assert pick(3) == pick(3) == pick(0, seed=3)  # no seed: the run's seed
+    assert any(pick(s) != pick(0) for s in range(1, 5))
+    assert pick(1, seed=0) == pick(2, seed=0)  # an explicit seed wins
+
+
 # -- accumulate_gradients -------------------------------------------------------------------------
 def _batches(n=3, seed=0):
     gen = torch.Generator().manual_seed(seed)

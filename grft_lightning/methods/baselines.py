@@ -4,6 +4,7 @@ gradient rule, not the budget, makes the difference)."""
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import torch
@@ -66,7 +67,10 @@ class RandomRows(GRFT):
         tune_norm: train normalisation layers.
         regularization: ``none``, ``l2sp`` or ``feature`` (see GRFT).
         reg_lambda: weight of the regularizer.
-        seed: seed of the draw (one generator walks the layers in model order).
+        seed: seed of the draw (one generator walks the layers in model order). ``None`` (the
+            default) takes the run's seed (``seed_everything``, the same on every DDP rank), so
+            that seeds of a sweep draw different rows; the draw is saved in the checkpoint like
+            any selection.
     """
 
     needs_gradients = False
@@ -85,7 +89,7 @@ class RandomRows(GRFT):
         tune_norm: bool = False,
         regularization: Literal["none", "l2sp", "feature"] = "l2sp",
         reg_lambda: float = 1e-4,
-        seed: int = 0,
+        seed: int | None = None,
     ):
         if mode == "auto":
             raise ValueError("RandomRows.mode must be row or column")
@@ -95,7 +99,8 @@ class RandomRows(GRFT):
         self._generator: torch.Generator | None = None
 
     def select(self, model: nn.Module, grads: dict[str, torch.Tensor] | None = None, reselect: bool = False) -> None:
-        self._generator = torch.Generator().manual_seed(self.seed)
+        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        self._generator = torch.Generator().manual_seed(seed)
         super().select(model, grads, reselect)
 
     def select_layer(self, layer: StructuredDelta, grad: torch.Tensor | None) -> None:
