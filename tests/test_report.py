@@ -231,3 +231,7 @@ def test_json_rows(tables, runs_dir, tmp_path):
     path = tmp_path / "out" / "rows.json"
     assert report.main([str(runs_dir), "--out", str(tmp_path / "report"), "--json", str(path)]) == 0
     assert json.loads(path.read_text()) == json.loads(json.dumps(rows))
+    assert len(path.read_text().splitlines()) == len(rows) + 2  # one row per line
+    for task in ("mnist", "rotation"):  # per-task trade-off plots for the small families
+        assert (tmp_path / "report" / f"offline_tradeoff_{task}.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "report" / "vtab_tradeoff_dtd.png").exists()
