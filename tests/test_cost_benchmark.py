@@ -45,3 +45,20 @@ def _norm_state(rows) -> int:
     norm_params = (2 * depth + 1) * 2 * d
     tensors = (2 * depth + 1) * 2 + 2
     return 2 * 4 * (norm_params + d + tokens * d) + tensors * 4
+
+
+def test_saved_activations_table(tmp_path):
+    out = tmp_path / "saved"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "saved_activations.py"), "--model", "test_vit",
+                           "--batch", "2", "--methods", "full,linear,grft_row,grft_column", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = json.loads((tmp_path / "saved.json").read_text())["methods"]
+    total = {name: sum(per_node.values()) for name, per_node in saved.items()}
+    # a frozen backbone keeps almost nothing; row deltas keep every linear input, as full fine-tuning does;
+    # column deltas keep only their selected columns
+    assert total["linear"] < total["grft_column"] < total["grft_row"] <= total["full"]
+    assert "_DeltaLinearBackward" in saved["grft_row"] and "_DeltaLinearBackward" not in saved["full"]
+    nodes = set().union(*saved.values())
+    assert (tmp_path / "saved.md").read_text().count("\n| ") == 1 + len(nodes) + 1  # header, nodes, total

@@ -1,0 +1,112 @@
+"""What each tuning method makes autograd keep for backward, per node type (activation memory).
+
+    python benchmarks/saved_activations.py --out benchmarks/results/saved_activations_cpu
+    python benchmarks/saved_activations.py --model test_vit --batch 2   # seconds
+
+One forward pass (train mode, cross-entropy) of the same backbone, batch and seed per method;
+:func:`grft_lightning.profiling.saved_tensor_bytes` then adds up the tensors the graph holds,
+per autograd node type, leaving out parameters and buffers. Selections come from one batch of
+cross-entropy gradients (the indices do not change the sizes). This explains the activation
+part of ``benchmarks/cost.py``'s peak memory; the rest is weights, gradients, optimizer state
+and the temporaries of the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from cost import LABELS, build_method  # noqa: E402  (same method set and settings)
+
+DEFAULT_METHODS = ["full", "linear", "bitfit", "lora", "adapter", "gps", "grft_row", "grft_column"]
+MIB = 2**20
+
+
+def measure(name: str, model_name: str, batch: int, num_classes: int, seed: int) -> dict[str, int]:
+    import timm
+    import torch
+    import torch.nn.functional as F
+
+    from grft_lightning import accumulate_gradients
+    from grft_lightning.profiling import saved_tensor_bytes
+
+    torch.manual_seed(seed)
+    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes)
+    method = build_method(name)
+    method.apply(model)
+    size = model.pretrained_cfg["input_size"][-1]
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, size, size, generator=gen)
+    labels = torch.randint(0, num_classes, (batch,), generator=gen)
+
+    def loss_fn(m, b):
+        return F.cross_entropy(m(b[0]), b[1])
+
+    if method.needs_gradients:
+        model.eval()
+        method.select(model, accumulate_gradients(model, [(images, labels)], loss_fn))
+    model.train()
+    loss = loss_fn(model, (images, labels))
+    return saved_tensor_bytes(loss, model)
+
+
+def markdown(result: dict) -> str:
+    methods = list(result["methods"])
+    nodes: dict[str, int] = {}
+    for per_node in result["methods"].values():
+        for node, size in per_node.items():
+            nodes[node] = max(nodes.get(node, 0), size)
+    order = sorted(nodes, key=lambda n: -nodes[n])
+    lines = [
+        "# Activation memory per method (tensors saved for backward)",
+        "",
+        f"- backbone: `{result['model']}` (random weights, {result['num_classes']} classes); batch {result['batch']}; "
+        f"fp32; one forward in train mode; torch {result['torch']}",
+        "- MiB per autograd node type, parameters and buffers excluded; each storage counted once",
+        "",
+        "| node | " + " | ".join(LABELS.get(m, m) for m in methods) + " |",
+        "|---|" + "---:|" * len(methods),
+    ]
+    for node in order:
+        cells = [f"{result['methods'][m].get(node, 0) / MIB:.1f}" if result["methods"][m].get(node) else "–"
+                 for m in methods]
+        lines.append(f"| `{node}` | " + " | ".join(cells) + " |")
+    totals = [f"**{sum(result['methods'][m].values()) / MIB:.1f}**" for m in methods]
+    lines.append("| **total** | " + " | ".join(totals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    p.add_argument("--model", default="vit_base_patch16_224")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    result = {"model": args.model, "batch": args.batch, "num_classes": args.num_classes, "torch": torch.__version__,
+              "methods": {}}
+    for name in args.methods.split(","):
+        result["methods"][name] = measure(name, args.model, args.batch, args.num_classes, args.seed)
+        print(f"{name:12s} {sum(result['methods'][name].values()) / MIB:8.1f} MiB saved", file=sys.stderr, flush=True)
+    table = markdown(result)
+    print(table)
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out + ".json", "w") as f:
+            json.dump(result, f, indent=1)
+        with open(args.out + ".md", "w") as f:
+            f.write(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
