@@ -16,6 +16,7 @@ YAML by ``class_path``. On top of Lightning's behaviour this CLI:
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -27,9 +28,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from grft_lightning.callbacks import GradientSelection, RankSeed, RunClock
 from grft_lightning.data.base import ImageClassificationData
 from grft_lightning.export import save_tuned
-from grft_lightning.io import make_atomic_checkpoint_io
+from grft_lightning.io import make_atomic_checkpoint_io, remove_stale_temporaries
 from grft_lightning.module import PEFTModule
 from grft_lightning.results import build_results, git_sha, write_results
+
+_STARTED = time.time()  # temporaries older than this process are leftovers of a killed one
 
 
 class WandbOptions:
@@ -136,6 +139,9 @@ class GRFTCLI(LightningCLI):
         if cfg.get("ckpt_path") is not None:
             return
         run_dir = self.run_dir()
+        for folder in (run_dir, run_dir / "checkpoints"):  # leftovers of a hard kill during a save
+            for path in remove_stale_temporaries(folder, older_than=_STARTED):
+                rank_zero_info(f"removed {path}: an unfinished save of an earlier, killed process")
         # The newest of last.ckpt and the checkpoint Lightning's SLURM plugin saves on SIGUSR1.
         found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
         if found:

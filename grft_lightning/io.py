@@ -33,6 +33,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
             os.unlink(tmp)
 
 
+def remove_stale_temporaries(folder: str | os.PathLike, older_than: float) -> list[Path]:
+    """Delete what a hard kill during :func:`atomic_path` leaves behind in ``folder``.
+
+    Only hidden ``.<name>.<random>.tmp`` files last modified before ``older_than`` (a
+    ``time.time()``, e.g. when this process started) are removed, so a save in progress in
+    another live process of the same job is never touched. Returns the removed paths.
+    """
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in folder.glob(".*.tmp"):
+        try:
+            if path.is_file() and path.stat().st_mtime < older_than:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:  # another rank removed it first
+            continue
+    return removed
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)

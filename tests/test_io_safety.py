@@ -170,3 +170,22 @@ def test_the_cli_refuses_a_damaged_last_checkpoint_naming_it(tmp_path):
             "--trainer.enable_progress_bar", "false", "--wandb.mode", "disabled", "--run_dir", str(run)]
     with pytest.raises(ValueError, match=re.escape(str(run / "checkpoints" / "last.ckpt"))):
         cli_main(args)
+
+
+def test_leftovers_of_a_killed_save_are_removed_and_live_ones_kept(tmp_path):
+    from grft_lightning.io import remove_stale_temporaries
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "last.ckpt").write_bytes(b"good")
+    stale = folder / ".last.ckpt.ab12cd.tmp"  # what atomic_path names its temporary
+    stale.write_bytes(b"half")
+    os.utime(stale, (1000.0, 1000.0))
+    live = folder / ".last.ckpt.ef34gh.tmp"  # another process's save in progress
+    live.write_bytes(b"writing")
+    other = folder / "notes.tmp"  # not hidden: not ours
+    other.write_bytes(b"x")
+    os.utime(other, (1000.0, 1000.0))
+    assert remove_stale_temporaries(folder, older_than=2000.0) == [stale]
+    assert sorted(p.name for p in folder.iterdir()) == [".last.ckpt.ef34gh.tmp", "last.ckpt", "notes.tmp"]
+    assert remove_stale_temporaries(tmp_path / "absent", older_than=2000.0) == []

@@ -72,9 +72,15 @@ def test_killed_mid_epoch_and_restarted_equals_uninterrupted(tmp_path):
     assert not list(killed.rglob("*.tmp"))  # killed between saves: no temporary file left behind
     finish(reference, tmp_path / "whole.log")
 
+    # what a kill in the middle of a save would have left: removed by the restart
+    leftover = last.parent / ".last.ckpt.x1y2z3.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    os.utime(leftover, (time.time() - 60, time.time() - 60))
+
     # the same command again: resumes from last.ckpt
     restart = start(_command(killed), tmp_path / "killed.log")
     finish(restart, tmp_path / "killed.log")
+    assert not leftover.exists() and f"removed {leftover}" in (tmp_path / "killed.log").read_text()
     print(f"three runs in {time.perf_counter() - started:.1f} s")
     log = (tmp_path / "killed.log").read_text()
     assert f"resuming from {last}" in log
