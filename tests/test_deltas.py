@@ -110,6 +110,8 @@ def test_delta_forward_and_gradient_equal_dense(kind, layer_name):
     (y_ref * g_out).sum().backward()
     assert (delta.delta.grad - _gather(kind, delta, weight.grad)).abs().max() < 1e-5
     assert (x1.grad - x2.grad).abs().max() < 1e-5
+    if layer.bias is not None:  # a trained bias gets the same gradient as a plain layer's
+        assert (delta.base_layer.bias.grad - layer.bias.grad).abs().max() < 1e-5
     # the pre-trained weight is frozen and never receives a gradient
     assert not delta.base_layer.weight.requires_grad and delta.base_layer.weight.grad is None
     assert torch.equal(delta.base_layer.weight, w0)
@@ -237,10 +239,11 @@ def test_torch_compile_matches_eager(tiny_vit):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("model_name", ["tiny_vit", "tiny_cnn"])
 @pytest.mark.parametrize("kind", list(METHODS))
-def test_deltas_trace_in_one_graph(tiny_vit, kind):
+def test_deltas_trace_in_one_graph(request, model_name, kind):
     method = METHODS[kind]()
-    model = method.apply(tiny_vit)
+    model = method.apply(request.getfixturevalue(model_name))
     _random_selection(model, method)
     x = torch.randn(2, 3, 32, 32)
     ref = model(x)
