@@ -9,17 +9,15 @@ the index buffers. Three kinds (methods.md, "How the tuned parameters are held")
 * per-row index entries (GPS): ``W = W0 + scatter(D)`` for the selected ``(row, col)`` pairs.
 
 The optimizer only ever sees ``D``, and no kind forms the gradient of the full weight (GPS's
-only for a large ``k``, and on convolutions). On a linear layer the three kinds share one
-autograd function (``_DeltaLinear``): rows and columns add a skinny correction to the frozen
-product in place, entries form ``W0 + delta`` as a temporary of the product (again in backward
-for the input gradient), so the layer keeps no weight-sized tensor between forward and backward.
-On a convolution, rows and columns share ``_DeltaConv``: one convolution with the effective
-kernel each way (kernels are small), and the kernel gradient of the selected rows or columns
-only. For a grouped or depthwise convolution a row is an output channel with its
-``in/groups x kh x kw`` weights (its gradient reads only that group's input channels); a column
-is a position of the per-group fan-in and is applied to every group (its gradient is taken from
-the kernel gradient, which for depthwise convolutions is tiny). ``merge`` folds ``W0 + delta``
-back into a plain layer.
+only for a large ``k``). On a linear layer the three kinds share one autograd function
+(``_DeltaLinear``): rows and columns add a skinny correction to the frozen product in place,
+entries form ``W0 + delta`` as a temporary of the product (again in backward for the input
+gradient), so the layer keeps no weight-sized tensor between forward and backward. On a convolution, row and column deltas are
+extra small convolutions added in place to the base output. For a grouped or depthwise convolution
+a row is an output channel with its ``in/groups x kh x kw`` weights (the extra product gathers
+that group's input channels); a column is a position of the per-group fan-in and is applied to
+every group through a dense kernel (the kernel gradient is then the size of the weight, which for
+depthwise convolutions is tiny). ``merge`` folds ``W0 + delta`` back into a plain layer.
 """
 
 from __future__ import annotations
@@ -87,6 +85,10 @@ class DeltaLayer(nn.Module, metaclass=abc.ABCMeta):
     def mark_selected(self) -> None:
         self.selected.fill_(True)
         self._is_selected = True
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+        conv = self.base_layer
+        return F.conv2d(x, weight.to(x.dtype), None, conv.stride, conv.padding, conv.dilation, groups)
 
     # -- what a kind provides -----------------------------------------------------------------
     @abc.abstractmethod
@@ -188,11 +190,38 @@ class StructuredDelta(DeltaLayer):
             base = self.base_layer
             y = _DeltaLinear.apply(x.reshape(-1, x.shape[-1]), delta, index, base.weight, base.bias, self._axis)
             return y.view(*x.shape[:-1], y.shape[-1])
-        rows = self._axis == ROW
-        delta, index = (self.row_delta(), self.row_index) if rows else (self.column_delta(), self.col_index)
+        y = self.base_layer(x)
+        # In place on the base output: conv does not need its output for backward, so no
+        # second output-sized tensor is kept per layer.
+        return self._add_rows(x, y) if self._axis == ROW else self._add_columns(x, y)
+
+    def _add_rows(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        rows, d = self.row_index, self.row_delta()
         conv = self.base_layer
-        return _DeltaConv.apply(x, delta, index, conv.weight, conv.bias, self._axis,
-                                (conv.stride, conv.padding, conv.dilation, conv.groups))
+        kernel = d.view(len(rows), *conv.weight.shape[1:])
+        if conv.groups == 1:
+            extra = self._conv(x, kernel, 1)
+        else:  # each selected output channel reads only its own group's input channels
+            per_group_out, per_group_in = conv.out_channels // conv.groups, conv.in_channels // conv.groups
+            first = (rows // per_group_out) * per_group_in
+            channels = (first[:, None] + torch.arange(per_group_in, device=rows.device)).reshape(-1)
+            extra = self._conv(x.index_select(1, channels), kernel, len(rows))
+        return y.index_add_(1, rows, extra.to(y.dtype))
+
+    def _add_columns(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cols, d = self.col_index, self.column_delta()
+        conv = self.base_layer
+        kh, kw = conv.kernel_size
+        if conv.groups == 1:
+            # One input channel per selected column; a kernel that is zero except at its position.
+            channels, position = cols // (kh * kw), cols % (kh * kw)
+            kernel = d.new_zeros(conv.out_channels, len(cols), kh * kw)
+            kernel = _scatter_positions(kernel, position, d)
+            extra = self._conv(x.index_select(1, channels), kernel.view(conv.out_channels, len(cols), kh, kw), 1)
+        else:
+            kernel = d.new_zeros(conv.out_channels, self.fan_in).index_add(1, cols, d)
+            extra = self._conv(x, kernel.view_as(conv.weight), conv.groups)
+        return y.add_(extra.to(y.dtype))
 
     def dense_delta(self) -> torch.Tensor:
         out, fin = self.out_features, self.fan_in
@@ -219,6 +248,12 @@ class StructuredDelta(DeltaLayer):
         with torch.no_grad():
             target = self.row_delta() if axis == ROW else self.column_delta()
             target.copy_(tensors["delta"].to(target.dtype))
+
+
+def _scatter_positions(kernel: torch.Tensor, position: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """kernel[:, j, position[j]] = d[:, j] for every selected column j (out of place)."""
+    onehot = F.one_hot(position, kernel.shape[-1]).to(d.dtype)  # (c, kh*kw)
+    return kernel + d[:, :, None] * onehot[None]
 
 
 ENTRY = 2  # _DeltaLinear's third kind: GPS's per-row entries (ROW and COLUMN are GRFT's)
@@ -290,72 +325,6 @@ class _DeltaLinear(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_bias = grad.float().sum(0)
         return grad_x, grad_delta, None, grad_weight, grad_bias, None
-
-
-class _DeltaConv(torch.autograd.Function):
-    """A convolution with rows ``W0[R] + D`` or columns ``W0[:, C] + D``: one convolution each way.
-
-    Forward and the input gradient run one convolution with the effective weight (a temporary
-    the size of the kernel, small for convolutions; the frozen convolution keeps its input for
-    backward anyway, so saving it here costs nothing more). The delta's gradient is the kernel
-    gradient of the selected part only: rows, ``grad[:, R]`` against the input (for a grouped
-    convolution, against each selected channel's own group of input channels); columns of a
-    dense convolution, ``grad`` against the selected input channels only, then the selected
-    kernel positions; columns of a grouped convolution (the per-group fan-in, applied to every
-    group), the kernel gradient, which for depthwise convolutions is tiny, then the columns.
-    Under autocast the convolutions run in the autocast dtype, as ``F.conv2d`` does.
-    """
-
-    @staticmethod
-    def forward(ctx, x, delta, index, weight, bias, kind, geometry):
-        stride, padding, dilation, groups = geometry
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        with torch.autocast(device, enabled=False):
-            x = x.to(dtype)
-            w = _effective_weight(weight.flatten(1), delta, index, kind, dtype).view_as(weight)
-            y = F.conv2d(x, w, None if bias is None else bias.to(dtype), stride, padding, dilation, groups)
-        ctx.save_for_backward(x, delta, index, weight)
-        ctx.kind, ctx.geometry, ctx.dtype, ctx.has_bias = kind, geometry, dtype, bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, delta, index, weight = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.geometry
-        grad, kind = grad.to(ctx.dtype), ctx.kind
-        grad_x = grad_delta = grad_weight = grad_bias = None
-
-        def kernel_grad(g, source, shape, n_groups):
-            empty = weight.new_empty(shape, dtype=ctx.dtype)  # only its shape is read
-            return torch.ops.aten.convolution_backward(g, source, empty, None, stride, padding, dilation, False,
-                                                       [0, 0], n_groups, [False, True, False])[1]
-
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
-            w = _effective_weight(weight.flatten(1), delta, index, kind, ctx.dtype).view_as(weight)
-            grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-                grad, x, w, None, stride, padding, dilation, False, [0, 0], groups,
-                [ctx.needs_input_grad[0], ctx.needs_input_grad[3], False])
-            grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
-        if ctx.needs_input_grad[1]:
-            out, per_group_in = weight.shape[0], weight.shape[1]
-            if kind == ROW and groups == 1:
-                grad_delta = kernel_grad(grad.index_select(1, index), x, (len(index), *weight.shape[1:]), 1)
-            elif kind == ROW:  # each selected channel against its own group's input channels
-                first = (index // (out // groups)) * per_group_in
-                channels = (first[:, None] + torch.arange(per_group_in, device=index.device)).reshape(-1)
-                grad_delta = kernel_grad(grad.index_select(1, index), x.index_select(1, channels),
-                                         (len(index), *weight.shape[1:]), len(index))
-            elif groups == 1:  # only the input channel each column reads, then its position
-                positions = weight.shape[2] * weight.shape[3]
-                part = kernel_grad(grad, x.index_select(1, index // positions), (out, len(index), *weight.shape[2:]), 1)
-                grad_delta = part.flatten(2)[:, torch.arange(len(index), device=index.device), index % positions]
-            else:
-                grad_delta = kernel_grad(grad, x, tuple(weight.shape), groups).flatten(1)[:, index]
-            grad_delta = grad_delta.reshape(delta.shape).to(delta.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[4]:
-            grad_bias = grad.float().sum((0, 2, 3))
-        return grad_x, grad_delta, None, grad_weight, grad_bias, None, None
 
 
 def _effective_weight(weight: torch.Tensor, delta: torch.Tensor, index: torch.Tensor, kind: int,
