@@ -68,9 +68,9 @@ class RandomRows(GRFT):
         regularization: ``none``, ``l2sp`` or ``feature`` (see GRFT).
         reg_lambda: weight of the regularizer.
         seed: seed of the draw (one generator walks the layers in model order). ``None`` (the
-            default) takes the run's seed (``seed_everything``, the same on every DDP rank), so
-            that seeds of a sweep draw different rows; the draw is saved in the checkpoint like
-            any selection.
+            default) takes the run's seed (``seed_everything``, the same on every DDP rank; 0
+            outside a seeded run), so that seeds of a sweep draw different rows; the draw is
+            saved in the checkpoint like any selection.
     """
 
     needs_gradients = False
