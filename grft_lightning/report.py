@@ -2,6 +2,7 @@
 
     python -m grft_lightning.report RUNS_DIR [--out DIR] [--reference benchmarks/reference.yaml]
                                              [--json PATH] [--wandb]
+                                             [--compare A:B [A:B ...]] [--compare-json PATH]
 
 Reads every ``results.json`` under ``RUNS_DIR`` (recursively; keys in docs/INTERFACES.md), groups
 the runs by (benchmark family, dataset, method) and writes, per family, ``<family>.md``,
@@ -30,7 +31,13 @@ Definitions (the only place they are made; tables, CSV and plots all use them):
   ``{"family", "task", "method", "acc_mean", "acc_std", "tuned_pct", "seeds"}``, accuracy as a
   fraction (the table's percent / 100, ``acc_std`` null for one seed or an aggregate whose seeds
   do not align), ``tuned_pct`` in percent (per task: the mean over its runs; per aggregate: the
-  row's Tuned %), ``seeds`` the sorted seeds (of an aggregate: those every task of the row has).
+  row's Tuned %), ``seeds`` the sorted seeds (of an aggregate: those every task of the row has),
+  ``acc_per_seed`` ``{seed: accuracy fraction}`` (of an aggregate: the per-seed mean over tasks, for
+  the common seeds).
+- ``--compare A:B``: paired comparisons of method A against method B on every task and on the
+  family's mean (``grft_lightning.stats``: mean difference, 95 % interval, paired t-test, Holm's
+  adjustment over the table's comparisons), printed, written to ``comparisons.md`` and appended
+  to ``report.md``; ``--compare-json`` writes them as rows.
 
 Reference rows (``--reference``) are published numbers, marked "(reported)"; columns they do not
 give stay blank.
@@ -50,6 +57,7 @@ import yaml
 
 from grft_lightning.data.fgvc import FGVC_DATASETS as _FGVC
 from grft_lightning.data.vtab import VTAB_TASKS as _VTAB
+from grft_lightning.stats import Paired, comparisons_markdown, holm, paired
 
 #: Group title -> task config names, in the standard column order (from grft_lightning.data.vtab).
 VTAB_GROUPS: dict[str, list[str]] = {
@@ -104,6 +112,7 @@ class Table:
     aggregates: list[str]
     rows: list[Row] = field(default_factory=list)
     footnotes: list[str] = field(default_factory=list)
+    members: dict[str, list[str]] = field(default_factory=dict)  # aggregate -> the columns it averages
 
     @property
     def columns(self) -> list[str]:
@@ -222,7 +231,7 @@ def summarize(results: list[dict]) -> dict[str, Table]:
     for family in sorted(runs, key=lambda f: (f not in FAMILY_TITLES, f != "vtab", f)):
         present = {task for by_task in runs[family].values() for task in by_task}
         tasks, aggregates = _layout(family, present)
-        table = Table(family, tasks, [name for name, _ in aggregates])
+        table = Table(family, tasks, [name for name, _ in aggregates], members=dict(aggregates))
         table.rows = [_method_row(method, runs[family][method], tasks, aggregates)
                       for method in sorted(runs[family])]
         standard = {"vtab": VTAB_TASKS, "fgvc": FGVC_DATASETS}.get(family, tasks)
@@ -305,11 +314,43 @@ def json_rows(tables: dict[str, Table]) -> list[dict]:
                     continue
                 aggregate_column = column in table.aggregates
                 tuned = row.tuned_pct if aggregate_column else cell.tuned_pct
+                per_seed = _seed_scores(table, row, column)
                 rows.append({
                     "family": family, "task": column, "method": row.method,
                     "acc_mean": cell.mean / 100.0, "acc_std": None if cell.std is None else cell.std / 100.0,
-                    "tuned_pct": tuned, "seeds": common if aggregate_column else sorted(cell.per_seed)})
+                    "tuned_pct": tuned, "seeds": common if aggregate_column else sorted(cell.per_seed),
+                    "acc_per_seed": {str(seed): value / 100.0 for seed, value in sorted(per_seed.items())}})
     return rows
+
+
+def _seed_scores(table: Table, row: Row, column: str) -> dict[int, float]:
+    """Percent per seed of a task cell; of an aggregate, the mean over its members for the seeds
+    every member has (the pairing unit of ``--compare``); empty if a member is missing."""
+    members = table.members.get(column)
+    if members is None:
+        return dict(row.cells[column].per_seed) if column in row.cells else {}
+    scores = [_seed_scores(table, row, member) for member in members]
+    if not scores or any(not score for score in scores):
+        return {}
+    seeds = set.intersection(*(set(score) for score in scores))
+    return {s: statistics.fmean(score[s] for score in scores) for s in sorted(seeds)}
+
+
+def compare(table: Table, pairs: list[tuple[str, str]]) -> list[Paired]:
+    """Paired comparisons ``A - B`` on every task both methods ran and on the mean of all the
+    table's tasks (``Mean`` / ``Mean (19 tasks)``), with Holm's adjustment over the list."""
+    rows = {row.method: row for row in table.rows if not row.reported}
+    overall = MEAN_19 if table.family == "vtab" else MEAN
+    out = []
+    for a, b in pairs:
+        missing = [m for m in (a, b) if m not in rows]
+        if missing:
+            raise ValueError(f"--compare {a}:{b}: no runs of {', '.join(missing)} in {table.family} "
+                             f"(methods: {', '.join(sorted(rows))})")
+        for column in [t for t in table.tasks if t in rows[a].cells and t in rows[b].cells] + [overall]:
+            out.append(paired(_seed_scores(table, rows[a], column), _seed_scores(table, rows[b], column), a, b, column))
+    holm(out)
+    return out
 
 
 def write_report(tables: dict[str, Table], out: str | Path) -> list[Path]:
@@ -351,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", help="YAML of published rows, e.g. "
                         "benchmarks/reference.yaml")
     parser.add_argument("--json", help="also write the measured cells as JSON rows to this file")
+    parser.add_argument("--compare", nargs="+", default=[], metavar="A:B",
+                        help="paired comparisons of method A against method B (seeds paired)")
+    parser.add_argument("--compare-json", help="also write the comparisons as JSON rows to this file")
     parser.add_argument("--wandb", action="store_true", help="also log the tables to W&B")
     parser.add_argument("--wandb-project", default="grft-lightning")
     args = parser.parse_args(argv)
@@ -359,9 +403,33 @@ def main(argv: list[str] | None = None) -> int:
     if not results and not args.reference:
         parser.error(f"no results.json under {args.runs_dir}")
     tables = summarize(results)
+    pairs = []
+    for spec in args.compare:
+        a, sep, b = spec.partition(":")
+        if not (sep and a and b):
+            parser.error(f"--compare {spec}: expected METHOD_A:METHOD_B, e.g. grft_row:random_rows")
+        pairs.append((a, b))
+    try:
+        comparisons = {family: compare(table, pairs) for family, table in tables.items()} if pairs else {}
+    except ValueError as err:
+        parser.error(str(err))
     if args.reference:
         add_reference(tables, args.reference)
-    written = write_report(tables, args.out or Path(args.runs_dir) / "report")
+    out = Path(args.out or Path(args.runs_dir) / "report")
+    written = write_report(tables, out)
+    if comparisons:
+        text = "\n".join(comparisons_markdown(c, f"Paired comparisons ({FAMILY_TITLES.get(f, f)})")
+                         for f, c in comparisons.items())
+        (out / "comparisons.md").write_text(text)
+        with open(out / "report.md", "a") as handle:
+            handle.write("\n" + text)
+        written.append(out / "comparisons.md")
+        print(text)
+    if args.compare_json:
+        rows = [{"family": f, **c.to_dict()} for f, cs in comparisons.items() for c in cs]
+        Path(args.compare_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.compare_json).write_text(json.dumps(rows, indent=1) + "\n")
+        written.append(Path(args.compare_json))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         lines = ",\n".join(" " + json.dumps(row) for row in json_rows(tables))  # one row per line

@@ -218,7 +218,8 @@ def test_json_rows(tables, runs_dir, tmp_path):
     assert set(offline) == {("mnist", "grft"), ("rotation", "grft"), (MEAN, "grft"), ("mnist", "gps")}
     assert offline[("mnist", "grft")] == {"family": "offline", "task": "mnist", "method": "grft",
                                           "acc_mean": pytest.approx(0.9), "acc_std": None,
-                                          "tuned_pct": pytest.approx(1.0), "seeds": [0]}
+                                          "tuned_pct": pytest.approx(1.0), "seeds": [0],
+                                          "acc_per_seed": {"0": pytest.approx(0.9)}}
     assert offline[(MEAN, "grft")]["acc_mean"] == pytest.approx(0.7)
     assert offline[(MEAN, "grft")]["seeds"] == [0]
     dtd = next(r for r in rows if r["task"] == "dtd" and r["method"] == "gps")
@@ -226,6 +227,8 @@ def test_json_rows(tables, runs_dir, tmp_path):
     assert dtd["tuned_pct"] == pytest.approx(0.4) and dtd["seeds"] == [0, 1, 2]
     natural = next(r for r in rows if r["task"] == "Natural" and r["method"] == "gps")
     assert natural["tuned_pct"] == pytest.approx(0.22) and natural["seeds"] == [0, 1, 2]
+    assert natural["acc_per_seed"] == {"0": pytest.approx(4.80 / 7), "1": pytest.approx(4.88 / 7),
+                                       "2": pytest.approx(4.99 / 7)}
     assert not any(r["task"] == "Specialized" and r["method"] == "gps" for r in rows)  # blank cell
 
     path = tmp_path / "out" / "rows.json"
