@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from typing import Literal
 
 import lightning as L
@@ -49,6 +50,12 @@ class PEFTModule(L.LightningModule):
             during training).
         channels_last: hold 4-D weights channels-last, so convolutions run in NHWC (on the CPU
             about 2x faster training for MobileNetV2; no effect on a ViT's linear layers).
+        check_finite_every_n_batches: how often the training loss is checked for NaN/inf on the
+            host. Every batch's loss is checked on its device (no host sync); the outcome is read
+            every this many training batches, at each epoch's end and before each checkpoint is
+            written, and a non-finite loss stops training with an error naming the global step
+            of the first one and the last finite loss before it. 1 reads it every batch (one
+            device sync per batch on a GPU).
     """
 
     def __init__(
@@ -73,8 +80,11 @@ class PEFTModule(L.LightningModule):
         ema_decay: float | None = None,
         freeze_norm_stats: bool = False,
         channels_last: bool = False,
+        check_finite_every_n_batches: int = 50,
     ):
         super().__init__()
+        if check_finite_every_n_batches < 1:
+            raise ValueError(f"check_finite_every_n_batches must be >= 1, got {check_finite_every_n_batches}")
         self.save_hyperparameters(ignore=["method", "optimizer", "scheduler"])
         # Plain data only in the checkpoint (loadable with weights_only=True).
         self.hparams["method_config"] = {"class_path": method.class_path(), "init_args": method.config()}
@@ -92,7 +102,9 @@ class PEFTModule(L.LightningModule):
         self.mixup_fn = self._make_mixup(num_classes)
         self.ema: dict[str, torch.Tensor] | None = None
         self.selection_seconds = 0.0
-        self._last_finite_loss: float | None = None
+        # Device-side record of the training loss (see _check_finite), created at the first step.
+        self._finite_state: dict[str, torch.Tensor] | None = None
+        self._finite_batches = 0
 
     # -- model ------------------------------------------------------------------------------
     def _make_mixup(self, num_classes: int):
@@ -138,13 +150,52 @@ class PEFTModule(L.LightningModule):
         return total
 
     def _check_finite(self, loss: torch.Tensor) -> None:
-        value = float(loss.detach())
-        if not torch.isfinite(torch.tensor(value)):
-            raise FloatingPointError(
-                f"non-finite training loss ({value}) at global step {self.global_step} "
-                f"(epoch {self.current_epoch}); last finite loss: {self._last_finite_loss}. "
-                "Lower the learning rate or check the data.")
-        self._last_finite_loss = value
+        """Record this batch's loss on its device; every ``check_finite_every_n_batches`` calls,
+        read the record on the host (:meth:`_raise_if_non_finite`)."""
+        self._record_loss(loss)
+        self._finite_batches += 1
+        if self._finite_batches % self.hparams.check_finite_every_n_batches == 0:
+            self._raise_if_non_finite()
+
+    def _record_loss(self, loss: torch.Tensor) -> None:
+        """Update, without a host sync, the last finite loss and the first non-finite one (its
+        value, global step and epoch). Python numbers enter only as kernel arguments."""
+        loss = loss.detach().float()
+        state = self._finite_state
+        if state is None:
+            state = self._finite_state = {
+                "last_finite": torch.full((), float("nan"), device=loss.device),  # nan: none yet
+                "bad_value": torch.zeros((), device=loss.device),
+                "bad_step": torch.full((), -1, dtype=torch.long, device=loss.device),  # -1: none yet
+                "bad_epoch": torch.zeros((), dtype=torch.long, device=loss.device),
+            }
+        clean = state["bad_step"] < 0
+        finite = torch.isfinite(loss)
+        first_bad = clean & ~finite
+        state["last_finite"] = torch.where(clean & finite, loss, state["last_finite"])
+        state["bad_value"] = torch.where(first_bad, loss, state["bad_value"])
+        state["bad_epoch"].masked_fill_(first_bad, self.current_epoch)
+        state["bad_step"].masked_fill_(first_bad, self.global_step)
+
+    def _raise_if_non_finite(self) -> None:
+        """Read the device-side record (one host sync) and raise if a loss was NaN/inf."""
+        state = self._finite_state
+        if state is None:
+            return
+        step = int(state["bad_step"])
+        if step < 0:
+            return
+        last = float(state["last_finite"])
+        raise FloatingPointError(
+            f"non-finite training loss ({float(state['bad_value'])}) at global step {step} "
+            f"(epoch {int(state['bad_epoch'])}); last finite loss: {None if math.isnan(last) else last}. "
+            "Lower the learning rate or check the data.")
+
+    def on_train_start(self) -> None:
+        self._finite_state, self._finite_batches = None, 0
+
+    def on_train_epoch_end(self) -> None:
+        self._raise_if_non_finite()
 
     def _eval_step(self, batch, metric: MulticlassAccuracy, stage: str) -> None:
         images, labels = batch
@@ -165,6 +216,13 @@ class PEFTModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.method.on_before_optimizer_step(self.model)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        # The closure (training_step, backward, on_before_optimizer_step) runs inside step();
+        # the method's after-step hook runs once the step is done. Lightning calls this only on
+        # batches that step (not on those that only accumulate gradients).
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.method.on_after_optimizer_step(self.model)
 
     # -- optimizer --------------------------------------------------------------------------
     def parameter_groups(self) -> list[dict]:
@@ -240,6 +298,7 @@ class PEFTModule(L.LightningModule):
 
     # -- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._raise_if_non_finite()  # never write weights trained on a non-finite loss
         if self.ema is not None:
             checkpoint["ema"] = {k: v.cpu() for k, v in self.ema.items()}
         checkpoint["selection_seconds"] = self.selection_seconds

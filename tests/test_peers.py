@@ -61,7 +61,8 @@ def _original(name: str) -> str:
 
 
 def _train(model, method, size=32, weight_decay=0.5):
-    """Select (GPSMasked) and take 3 AdamW steps; returns the gradients used for the selection."""
+    """Select (GPSMasked) and take 3 AdamW steps in a plain loop, calling the method's hooks around
+    each step; returns the gradients used for the selection."""
     grads = None
     if method.needs_gradients:
         grads = accumulate_gradients(model, _batches(1, seed=1, size=size), _ce)
@@ -72,6 +73,7 @@ def _train(model, method, size=32, weight_decay=0.5):
         _ce(model, batch).backward()
         method.on_before_optimizer_step(model)
         opt.step()
+        method.on_after_optimizer_step(model)
     return grads
 
 
@@ -108,9 +110,13 @@ def _check_only_tuned_moved(model, pre, method, grads):
             moved = (new != old) & mask
             assert moved.sum() >= 0.9 * mask.sum(), f"{key}: only {int(moved.sum())}/{int(mask.sum())} tuned entries moved"
     assert added > 0 or isinstance(method, GPSMasked)
-    for (name, old), new in zip(pre.named_buffers(), [b for n, b in model.named_buffers() if "mask" not in n
-                                                        and not n.endswith(".selected")]):
-        assert torch.equal(old, new), name
+    # Buffers by name: the pre-trained model's (BatchNorm statistics) are all there, unchanged; the
+    # only others are the selection a method adds (GPSMasked's mask and selected flag).
+    own = {_original(n): b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] not in ("mask", "selected")}
+    pre_buffers = dict(pre.named_buffers())
+    assert own.keys() == pre_buffers.keys()
+    for name, old in pre_buffers.items():
+        assert torch.equal(old, own[name]), name
 
 
 @pytest.mark.parametrize("method_name", list(METHODS))
@@ -149,6 +155,37 @@ def test_gps_masked_weight_decay_moves_unselected_entries_unless_restored(tiny_v
         old = tiny_vit.blocks[0].attn.qkv.weight
         results[(restore, decay)] = bool((layer.base_layer.weight != old)[~layer.mask].any())
     assert results == {(False, 0.5): True, (False, 0.0): False, (True, 0.5): False}
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.5),  # decoupled decay
+    lambda params: torch.optim.SGD(params, lr=1e-1, momentum=0.9, weight_decay=0.5),  # decay inside the gradient
+], ids=["adamw", "sgd_momentum"])
+def test_gps_masked_restore_is_exact_from_the_first_step_in_a_plain_loop(tiny_vit, make_optimizer):
+    model, method = copy.deepcopy(tiny_vit), GPSMasked(k=1, restore_unselected=True)
+    method.apply(model)
+    method.select(model, accumulate_gradients(model, _batches(1, seed=1), _ce))
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad])
+    before = {name: p.detach().clone() for name, p in tiny_vit.named_parameters()}
+    for step, batch in enumerate(_batches(3, seed=2)):
+        opt.zero_grad()
+        _ce(model, batch).backward()
+        method.on_before_optimizer_step(model)
+        opt.step()
+        method.on_after_optimizer_step(model)
+        for _, layer in delta_layers(model):
+            weight, old = layer.base_layer.weight.detach(), before[f"{layer.original_name}.weight"]
+            assert torch.equal(weight[~layer.mask], old[~layer.mask]), f"step {step}: {layer.original_name}"
+            assert bool((weight != old)[layer.mask].all()), f"step {step}: {layer.original_name}"
+            assert layer._saved is None  # the copy lives only from one hook to the other
+
+
+def test_gps_masked_after_step_hook_needs_the_before_step_hook(tiny_vit):
+    plain, method = GPSMasked(k=1), GPSMasked(k=1, restore_unselected=True)
+    plain.on_after_optimizer_step(plain.apply(copy.deepcopy(tiny_vit)))  # nothing to restore: a no-op
+    method.apply(tiny_vit)
+    with pytest.raises(RuntimeError, match=r"on_before_optimizer_step\(model\) after backward\(\)"):
+        method.on_after_optimizer_step(tiny_vit)
 
 
 # -- counts (hand-computed from the layer shapes above) ----------------------------------------------

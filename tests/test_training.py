@@ -81,19 +81,60 @@ def test_checkpoint_of_another_budget_is_refused(tmp_path):
                            method_args='{"mode": "row", "rows_per_matrix": 3}'))
 
 
-@pytest.mark.parametrize("method", ["GPS", "Full", "Linear", "BitFit", "RandomRows"])
-def test_every_method_trains_through_the_cli(tmp_path, method):
+# test_vit at 32 px with 4 classes: embed 64, depth 6; per block qkv 64->192, proj 64->64, fc1 64->192,
+# fc2 192->64; patch embedding conv 3x16x16 -> 64.
+BACKBONE, HEAD = 300_096, 64 * 4 + 4
+LINEAR_BIASES = 6 * (192 + 64 + 192 + 64) + 64  # every block Linear's bias + the patch embedding's
+NORM_BIASES = (6 * 2 + 1) * 64  # two LayerNorms per block + the final one
+EXPECTED_COUNTS = {  # method: (selected, bias), from the shapes above
+    "GPS": (6 * (192 + 64 + 192 + 64) + 64, LINEAR_BIASES),  # k=1 per output row, patch embedding included
+    "Full": (BACKBONE - LINEAR_BIASES - NORM_BIASES, LINEAR_BIASES + NORM_BIASES),
+    "Linear": (0, 0),
+    "BitFit": (0, LINEAR_BIASES),
+    "RandomRows": (2 * (64 + 64 + 64 + 192) * 6, LINEAR_BIASES),  # 2 rows x fan-in; patch embedding excluded
+}
+
+
+@pytest.mark.parametrize("method", list(EXPECTED_COUNTS))
+def test_every_method_trains_through_the_cli(tmp_path, one_torch_thread, method):
+    """Exact tuned counts, and a test accuracy equal to the one recomputed from tuned.safetensors
+    loaded onto the pre-trained weight file."""
+    import timm
+
+    from grft_lightning import load_tuned
+    from grft_lightning.backbones import create_backbone
+
+    torch.manual_seed(1)
+    weights = tmp_path / "pretrained.pth"
+    torch.save(timm.create_model("test_vit", pretrained=False, img_size=32, num_classes=1000).state_dict(), weights)
     args = '{"k": 1}' if method == "GPS" else '{"rows_per_matrix": 2}' if method == "RandomRows" else "{}"
-    cli_main(tiny_args(tmp_path / "run", method=f"grft_lightning.methods.{method}", method_args=args))
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["test_acc"] is not None
+    run = tmp_path / "run"
+    cli = cli_main(tiny_args(run, "--model.pretrained", "true", "--model.weights", str(weights),
+                             method=f"grft_lightning.methods.{method}", method_args=args))
+    results = json.loads((run / "results.json").read_text())
+
+    selected, bias = EXPECTED_COUNTS[method]
+    counts = results["counts"]
+    assert (counts["selected"], counts["bias"], counts["head"]) == (selected, bias, HEAD)
+    assert (results["tuned"], results["backbone_params"]) == (selected + bias + HEAD, BACKBONE)
+    assert results["tuned_pct"] == pytest.approx(100 * (selected + bias + HEAD) / BACKBONE)
+
+    model = load_tuned(create_backbone("test_vit", 4, weights=str(weights), image_size=32), run / "tuned.safetensors")
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels in cli.datamodule.test_dataloader():
+            correct += int((model.eval()(images).argmax(-1) == labels).sum())
+            total += len(labels)
+    assert total == 16
+    assert 0.0 <= results["test_acc"] <= 1.0
+    assert results["test_acc"] == pytest.approx(correct / total, abs=1e-6)
 
 
 def test_bf16_autocast_on_cpu(tmp_path):
     cli = cli_main(tiny_args(tmp_path / "run", "--trainer.precision", "bf16-mixed"))
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert cli.trainer.precision == "bf16-mixed"
-    assert results["test_acc"] is not None and torch.isfinite(torch.tensor(results["tuned_pct"]))
+    assert 0.0 <= results["test_acc"] <= 1.0 and torch.isfinite(torch.tensor(results["tuned_pct"]))
 
 
 def test_wandb_offline_leaves_a_run_folder(tmp_path, monkeypatch):
@@ -129,10 +170,96 @@ def test_non_finite_loss_names_the_step_and_last_finite_loss():
     from grft_lightning.methods import Linear
     from grft_lightning.module import PEFTModule
 
-    module = PEFTModule(Linear(), backbone="test_vit", num_classes=3, pretrained=False, image_size=32)
+    module = PEFTModule(Linear(), backbone="test_vit", num_classes=3, pretrained=False, image_size=32,
+                        check_finite_every_n_batches=1)
     module._check_finite(torch.tensor(1.25))
-    with pytest.raises(FloatingPointError, match=r"global step 0 .*last finite loss: 1.25"):
+    with pytest.raises(FloatingPointError, match=r"loss \(nan\) at global step 0 .*last finite loss: 1.25\."):
         module._check_finite(torch.tensor(float("nan")))
+    first = PEFTModule(Linear(), backbone="test_vit", num_classes=3, pretrained=False, image_size=32,
+                       check_finite_every_n_batches=1)
+    with pytest.raises(FloatingPointError, match=r"loss \(inf\) at global step 0 .*last finite loss: None\."):
+        first._check_finite(torch.tensor(float("inf")))
+    with pytest.raises(ValueError, match="check_finite_every_n_batches must be >= 1"):
+        PEFTModule(Linear(), backbone="test_vit", num_classes=3, pretrained=False, check_finite_every_n_batches=0)
+
+
+def _nan_features_at(monkeypatch, batch: int) -> list[int]:
+    """Make the training forward of the ``batch``-th training step (0-based) produce NaN
+    features; returns the list the patched function counts training steps in."""
+    import grft_lightning.module as module
+
+    original, calls = module.pre_logits, []
+
+    def pre_logits(model, images):
+        calls.append(len(calls))
+        features = original(model, images)
+        return features * float("nan") if calls[-1] == batch else features
+
+    monkeypatch.setattr(module, "pre_logits", pre_logits)  # training_step's; the selection pass has its own
+    return calls
+
+
+def test_nan_loss_stops_training_at_the_next_read_naming_its_step(tmp_path, monkeypatch, one_torch_thread):
+    from grft_lightning.module import PEFTModule
+
+    losses = []
+    record = PEFTModule._record_loss
+    monkeypatch.setattr(PEFTModule, "_record_loss", lambda self, loss: (losses.append(float(loss)), record(self, loss)))
+    calls = _nan_features_at(monkeypatch, batch=4)
+    data = {"class_path": "grft_lightning.data.SyntheticImages", "init_args": {"num_classes": 4, "n_train": 64}}
+    with pytest.raises(FloatingPointError) as error:  # 8 batches; read after batches 3 and 6
+        cli_main(tiny_args(tmp_path / "run", "--model.check_finite_every_n_batches", "3", "--data", json.dumps(data)))
+    assert len(calls) == 6  # the NaN of step 4 is found at the read after the sixth batch, not later
+    assert losses[4] != losses[4] and all(loss == loss for loss in losses[:4])
+    assert str(error.value) == (f"non-finite training loss (nan) at global step 4 (epoch 0); last finite loss: "
+                                f"{losses[3]}. Lower the learning rate or check the data.")
+
+
+def test_nan_loss_is_read_before_a_checkpoint_is_written(tmp_path, monkeypatch, one_torch_thread):
+    calls = _nan_features_at(monkeypatch, batch=1)
+    run = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match=r"at global step 1 \(epoch 0\); last finite loss: \d"):
+        cli_main(tiny_args(run, "--checkpoint_every_n_steps", "3"))  # default: a read every 50 batches
+    assert len(calls) == 3  # the step checkpoint after step 3 reads it, and is not written
+    assert not (run / "checkpoints" / "last.ckpt").exists()
+
+
+def test_nan_loss_is_read_at_the_end_of_the_epoch(tmp_path, monkeypatch, one_torch_thread):
+    calls = _nan_features_at(monkeypatch, batch=3)
+    with pytest.raises(FloatingPointError, match=r"at global step 3 \(epoch 0\)"):
+        cli_main(tiny_args(tmp_path / "run", "--checkpoint_every_n_steps", "0"))
+    assert len(calls) == 4  # 4 batches in the epoch, fewer than the 50 between reads
+
+
+def test_loss_check_reads_the_device_only_every_n_batches(tmp_path, monkeypatch, one_torch_thread):
+    """No host read (item, tolist, cpu, numpy, float/int/bool conversion) in the per-batch
+    check, except the one read every ``check_finite_every_n_batches`` batches."""
+    from grft_lightning.module import PEFTModule
+
+    inside, reads_per_call = [False], []
+    for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            if inside[0]:
+                reads_per_call[-1] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    check = PEFTModule._check_finite
+
+    def watched(self, loss):
+        reads_per_call.append(0)
+        inside[0] = True
+        try:
+            check(self, loss)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(PEFTModule, "_check_finite", watched)
+    cli = cli_main(tiny_args(tmp_path / "run", "--model.check_finite_every_n_batches", "3", epochs=2))
+    assert cli.trainer.global_step == 8
+    assert reads_per_call == [0, 0, 1, 0, 0, 1, 0, 0]
 
 
 def test_optimizer_sees_only_tuned_tensors_without_decay_on_1d(tmp_path):

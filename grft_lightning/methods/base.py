@@ -191,6 +191,20 @@ class Method:
     def on_before_optimizer_step(self, model: nn.Module) -> None:
         """Called after backward and before each optimizer step (e.g. to mask gradients)."""
 
+    def on_after_optimizer_step(self, model: nn.Module) -> None:
+        """Called after each optimizer step (e.g. to write back entries the step must not move).
+
+        ``PEFTModule`` calls it after every real optimizer step (with gradient accumulation, not
+        after the batches that only accumulate). A plain PyTorch loop calls it itself::
+
+            loss.backward()
+            method.on_before_optimizer_step(model)
+            optimizer.step()
+            method.on_after_optimizer_step(model)
+
+        A no-op here; :class:`~grft_lightning.methods.GPSMasked` overrides it.
+        """
+
     def describe_budget(self, model: nn.Module) -> str:
         """One line on how the budget was turned into shapes (printed after apply)."""
         return ""

@@ -14,11 +14,12 @@ optimizer, so with ``weight_decay > 0`` the "frozen" entries shrink a little at 
 public code's behaviour, reproduced by default). Masked gradients alone cannot stop it (Adam's
 update of an entry whose gradient is always zero is exactly zero; the decay is not). Either give
 the masked weights ``weight_decay=0`` in the optimizer (the selected entries then get none
-either), or set ``restore_unselected=True``: every optimizer step that holds a masked weight
-then copies the weight before the step and writes the unselected entries back afterwards
-(global ``torch.optim`` step hooks, installed by the first ``on_before_optimizer_step``; exact,
-at the price of one transient copy of the weights per step). Unlike the public code, the mask
-is applied whatever the precision (it applied it on its AMP path only).
+either), or set ``restore_unselected=True``: ``on_before_optimizer_step`` then also copies each
+masked weight, and ``on_after_optimizer_step`` writes its unselected entries back from that copy
+(exact, from the first step on, whatever the optimizer; the price is one transient copy of the
+weights per step). ``PEFTModule`` calls both hooks around every optimizer step; a plain loop
+calls them itself (see :class:`GPSMasked`). Unlike the public code, the mask is applied whatever
+the precision (it applied it on its AMP path only).
 
 Parameters that are neither an eligible weight, a bias nor the head (LayerNorm, ``pos_embed``,
 ``cls_token``, layer scales) stay frozen, as in GPS; the counted budget is GPS's (``k`` x rows per
@@ -28,8 +29,6 @@ public code, the selection as per-row indices, so ``load_tuned`` restores the ma
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 from torch import nn
@@ -62,9 +61,6 @@ class MaskedWeight(DeltaLayer):
 
     def mask_gradient(self) -> None:
         """Zero the gradient of every unselected entry (all of them before selection)."""
-        if self.restore_unselected and self not in _RESTORED:  # here, not in __init__: copies too
-            _RESTORED.add(self)
-            _install_step_hooks()
         grad = self.base_layer.weight.grad
         if grad is not None:
             grad.mul_(self.mask)
@@ -94,39 +90,27 @@ class MaskedWeight(DeltaLayer):
                              f"this method expects {(self.out_features, self.k)}")
         self.set_selection(index)
 
-    # -- restore_unselected: called by the global optimizer step hooks ----------------------------
-    def _save(self) -> None:
-        self._saved = self.base_layer.weight.detach().clone()
+    # -- restore_unselected: around each optimizer step (GPSMasked's hooks) -------------------------
+    def save_weight(self) -> None:
+        """Keep a copy of the weight as it is before the optimizer step.
 
-    def _restore(self) -> None:
+        Only the first call since the last restore copies: an optimizer that evaluates its
+        closure several times within one step (LBFGS) keeps the copy from before the step.
+        """
         if self._saved is None:
-            return
+            self._saved = self.base_layer.weight.detach().clone()
+
+    def restore_unselected_entries(self) -> None:
+        """Write the unselected entries back from the copy :meth:`save_weight` took (and drop it)."""
+        if self._saved is None:
+            raise RuntimeError(
+                f"{self.original_name}: no copy of the weight to restore the unselected entries from; call "
+                "method.on_before_optimizer_step(model) after backward() and before optimizer.step(), and "
+                "method.on_after_optimizer_step(model) after it")
         weight, saved = self.base_layer.weight.detach(), self._saved
         torch.where(self.mask, weight, saved, out=saved)
         weight.copy_(saved)
         self._saved = None
-
-
-_RESTORED: "weakref.WeakSet[MaskedWeight]" = weakref.WeakSet()
-_HOOKS: list = []
-
-
-def _install_step_hooks() -> None:
-    if _HOOKS:
-        return
-    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
-    _HOOKS.append(register_optimizer_step_pre_hook(lambda opt, args, kwargs: _each_layer(opt, MaskedWeight._save)))
-    _HOOKS.append(register_optimizer_step_post_hook(lambda opt, args, kwargs: _each_layer(opt, MaskedWeight._restore)))
-
-
-def _each_layer(optimizer: torch.optim.Optimizer, action) -> None:
-    if not _RESTORED:
-        return
-    ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for layer in list(_RESTORED):
-        if id(layer.base_layer.weight) in ids:
-            action(layer)
 
 
 class GPSMasked(Method):
@@ -142,6 +126,14 @@ class GPSMasked(Method):
         restore_unselected: write the unselected entries back after every optimizer step, so
             weight decay cannot move them (off: the public code's behaviour; see the module
             docstring).
+
+    Training hooks, called by ``PEFTModule`` around every optimizer step (only the batches that
+    step, with gradient accumulation); a plain PyTorch loop calls them itself::
+
+        loss.backward()
+        method.on_before_optimizer_step(model)  # mask the gradients (and copy the weights)
+        optimizer.step()
+        method.on_after_optimizer_step(model)   # restore_unselected: write the unselected entries back
     """
 
     needs_gradients = True
@@ -172,9 +164,22 @@ class GPSMasked(Method):
         layer.set_selection(per_row_top_k(grad, self.k))
 
     def on_before_optimizer_step(self, model: nn.Module) -> None:
-        for _, layer in delta_layers(model):
-            if isinstance(layer, MaskedWeight):
-                layer.mask_gradient()
+        """Zero the unselected entries' gradients; with ``restore_unselected``, copy the weights."""
+        for layer in _masked_layers(model):
+            layer.mask_gradient()
+            if layer.restore_unselected:
+                layer.save_weight()
+
+    def on_after_optimizer_step(self, model: nn.Module) -> None:
+        """With ``restore_unselected``: write every unselected entry back to its value before the
+        step (so weight decay never moves it); nothing otherwise."""
+        for layer in _masked_layers(model):
+            if layer.restore_unselected:
+                layer.restore_unselected_entries()
 
     def describe_budget(self, model: nn.Module) -> str:
         return f"GPS (masked gradients): top-{self.k} input connections per output neuron"
+
+
+def _masked_layers(model: nn.Module) -> list[MaskedWeight]:
+    return [layer for _, layer in delta_layers(model) if isinstance(layer, MaskedWeight)]
