@@ -10,23 +10,29 @@ from torch import nn
 def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al., 2020), as GPS uses it for selection.
 
+    Computed in fp32 outside any autocast region, whatever the precision of the features: under
+    ``bf16-mixed`` the similarity product would otherwise run in bf16 (logits of up to
+    ``1 / temperature`` = 14.3 rounded to 8 bits of mantissa). The model's forward pass keeps the
+    trainer's precision (GPS runs it under fp16 autocast).
+
     Args:
         features: ``(B, V, D)`` features of ``V`` views per image (L2-normalised here).
         labels: ``(B,)`` integer labels; positives are the other views of any same-label image.
         temperature: softmax temperature (0.07 in GPS).
     """
-    b, v, _ = features.shape
-    z = F.normalize(features.float().reshape(b * v, -1), dim=-1)
-    y = labels.repeat_interleave(v)
-    logits = z @ z.t() / temperature
-    self_mask = torch.eye(b * v, dtype=torch.bool, device=z.device)
-    logits = logits.masked_fill(self_mask, float("-inf"))
-    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    positives = (y[:, None] == y[None, :]) & ~self_mask
-    count = positives.sum(1)
-    has = count > 0
-    mean_log_prob = log_prob.masked_fill(~positives, 0.0).sum(1)[has] / count[has]
-    return -mean_log_prob.mean()
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        b, v, _ = features.shape
+        z = F.normalize(features.float().reshape(b * v, -1), dim=-1)
+        y = labels.repeat_interleave(v)
+        logits = z @ z.t() / temperature
+        self_mask = torch.eye(b * v, dtype=torch.bool, device=z.device)
+        logits = logits.masked_fill(self_mask, float("-inf"))
+        log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+        positives = (y[:, None] == y[None, :]) & ~self_mask
+        count = positives.sum(1)
+        has = count > 0
+        mean_log_prob = log_prob.masked_fill(~positives, 0.0).sum(1)[has] / count[has]
+        return -mean_log_prob.mean()
 
 
 def pre_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
