@@ -14,7 +14,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from grft_lightning.data.samplers import DealtBatches, EpochShuffle, ResumableLoader
 from grft_lightning.data.transforms import (
@@ -204,15 +204,27 @@ class ImageClassificationData(L.LightningDataModule, metaclass=abc.ABCMeta):
         """Predictions are made on the test split (``python train.py predict``)."""
         return self._eval_loader("test")
 
-    def selection_dataloader(self, loss: Literal["supcon", "ce"]) -> DataLoader:
+    def selection_dataloader(self, loss: Literal["supcon", "ce"], shuffle: bool = True,
+                             drop_last: bool = True, seed: int | None = None) -> DataLoader:
         """Loader for the gradient-selection pass over the training split.
 
         ``supcon`` yields ``(views, labels)`` with ``views`` of shape ``(B, 2, C, H, W)`` (two
         augmented views per image, methods.md); ``ce`` yields ``(images, labels)`` with the
-        evaluation transform (deterministic). Under DDP the single-process batches are dealt to
-        the ranks (:class:`~grft_lightning.data.samplers.DealtBatches`): each batch is read once,
-        by one rank, with the same images as with one process, so the all-reduced sum of
-        per-batch gradients equals the single-process sum (up to the order of float additions).
+        evaluation transform (deterministic). As in GPS's public code the batches are shuffled and
+        the last partial batch is dropped (:class:`SelectionBatches`): a list file grouped by class
+        would otherwise give single-class batches, in which SupCon has no negatives. The order
+        comes from ``seed`` (default: the run's, ``PL_GLOBAL_SEED``) alone, so it is the same on
+        every rank and in every run with that seed. Under DDP the single-process batches are dealt
+        to the ranks: each batch is read once, by one rank, with the same images as with one
+        process, so the all-reduced sum of per-batch gradients equals the single-process sum (up
+        to the order of float additions).
+
+        Args:
+            loss: ``supcon`` (two augmented views) or ``ce`` (the evaluation transform).
+            shuffle: shuffle the samples before cutting them in batches.
+            drop_last: leave out the last partial batch (kept when the split is smaller than
+                one batch: there would be nothing to select from).
+            seed: seed of the order (None: the run's seed).
         """
         cfg = self.data_config
         if loss == "supcon":
@@ -223,8 +235,46 @@ class ImageClassificationData(L.LightningDataModule, metaclass=abc.ABCMeta):
             raise ValueError(f"selection loss must be 'supcon' or 'ce', got {loss!r}")
         dataset = TransformedDataset(self.raw_split("train"), transform)
         world, rank = _distributed_world()
-        batches = DealtBatches(len(dataset), self.selection_batch_size, world, rank)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
+        batches = SelectionBatches(len(dataset), self.selection_batch_size, world, rank, seed=seed,
+                                   shuffle=shuffle, drop_last=drop_last)
         return self._loader(dataset, self.selection_batch_size, shuffle=False, batch_sampler=batches)
+
+
+class SelectionBatches(Sampler[list[int]]):
+    """Batches of the selection pass: GPS's shuffled batching, dealt to the ranks.
+
+    A permutation of ``range(n)`` drawn from ``seed`` alone (the identity with ``shuffle=False``)
+    is cut into batches of ``batch_size``; with ``drop_last`` the last partial batch is left out
+    (unless there is no full batch); batch ``j`` goes to rank ``j % world``
+    (:class:`~grft_lightning.data.samplers.DealtBatches`). Every rank draws the same permutation,
+    so the ranks together read exactly the single-process batches, each once.
+
+    Args:
+        n: dataset size.
+        batch_size: batch size.
+        world: number of processes.
+        rank: this process's global rank.
+        seed: seed of the permutation (the run's seed: the same on every rank).
+        shuffle: shuffle before batching.
+        drop_last: leave out the last partial batch.
+    """
+
+    def __init__(self, n: int, batch_size: int, world: int = 1, rank: int = 0, seed: int = 0,
+                 shuffle: bool = True, drop_last: bool = True):
+        if shuffle:
+            self.order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).tolist()
+        else:
+            self.order = list(range(n))
+        kept = n - n % batch_size if drop_last and n >= batch_size else n
+        self.dealt = DealtBatches(kept, batch_size, world, rank)
+
+    def __iter__(self):
+        for positions in self.dealt:
+            yield [self.order[i] for i in positions]
+
+    def __len__(self) -> int:
+        return len(self.dealt)
 
 
 class ListDataset(Dataset):
