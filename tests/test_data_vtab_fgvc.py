@@ -309,48 +309,101 @@ FGVC_RECIPES = {  # dataset: (batch, lr, drop-path, EMA decay)
 }
 
 
-@pytest.mark.parametrize("family", ["vtab", "fgvc"])
-def test_base_configs(family):
-    cfg = yaml.safe_load((REPO / "configs" / family / "base.yaml").read_text())
-    assert cfg["seed_everything"] == 0
-    assert cfg["trainer"] == {"max_epochs": 100, "precision": "bf16-mixed", "accelerator": "auto",
-                              "devices": "auto", "log_every_n_steps": 10}
-    model = cfg["model"]
-    assert model["backbone"] == "vit_base_patch16_224.augreg_in21k" and model["pretrained"] is True
-    assert model["optimizer"]["class_path"] == "torch.optim.AdamW"
-    assert model["optimizer"]["init_args"]["weight_decay"] == 0.0
-    assert (model["warmup_epochs"], model["warmup_start_lr"], model["min_lr"]) == (10, 1e-7, 1e-8)
-    method = model["method"]
-    assert method["class_path"] == "grft_lightning.methods.GRFT"
+VIT_B16 = "vit_base_patch16_224.augreg_in21k"
+
+
+def _resolved(tmp_path, monkeypatch, config: str, *extra: str):
+    """A shipped config as the real CLI parses and builds it (no fit). The backbone the module asks
+    for is recorded and built as the tiny ``test_vit`` (nothing downloaded); everything else
+    (trainer, method, optimizer factory, data module, links) is the real object."""
+    import grft_lightning.module as module
+    from grft_lightning.backbones import create_backbone
+    from grft_lightning.cli import cli_main
+
+    asked = {}
+
+    def tiny(name, num_classes, pretrained=True, weights=None, weights_format="auto", drop_path_rate=0.0,
+             image_size=None):
+        asked.update(name=name, num_classes=num_classes, pretrained=pretrained, weights=weights,
+                     drop_path_rate=drop_path_rate, image_size=image_size)
+        return create_backbone("test_vit", num_classes, pretrained=False, drop_path_rate=drop_path_rate, image_size=32)
+
+    monkeypatch.setattr(module, "create_backbone", tiny)
+    cli = cli_main(["--config", str(REPO / config), "--wandb.mode", "disabled", "--run_dir", str(tmp_path / "run"),
+                    *extra], run=False)
+    return cli, asked
+
+
+def _optimizer(cli) -> torch.optim.Optimizer:
+    """The optimizer the run would train with (configure_optimizers' factory on the tuned tensors)."""
+    return cli.model.optimizer_factory(cli.model.parameter_groups())
+
+
+def _drop_path(model) -> float:
+    """Stochastic depth of the last block (timm: linear from 0 to the rate over the depth)."""
+    layer = model.blocks[-1].drop_path1
+    return 0.0 if isinstance(layer, torch.nn.Identity) else layer.drop_prob
+
+
+@pytest.mark.parametrize("family, first", [("vtab", "dtd"), ("fgvc", "flowers")])
+def test_base_configs(tmp_path, monkeypatch, family, first):
+    """base.yaml as built by the real CLI (with one task named on the command line)."""
+    from timm.data import Mixup
+
+    from grft_lightning.methods import GRFT
+
+    monkeypatch.setenv(f"{family.upper()}_ROOT", str(tmp_path))
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    key = "task" if family == "vtab" else "dataset"
+    cli, asked = _resolved(tmp_path, monkeypatch, f"configs/{family}/base.yaml", f"--data.init_args.{key}", first)
+    dm, model, trainer = cli.datamodule, cli.model, cli.trainer
+    assert os.environ["PL_GLOBAL_SEED"] == "0"  # seed_everything: 0
+    assert (trainer.max_epochs, trainer.precision, trainer.log_every_n_steps) == (100, "bf16-mixed", 10)
+    assert (cli.config["trainer"]["accelerator"], cli.config["trainer"]["devices"]) == ("auto", "auto")
+    assert asked == {"name": VIT_B16, "num_classes": dm.num_classes, "pretrained": True, "weights": None,
+                     "drop_path_rate": 0.0, "image_size": None}
+    optimizer = _optimizer(cli)
+    assert type(optimizer) is torch.optim.AdamW
+    assert all(g["lr"] == 1e-3 and g["weight_decay"] == 0.0 for g in optimizer.param_groups)
+    assert (model.hparams.warmup_epochs, model.hparams.warmup_start_lr, model.hparams.min_lr) == (10, 1e-7, 1e-8)
+    method = model.method
+    assert type(method) is GRFT
     fraction = 0.003 if family == "vtab" else 0.0122
-    assert method["init_args"] == {"mode": "row", "fraction": fraction, "regularization": "l2sp",
-                                   "reg_lambda": 1e-4}
-    data = cfg["data"]
-    assert data["class_path"] == f"grft_lightning.data.{'VTAB1k' if family == 'vtab' else 'FGVC'}"
-    assert data["init_args"]["root"] == f"${family.upper()}_ROOT"
-    if family == "fgvc":
-        assert (model["label_smoothing"], model["mixup"], model["cutmix"]) == (0.1, 0.8, 1.0)
-        assert data["init_args"]["augmentation"] == "fgvc"
+    assert (method.mode, method.fraction, method.regularization, method.reg_lambda) == ("row", fraction, "l2sp", 1e-4)
+    assert type(dm) is (VTAB1k if family == "vtab" else FGVC)
+    assert (dm.protocol, dm.num_workers) == ("final", 8)
+    config = dm.data_config  # preprocessing follows the backbone's pretrained config (linked)
+    assert (config.image_size, config.mean) == (224, (0.5, 0.5, 0.5))
+    if family == "vtab":  # the root is $VTAB_ROOT
+        (tmp_path / VTAB_TASKS[first].folder).mkdir()
+        assert dm.data_dir == str(tmp_path / VTAB_TASKS[first].folder)
+        assert dm.augmentation == "resize" and model.mixup_fn is None
+        assert (model.hparams.label_smoothing, model.hparams.ema_decay) == (0.0, None)
+    else:  # the root is $FGVC_ROOT
+        assert dm.resolved_root == str(tmp_path) and dm.augmentation == "fgvc"
+        mixup = model.mixup_fn
+        assert isinstance(mixup, Mixup) and (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.label_smoothing) == (0.8, 1.0, 0.1)
+        assert model.hparams.ema_decay == 0.9998
 
 
-def test_task_configs_match_recipes():
-    vtab = {p.stem: yaml.safe_load(p.read_text()) for p in (REPO / "configs" / "vtab").glob("*.yaml")}
-    fgvc = {p.stem: yaml.safe_load(p.read_text()) for p in (REPO / "configs" / "fgvc").glob("*.yaml")}
-    assert set(vtab) - {"base"} == set(VTAB_TASKS) == set(VTAB_RECIPES)
-    assert set(fgvc) - {"base"} == set(FGVC_DATASETS) == set(FGVC_RECIPES)
-    for task, (batch, lr, drop) in VTAB_RECIPES.items():
-        cfg = vtab[task]
-        assert cfg["config"] == "base.yaml" and set(cfg) == {"config", "model", "data"}
-        assert cfg["data"]["init_args"] == {"task": task, "batch_size": batch}
-        got_lr = cfg["model"]["optimizer"]["init_args"]["lr"]
-        assert isinstance(got_lr, float) and got_lr == lr  # a float, not the string "2e-3"
-        assert cfg["model"]["drop_path_rate"] == drop
-    for name, (batch, lr, drop, ema) in FGVC_RECIPES.items():
-        cfg = fgvc[name]
-        assert cfg["config"] == "base.yaml"
-        assert cfg["data"]["init_args"] == {"dataset": name, "batch_size": batch}
-        assert cfg["model"]["optimizer"]["init_args"]["lr"] == lr
-        assert (cfg["model"]["drop_path_rate"], cfg["model"]["ema_decay"]) == (drop, ema)
+@pytest.mark.parametrize("family", ["vtab", "fgvc"])
+def test_task_configs_match_recipes(tmp_path, monkeypatch, family):
+    """Every task file, through its base include, builds the recipe: batch size, lr, drop-path
+    (and EMA on FGVC), with the base's trainer untouched."""
+    recipes = VTAB_RECIPES if family == "vtab" else FGVC_RECIPES
+    names = {p.stem for p in (REPO / "configs" / family).glob("*.yaml")} - {"base"}
+    assert names == set(VTAB_TASKS if family == "vtab" else FGVC_DATASETS) == set(recipes)
+    for name, (batch, lr, drop, *ema) in sorted(recipes.items()):
+        cli, asked = _resolved(tmp_path / name, monkeypatch, f"configs/{family}/{name}.yaml")
+        dm, model = cli.datamodule, cli.model
+        assert (dm.task if family == "vtab" else dm.dataset_key) == name
+        assert dm.batch_size == batch and model.hparams.num_classes == dm.num_classes, name
+        groups = _optimizer(cli).param_groups
+        assert all(type(g["lr"]) is float and g["lr"] == lr and g["weight_decay"] == 0.0 for g in groups), name
+        assert (asked["name"], asked["drop_path_rate"]) == (VIT_B16, drop), name
+        assert _drop_path(model.model) == pytest.approx(drop, abs=1e-6), name  # the blocks got it
+        assert model.hparams.ema_decay == (ema[0] if ema else None), name
+        assert (cli.trainer.precision, cli.trainer.max_epochs) == ("bf16-mixed", 100), name
 
 
 # -- data/check_dataset.py ----------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Mixed precision: the selection pass sums gradients in fp32 and picks the same rows under bf16
-autocast as in fp32 where the margins are clear; the benchmark configs train in bf16-mixed."""
+autocast as in fp32 where the margins are clear; the benchmark configs train under bf16 autocast."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from grft_lightning.methods import GRFT
@@ -87,7 +86,45 @@ def test_accumulation_is_fp32_even_when_each_gradient_is_bf16():
     torch.testing.assert_close(grads["fc1.weight"], by_hand, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("config", ["configs/vtab/base.yaml", "configs/fgvc/base.yaml"])
-def test_benchmark_configs_train_in_bf16_mixed(config):
-    content = yaml.safe_load((REPO / config).read_text())
-    assert content["trainer"]["precision"] == "bf16-mixed"
+@pytest.mark.parametrize("config", ["configs/vtab/dtd.yaml", "configs/fgvc/flowers.yaml"])
+def test_benchmark_configs_train_in_bf16_mixed(tmp_path, monkeypatch, one_torch_thread, config):
+    """A benchmark task config (through its base), fitted for two steps with nothing said about
+    precision on the command line: every training step runs under bf16 autocast (the head's
+    output is bf16) and the loss is fp32."""
+    from synthetic_folders import make_fgvc_folder, make_vtab_folder
+
+    from grft_lightning.cli import cli_main
+    from grft_lightning.methods.base import classifier
+    from grft_lightning.module import PEFTModule
+
+    root = tmp_path / "data"
+    if "vtab" in config:
+        make_vtab_folder(root, "dtd")
+    else:
+        make_fgvc_folder(root, "flowers")
+    seen = []
+    training_step = PEFTModule.training_step
+
+    def observed(self, batch, batch_idx):
+        head_outputs = []
+        hook = classifier(self.model).register_forward_hook(lambda m, i, out: head_outputs.append(out.dtype))
+        try:
+            loss = training_step(self, batch, batch_idx)
+        finally:
+            hook.remove()
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), head_outputs, loss.dtype))
+        return loss
+
+    monkeypatch.setattr(PEFTModule, "training_step", observed)
+    cli = cli_main([
+        "fit", "--config", str(REPO / config),
+        "--model.backbone", "test_vit", "--model.pretrained", "false", "--model.image_size", "32",
+        "--data.init_args.root", str(root), "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.max_steps", "2",
+        "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--selection.max_batches", "1", "--selection.progress", "false", "--wandb.mode", "disabled",
+        "--run_dir", str(tmp_path / "run"),
+    ])
+    assert cli.trainer.precision == "bf16-mixed" and cli.trainer.global_step == 2
+    assert seen == [(True, torch.bfloat16, [torch.bfloat16], torch.float32)] * 2
