@@ -27,16 +27,27 @@ def _on_device(loader, device: torch.device) -> Iterator:
         yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
+def _norm_statistics(module: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(buffer, copy) for every BatchNorm running statistic: a train-mode pass updates them."""
+    saved = []
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+            saved += [(b, b.detach().clone()) for b in (layer.running_mean, layer.running_var,
+                                                        layer.num_batches_tracked) if b is not None]
+    return saved
+
+
 class GradientSelection(L.Callback):
     """Select what the method tunes, once, before training.
 
     One pass over the training split with its own loader (``supcon``: two augmented views per
     image, GPS's head-free supervised contrastive loss; ``ce``: cross-entropy through the new
-    head, deterministic transform), gradients summed over batches in fp32 (under the trainer's
-    autocast) and, under DDP, summed across ranks before scoring, so every rank selects the same
-    indices. The model is in eval mode during the pass (no dropout/drop-path, BatchNorm
-    statistics untouched). The selection lives in the model's buffers and so in every
-    checkpoint: a resumed run never selects again.
+    head, deterministic transform), gradients summed over batches in fp32 and, under DDP, summed
+    across ranks before scoring, so every rank selects the same indices. As in GPS's public code
+    the batches are shuffled with the run's seed and the last partial batch is dropped
+    (:meth:`~grft_lightning.data.ImageClassificationData.selection_dataloader`); the forward pass
+    runs under the trainer's autocast, SupCon itself in fp32. The selection lives in the model's
+    buffers and so in every checkpoint: a resumed run never selects again.
 
     Args:
         loss: selection loss, ``supcon`` or ``ce``.
@@ -46,6 +57,12 @@ class GradientSelection(L.Callback):
         from_file: take the selection from a previous run's ``tuned.safetensors`` instead of
             computing it (the method and budget must be the same; values start at zero).
         progress: show a progress bar.
+        mode: the model's mode during the pass. ``train`` is how GPS's public code runs it:
+            drop-path and dropout active (random, reproducible from the run's seed and the
+            rank), BatchNorm normalising with batch statistics (its running statistics are put
+            back after the pass). ``eval`` (the default; a departure from GPS wherever the model
+            has drop-path, dropout or BatchNorm) makes the gradients a deterministic function of
+            the batches and the weights. The VTAB-1k and FGVC configs set ``train``.
     """
 
     def __init__(
@@ -55,9 +72,13 @@ class GradientSelection(L.Callback):
         max_batches: int | None = None,
         from_file: str | None = None,
         progress: bool = True,
+        mode: Literal["train", "eval"] = "eval",
     ):
+        if mode not in ("train", "eval"):
+            raise ValueError(f"selection.mode must be 'train' or 'eval', got {mode!r}")
         self.loss = loss
         self.temperature = temperature
+        self.mode = mode
         self.max_batches = max_batches
         self.from_file = from_file
         self.progress = progress
@@ -111,13 +132,17 @@ class GradientSelection(L.Callback):
             batches = (b for i, b in zip(range(mine), batches))
         loss_fn = selection_loss_fn(self.loss, self.temperature)
         was_training = pl_module.training
-        pl_module.eval()
+        norm_stats = _norm_statistics(pl_module)
+        pl_module.train(self.mode == "train")
         try:
             with trainer.precision_plugin.forward_context():
                 grads = accumulate_gradients(pl_module.model, batches, loss_fn,
                                              progress=self.progress and trainer.is_global_zero)
         finally:
             pl_module.train(was_training)
+            with torch.no_grad():
+                for buffer, saved in norm_stats:
+                    buffer.copy_(saved)
         if trainer.world_size > 1:
             # Sum across ranks: each rank saw a disjoint shard of the split.
             for grad in grads.values():
