@@ -10,17 +10,31 @@ YAML by ``class_path``. On top of Lightning's behaviour this CLI:
   ``tuned.safetensors`` and ``results.json``;
 * resumes ``fit`` from ``<run_dir>/checkpoints/last.ckpt`` when it exists (same command after a
   crash or preemption), and writes checkpoints atomically, loading them weights-only;
-* after ``fit``, tests the last-epoch model on the test split and writes ``results.json``.
+* after ``fit``, tests the last-epoch model on the test split and writes ``results.json``;
+* gives a method that leaves its budget open the task's published budget (``budget``, below).
+
+**Budgets.** A task config states its published budget once, in a top-level ``budget`` section
+(per family in ``base.yaml``, per task where it differs): ``fraction`` for the methods with a
+``fraction`` argument (GRFT and its random ablations) and ``k`` for those with a ``k`` argument
+(GPS). Method configs do not state a budget; a method whose budget arguments (``fraction``,
+``rows_per_matrix``, ``columns_per_matrix``, ``k``, whichever it has) are all null when parsing
+ends is given the task's values for the arguments it has. A budget set by a method config or on
+the command line is never replaced, and methods without such arguments are not touched. This
+happens while the arguments are parsed, so ``--print_config`` and the run's ``config.yaml`` show
+the values the run uses.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -30,7 +44,7 @@ from grft_lightning.data.base import ImageClassificationData
 from grft_lightning.export import save_tuned
 from grft_lightning.io import make_atomic_checkpoint_io, remove_stale_temporaries
 from grft_lightning.module import PEFTModule
-from grft_lightning.results import build_results, git_sha, write_results
+from grft_lightning.results import budget_record, build_results, git_sha, write_results
 
 _STARTED = time.time()  # temporaries older than this process are leftovers of a killed one
 
@@ -55,8 +69,85 @@ class WandbOptions:
         self.tags = list(tags or [])
 
 
+class TaskBudget:
+    """The task's published budget, for the method configs that state none (module docstring).
+
+    Args:
+        fraction: selected weight entries as a fraction of the backbone's parameters, for methods
+            with a ``fraction`` argument (GRFT, the random rows/columns ablations): 0.003 on
+            VTAB-1k (4 rows or 3 columns per matrix on ViT-B/16), 0.0122 on FGVC (16 rows or 13
+            columns).
+        k: input connections per output neuron, for methods with a ``k`` argument (GPS): 1 on
+            VTAB-1k except patch_camelyon 2; on FGVC cub 2, nabirds 20, cars 15, else 1.
+    """
+
+    def __init__(self, fraction: float | None = None, k: int | None = None):
+        self.fraction = fraction
+        self.k = k
+
+
+#: Method arguments that set a budget: a method whose arguments among these are all null takes
+#: the task's budget.
+BUDGET_ARGUMENTS = ("fraction", "rows_per_matrix", "columns_per_matrix", "k")
+
+
+def _method_parameters(class_path: str) -> set[str]:
+    module, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    return set(inspect.signature(cls.__init__).parameters) - {"self"}
+
+
+def apply_task_budget(config) -> dict[str, Any]:
+    """Give the method of a parsed config the task's budget where it leaves its own open.
+
+    ``config`` is one subcommand's config (keys ``budget`` and ``model.method``) or the whole
+    config with a ``subcommand`` key. Changes it in place and returns the values set (empty when
+    none: no budget, a method without budget arguments, or one that states its own).
+    """
+    if config.get("subcommand"):
+        config = config.get(config["subcommand"])
+    if config is None:
+        return {}
+    method = config.get("model.method")
+    given = {k: v for k, v in _plain(config.get("budget")).items() if v is not None}
+    if method is None or not given or not isinstance(method.get("class_path"), str):
+        return {}
+    try:
+        params = _method_parameters(method["class_path"])
+    except (ImportError, AttributeError, ValueError):
+        return {}  # an unknown class is reported by the parser's own checks
+    current = _plain(method.get("init_args"))
+    if any(current.get(name) is not None for name in BUDGET_ARGUMENTS if name in params):
+        return {}  # the method states its own budget
+    applied = {name: value for name, value in given.items() if name in params}
+    if applied:
+        if method.get("init_args") is None:
+            method["init_args"] = Namespace()
+        for name, value in applied.items():
+            method["init_args"][name] = value
+    return applied
+
+
+class BudgetArgumentParser(LightningArgumentParser):
+    """The CLI's parser: applies :func:`apply_task_budget` when parsing ends (every config file
+    and command-line argument read), before ``--print_config`` prints and before validation.
+
+    jsonargparse has no public hook at that point, so this wraps its ``_parse_common``, which
+    ends every parse; the parses of single config files along the way (``defaults=False``) and
+    nested ones are left alone, so that a budget set by a later argument is seen.
+    """
+
+    def _parse_common(self, cfg, *args, **kwargs):
+        bound = inspect.signature(LightningArgumentParser._parse_common).bind(self, cfg, *args, **kwargs)
+        bound.apply_defaults()
+        if bound.arguments.get("defaults") and not bound.arguments.get("nested_parse"):
+            apply_task_budget(cfg)
+        return super()._parse_common(cfg, *args, **kwargs)
+
+
 class GRFTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(TaskBudget, "budget")
         parser.add_argument("--run_dir", type=str | None, default=None,
                             help="Run directory (default: runs/<dataset>/<method>/seed<seed>).")
         parser.add_argument("--checkpoint_every_n_steps", type=int | None, default=200,
@@ -67,6 +158,11 @@ class GRFTCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("model.backbone", "data.init_args.backbone")
         parser.link_arguments("model.image_size", "data.init_args.image_size")
+
+    def before_instantiate_classes(self) -> None:
+        # Applied while parsing already (BudgetArgumentParser); again here, where it is a no-op,
+        # so that a parser that skipped the hook still gives the run its budget.
+        apply_task_budget(self.config)
 
     def _parse_ckpt_path(self) -> None:
         # Lightning would overwrite this run's model config with the checkpoint's
@@ -169,12 +265,17 @@ class GRFTCLI(LightningCLI):
         extra = dict(data.describe()) if hasattr(data, "describe") else {}
         extra.setdefault("skipped_images", getattr(data, "skipped_images", 0))
         extra["config_files"] = [str(p) for p in (cfg.get("config") or [])]
+        selection = next((c for c in trainer.callbacks if isinstance(c, GradientSelection)), None)
+        if selection is not None and model.method.needs_gradients:
+            extra["selection"] = {"loss": selection.loss, "mode": selection.mode,
+                                  "temperature": selection.temperature, "max_batches": selection.max_batches,
+                                  "from_file": selection.from_file}
         results = build_results(
             method=model.method.name, dataset=getattr(data, "dataset_name", "data"),
             backbone=model.hparams.backbone, seed=int(cfg.get("seed_everything") or 0), counts=counts,
             selection_seconds=model.selection_seconds, train_seconds=clock.train_seconds,
             val_acc=val_acc, test_acc=test_acc, peak_memory_bytes=clock.peak_memory_bytes(model.device),
-            extra=extra)
+            budget=budget_record(model.method, model.model, _plain(cfg.get("budget"))), extra=extra)
         save_tuned(model.model, run_dir / "tuned.safetensors", metadata={
             "backbone": model.hparams.backbone, "dataset": results["dataset"], "seed": results["seed"],
             "git_sha": results["git_sha"]})
@@ -185,6 +286,15 @@ class GRFTCLI(LightningCLI):
         if test_acc is not None:
             print(f"test accuracy: {test_acc:.4f} ({results['dataset']}, {results['method']}, last epoch)")
         print(f"run directory: {run_dir}")
+
+
+def _plain(value) -> dict[str, Any]:
+    """A config section (Namespace, object or dict) as a plain dict."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    return dict(vars(value))
 
 
 def _as_list(value) -> list:
@@ -235,20 +345,12 @@ def expand_config_includes(args: list[str]) -> list[str]:
     return out
 
 
-def cli_main(args: list[str] | None = None, run: bool = True) -> GRFTCLI:
-    """Run the CLI (``args`` like ``sys.argv[1:]``; tests call it in-process)."""
-    import sys
-
-    if args is None:
-        # Expanded in sys.argv itself: launchers that re-run the command (DDP) see the same
-        # arguments, and LightningCLI is not handed a second set of them.
-        sys.argv[1:] = expand_config_includes(sys.argv[1:])
-    else:
-        args = expand_config_includes(list(args))
-    return GRFTCLI(
+def _build(cli_class: type[GRFTCLI], args: list[str] | None, run: bool = True) -> GRFTCLI:
+    return cli_class(
         PEFTModule,
         ImageClassificationData,
         subclass_mode_data=True,
+        parser_class=BudgetArgumentParser,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         args=args,
@@ -259,4 +361,40 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> GRFTCLI:
     )
 
 
-__all__ = ["GRFTCLI", "cli_main", "git_sha"]
+def cli_main(args: list[str] | None = None, run: bool = True) -> GRFTCLI:
+    """Run the CLI (``args`` like ``sys.argv[1:]``; tests call it in-process)."""
+    import sys
+
+    if args is None:
+        # Expanded in sys.argv itself: launchers that re-run the command (DDP) see the same
+        # arguments, and LightningCLI is not handed a second set of them.
+        sys.argv[1:] = expand_config_includes(sys.argv[1:])
+    else:
+        args = expand_config_includes(list(args))
+    return _build(GRFTCLI, args, run)
+
+
+class _ParserBuilt(Exception):
+    pass
+
+
+def config_parser() -> LightningArgumentParser:
+    """The parser of ``train.py``, built without parsing or instantiating anything.
+
+    ``config_parser().parse_args(expand_config_includes(["fit", "--config", TASK, "--config",
+    METHOD]))`` gives the config a run would use, task budgets applied (what ``--print_config``
+    prints), in a fraction of a second per call once the parser exists.
+    """
+
+    class _Builder(GRFTCLI):
+        def parse_arguments(self, parser, args) -> None:
+            raise _ParserBuilt(parser)
+
+    try:
+        _build(_Builder, ["fit"])
+    except _ParserBuilt as built:
+        return built.args[0]
+    raise RuntimeError("LightningCLI did not parse its arguments")  # pragma: no cover
+
+
+__all__ = ["GRFTCLI", "TaskBudget", "apply_task_budget", "cli_main", "config_parser", "git_sha"]

@@ -29,6 +29,25 @@ def _fraction(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+#: Method arguments copied into ``results.json``'s ``budget`` when the method has them.
+BUDGET_KEYS = ("mode", "fraction", "allocation", "rows_per_matrix", "columns_per_matrix", "k", "r", "bottleneck")
+
+
+def budget_record(method: Any, model: Any, task_budget: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's budget for ``results.json``: the method's one-line description, its budget
+    arguments as resolved, the per-matrix counts (GRFT and the random ablations: ``[rows,
+    columns]`` per matrix, as the budget fixed them before selection) and the task's ``budget``
+    section the run was given (``task``)."""
+    config = method.config() if hasattr(method, "config") else {}
+    record: dict[str, Any] = {"description": method.describe_budget(model) if hasattr(method, "describe_budget") else ""}
+    record.update({key: config[key] for key in BUDGET_KEYS if key in config})
+    per_matrix = getattr(method, "budget", None)
+    if isinstance(per_matrix, dict) and per_matrix:
+        record["per_matrix"] = {name: [int(rows), int(columns)] for name, (rows, columns) in per_matrix.items()}
+    record["task"] = {k: v for k, v in (task_budget or {}).items() if v is not None}
+    return record
+
+
 def build_results(
     *,
     method: str,
@@ -41,9 +60,11 @@ def build_results(
     val_acc: Any,
     test_acc: Any,
     peak_memory_bytes: int,
+    budget: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The fixed keys first, then extras (task group, protocol, skipped images, ...)."""
+    """The fixed keys first, then ``budget`` (:func:`budget_record`), then extras (task group,
+    protocol, skipped images, ...)."""
     results = {
         "method": method,
         "dataset": dataset,
@@ -60,6 +81,8 @@ def build_results(
         "git_sha": git_sha(),
         "counts": {k: counts[k] for k in ("selected", "bias", "head")},
     }
+    if budget is not None:
+        results["budget"] = budget
     results.update(extra or {})
     return results
 

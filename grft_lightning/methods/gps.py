@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from grft_lightning.deltas import IndexDelta
+from grft_lightning.deltas import IndexDelta, delta_layers
 from grft_lightning.methods.base import Method, check_count
 from grft_lightning.selection import per_row_top_k
 
@@ -26,7 +26,9 @@ class GPS(Method):
 
     Args:
         k: input connections tuned per output neuron, the same in every matrix (GPS's
-            ``times_para``; 1 on ViT-B/16 is 83,712 weights).
+            ``times_para``; 1 on ViT-B/16 is 83,712 weights). None (the default) leaves it to
+            the task's budget (``budget.k`` in the task configs: GPS's per-task values), and is 1
+            where there is none.
         targets: ``fnmatch`` patterns of eligible layer names (None: every nn.Linear/nn.Conv2d
             outside the head, the patch embedding included, as in GPS).
         exclude: patterns removed from the eligible layers.
@@ -39,13 +41,14 @@ class GPS(Method):
 
     def __init__(
         self,
-        k: int = 1,
+        k: int | None = None,
         targets: list[str] | None = None,
         exclude: list[str] | None = None,
         tune_bias: bool = True,
         tune_norm: bool = False,
     ):
         super().__init__(targets, exclude, tune_bias, tune_norm)
+        k = 1 if k is None else k
         if k < 1:
             raise ValueError(f"GPS.k must be >= 1, got {k}")
         self.k = k
@@ -60,4 +63,7 @@ class GPS(Method):
         layer.set_selection(per_row_top_k(grad, self.k))
 
     def describe_budget(self, model: nn.Module) -> str:
-        return f"GPS: top-{self.k} input connections per output neuron"
+        layers = [layer for _, layer in delta_layers(model)]
+        entries = sum(layer.num_tuned() for layer in layers)
+        return (f"GPS: top-{self.k} input connections per output neuron in {len(layers)} matrices "
+                f"= {entries:,} weight entries")
