@@ -13,6 +13,7 @@ from grft_lightning.accounting import count_parameters, parameter_summary
 from grft_lightning.deltas import merge
 from grft_lightning.export import load_tuned, save_tuned
 from grft_lightning.selection import accumulate_gradients
+from grft_lightning import testbed  # noqa: F401  (registers the testbed ViT with timm)
 
 __all__ = [
     "accumulate_gradients",

