@@ -130,6 +130,10 @@ class GradientSelection(L.Callback):
             # (the selection loader deals batch j to rank j % world).
             mine = len(range(trainer.global_rank, self.max_batches, trainer.world_size))
             batches = (b for i, b in zip(range(mine), batches))
+        reduction = pl_module.method.gradient_reduction
+        if reduction == "per_sample_squares" and self.loss == "supcon":
+            raise ValueError("model.method.init_args.score: per-sample scores need a loss defined on one image; "
+                             "set selection.loss: ce (SupCon contrasts the images of a batch)")
         loss_fn = selection_loss_fn(self.loss, self.temperature)
         was_training = pl_module.training
         norm_stats = _norm_statistics(pl_module)
@@ -137,7 +141,8 @@ class GradientSelection(L.Callback):
         try:
             with trainer.precision_plugin.forward_context():
                 grads = accumulate_gradients(pl_module.model, batches, loss_fn,
-                                             progress=self.progress and trainer.is_global_zero)
+                                             progress=self.progress and trainer.is_global_zero,
+                                             reduction=reduction)
         finally:
             pl_module.train(was_training)
             with torch.no_grad():

@@ -12,7 +12,7 @@ gradients: identical on every rank once the gradients are all-reduced.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Literal
 
 import torch
 from torch import nn
@@ -81,6 +81,19 @@ def default_gradient_targets(model: nn.Module) -> dict[str, nn.Parameter]:
     }
 
 
+Reduction = Literal["sum", "sum_of_squares", "per_sample_squares"]
+REDUCTIONS = ("sum", "sum_of_squares", "per_sample_squares")
+
+
+def _samples(batch: Any) -> Iterable[Any]:
+    """The one-sample batches of a tuple/list batch of tensors (split along dim 0)."""
+    if not isinstance(batch, (tuple, list)) or not all(isinstance(t, torch.Tensor) for t in batch):
+        raise TypeError("accumulate_gradients(reduction='per_sample_squares') needs batches that are "
+                        "tuples of tensors sharing the first dimension")
+    for i in range(len(batch[0])):
+        yield type(batch)(t[i:i + 1] for t in batch)
+
+
 def accumulate_gradients(
     model: nn.Module,
     batches: Iterable[Any],
@@ -88,8 +101,19 @@ def accumulate_gradients(
     names: Iterable[str] | None = None,
     progress: bool = False,
     description: str = "selection",
+    reduction: Reduction = "sum",
 ) -> dict[str, torch.Tensor]:
     """Sum, over ``batches``, the gradient of ``loss_fn(model, batch)`` w.r.t. eligible weights.
+
+    ``reduction`` chooses what is summed (GRFT's ``score`` option reads it):
+
+    * ``sum``: the gradients themselves, ``G = sum_b g_b`` (the first-order argument: a step
+      along ``G`` restricted to a set lowers the loss by about ``lr * sum G^2`` over the set);
+    * ``sum_of_squares``: the squared per-batch gradients, ``sum_b g_b^2`` (an empirical Fisher
+      diagonal at the batch level);
+    * ``per_sample_squares``: the squared per-sample gradients, ``sum_n g_n^2`` (the empirical
+      Fisher diagonal); every batch is split into one-sample batches (a backward pass each), so
+      the loss must be defined on a single sample (cross-entropy; not SupCon).
 
     Returns ``{original parameter name: fp32 tensor of the weight's shape}``. Uses
     ``torch.autograd.grad``, so no ``.grad`` attribute is touched, and every parameter's
@@ -103,7 +127,10 @@ def accumulate_gradients(
         names: original weight names to accumulate (default: every eligible weight).
         progress: show a progress bar.
         description: label of the progress bar.
+        reduction: ``sum``, ``sum_of_squares`` or ``per_sample_squares`` (above).
     """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"accumulate_gradients: reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     targets = default_gradient_targets(model)
     if names is not None:
         names = list(names)
@@ -127,11 +154,11 @@ def accumulate_gradients(
 
             iterator = tqdm(batches, desc=description, leave=False)
         for batch in iterator:
-            loss = loss_fn(model, batch)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for total, grad in zip(sums, grads):
-                if grad is not None:
-                    total.add_(grad.float())
+            for part in (_samples(batch) if reduction == "per_sample_squares" else (batch,)):
+                grads = torch.autograd.grad(loss_fn(model, part), params, allow_unused=True)
+                for total, grad in zip(sums, grads):
+                    if grad is not None:
+                        total.add_(grad.float() if reduction == "sum" else grad.float().square())
     finally:
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])

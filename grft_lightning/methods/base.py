@@ -51,6 +51,8 @@ class Method:
     """
 
     needs_gradients: ClassVar[bool] = False
+    #: what the selection pass sums (``accumulate_gradients``' ``reduction``); GRFT's ``score`` changes it
+    gradient_reduction: str = "sum"
     #: short name written to results.json and run directories
     tag: ClassVar[str] = "method"
 

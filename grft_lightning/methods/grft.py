@@ -27,7 +27,7 @@ from torch import nn
 
 from grft_lightning.deltas import COLUMN, ROW, StructuredDelta, delta_layers
 from grft_lightning.methods.base import Method, check_count, head_parameter_ids
-from grft_lightning.selection import captured_energy, column_scores, row_scores, top_k
+from grft_lightning.selection import as_matrix, captured_energy, column_scores, row_scores, top_k
 
 
 def backbone_parameter_count(model: nn.Module) -> int:
@@ -60,9 +60,18 @@ class GRFT(Method):
             (``reg_lambda`` times the mean squared distance between the tuned and the frozen
             pre-trained model's pre-logits features; costs one extra frozen forward per step).
         reg_lambda: weight of the regularizer (0 disables it).
+        score: what a row/column is ranked by, from the selection pass: ``gradient`` (the
+            default: ``sum_j G[i, j]^2`` of the gradient ``G`` summed over the training split,
+            the first-order argument above), ``fisher_batch`` (``sum_b sum_j g_b[i, j]^2``: the
+            squared gradients of each selection batch, summed; an empirical Fisher diagonal at
+            the batch level) or ``fisher_sample`` (``sum_n sum_j g_n[i, j]^2`` over single
+            training samples: the empirical Fisher diagonal; one backward pass per sample, needs
+            ``selection.loss: ce``).
     """
 
     needs_gradients = True
+    #: score -> the reduction of accumulate_gradients it needs
+    SCORES = {"gradient": "sum", "fisher_batch": "sum_of_squares", "fisher_sample": "per_sample_squares"}
     tag = "grft"
 
     def __init__(
@@ -78,8 +87,11 @@ class GRFT(Method):
         tune_norm: bool = False,
         regularization: Literal["none", "l2sp", "feature"] = "l2sp",
         reg_lambda: float = 1e-4,
+        score: Literal["gradient", "fisher_batch", "fisher_sample"] = "gradient",
     ):
         super().__init__(targets, ["patch_embed.*"] if exclude is None else exclude, tune_bias, tune_norm)
+        if score not in self.SCORES:
+            raise ValueError(f"GRFT.score must be one of {', '.join(self.SCORES)}, got {score!r}")
         if mode not in ("row", "column", "auto"):
             raise ValueError(f"GRFT.mode must be row, column or auto, got {mode!r}")
         if fraction is not None and (rows_per_matrix is not None or columns_per_matrix is not None):
@@ -103,6 +115,7 @@ class GRFT(Method):
         self.allocation = allocation
         self.regularization = regularization
         self.reg_lambda = reg_lambda
+        self.score = score
         self.budget: dict[str, tuple[int, int]] = {}
         self._frozen: nn.Module | None = None
 
@@ -154,18 +167,29 @@ class GRFT(Method):
         return f"{type(self).__name__} {self.mode}: {what} in {len(counts)} matrices = {entries:,} weight entries"
 
     # -- select -----------------------------------------------------------------------------
+    @property
+    def gradient_reduction(self) -> str:
+        """The ``accumulate_gradients`` reduction the selection pass must use for ``score``."""
+        return self.SCORES[self.score]
+
+    def _scores(self, grad: torch.Tensor, axis: str) -> torch.Tensor:
+        """Row (``axis=ROW``) or column scores of an accumulated gradient, per ``score``: squares
+        of the summed gradient, or sums of the already squared per-batch/per-sample gradients."""
+        if self.score == "gradient":
+            return row_scores(grad) if axis == ROW else column_scores(grad)
+        return as_matrix(grad).sum(dim=1 if axis == ROW else 0)
+
     def select_layer(self, layer: StructuredDelta, grad: torch.Tensor | None) -> None:
         if self.mode == "row" or (self.mode == "auto" and not self._columns_win(layer, grad)):
-            layer.set_selection(ROW, top_k(row_scores(grad), layer.rows))
+            layer.set_selection(ROW, top_k(self._scores(grad, ROW), layer.rows))
         else:
-            layer.set_selection(COLUMN, top_k(column_scores(grad), layer.columns))
+            layer.set_selection(COLUMN, top_k(self._scores(grad, COLUMN), layer.columns))
 
-    @staticmethod
-    def _columns_win(layer: StructuredDelta, grad: torch.Tensor) -> bool:
+    def _columns_win(self, layer: StructuredDelta, grad: torch.Tensor) -> bool:
         if layer.columns == 0:
             return False
-        per_row = captured_energy(row_scores(grad), layer.rows) / (layer.rows * layer.fan_in)
-        per_col = captured_energy(column_scores(grad), layer.columns) / (layer.columns * layer.out_features)
+        per_row = captured_energy(self._scores(grad, ROW), layer.rows) / (layer.rows * layer.fan_in)
+        per_col = captured_energy(self._scores(grad, COLUMN), layer.columns) / (layer.columns * layer.out_features)
         return per_col > per_row
 
     # -- regularization ---------------------------------------------------------------------

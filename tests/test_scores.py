@@ -1,0 +1,97 @@
+"""GRFT's selection scores: the reductions of accumulate_gradients and the ``score`` option."""
+
+import pytest
+import torch
+from torch import nn
+
+from grft_lightning.deltas import ROW
+from grft_lightning.methods import GRFT
+from grft_lightning.selection import accumulate_gradients
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2, bias=False))
+    x = torch.randn(4, 3)
+    c = torch.randn(4, 2)
+    batches = [(x[:2], c[:2]), (x[2:], c[2:])]
+    # loss = sum_n c_n . (W x_n), so dL/dW = sum_n c_n x_n^T: per sample, the outer product c_n x_n^T
+    return model, batches, [torch.outer(c[n], x[n]) for n in range(4)]
+
+
+def loss_fn(model, batch):
+    x, c = batch
+    return (model(x) * c).sum()
+
+
+@pytest.mark.parametrize("reduction", ["sum", "sum_of_squares", "per_sample_squares"])
+def test_reductions_known_answer(reduction):
+    model, batches, per_sample = _setup()
+    grads = accumulate_gradients(model, batches, loss_fn, reduction=reduction)["0.weight"]
+    expected = {
+        "sum": sum(per_sample),
+        "sum_of_squares": (per_sample[0] + per_sample[1]) ** 2 + (per_sample[2] + per_sample[3]) ** 2,
+        "per_sample_squares": sum(g ** 2 for g in per_sample),
+    }[reduction]
+    torch.testing.assert_close(grads, expected)
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+def test_unknown_reduction_and_unsplittable_batches():
+    model, batches, _ = _setup()
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        accumulate_gradients(model, batches, loss_fn, reduction="mean")
+    with pytest.raises(TypeError, match="tuples of tensors"):
+        accumulate_gradients(model, [{"x": batches[0][0]}], lambda m, b: m(b["x"]).sum(), reduction="per_sample_squares")
+
+
+def test_score_option_ranks_rows_by_its_statistic():
+    assert GRFT().gradient_reduction == "sum"
+    assert GRFT(score="fisher_batch").gradient_reduction == "sum_of_squares"
+    assert GRFT(score="fisher_sample").gradient_reduction == "per_sample_squares"
+    with pytest.raises(ValueError, match="GRFT.score"):
+        GRFT(score="magnitude")
+    # an accumulated tensor whose rows rank differently squared (gradient) and summed (Fisher):
+    # row 0 = [3, -3] (sum of squares 18, plain sum 0), row 1 = [2, 2] (8 and 4), row 2 = [0, 5] (25 and 5)
+    accumulated = torch.tensor([[3.0, -3.0], [2.0, 2.0], [0.0, 5.0]])
+    torch.testing.assert_close(GRFT()._scores(accumulated, ROW), torch.tensor([18.0, 8.0, 25.0]))
+    torch.testing.assert_close(GRFT(score="fisher_batch")._scores(accumulated, ROW), torch.tensor([0.0, 4.0, 5.0]))
+
+
+@pytest.mark.parametrize("score", ["gradient", "fisher_batch"])
+def test_select_uses_the_score(score):
+    import timm
+
+    from grft_lightning.deltas import delta_layers
+    from grft_lightning.selection import default_gradient_targets
+
+    model = timm.create_model("test_vit", pretrained=False, num_classes=3, img_size=32)
+    method = GRFT(mode="row", rows_per_matrix=1, score=score)
+    method.apply(model)
+    torch.manual_seed(1)
+    grads = {name: torch.randn(w.shape) for name, w in default_gradient_targets(model).items()}
+    method.select(model, grads)
+    for _, layer in delta_layers(model):
+        g = grads[f"{layer.original_name}.weight"]
+        statistic = g.pow(2).sum(1) if score == "gradient" else g.sum(1)
+        assert layer.row_index.tolist() == [int(statistic.argmax())]
+
+
+def test_score_reaches_the_selection_pass(tmp_path, monkeypatch, one_torch_thread):
+    from grft_lightning import callbacks
+    from tests.test_training import tiny_args
+    from grft_lightning.cli import cli_main
+
+    seen = []
+    real = callbacks.accumulate_gradients
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("reduction"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(callbacks, "accumulate_gradients", spy)
+    args = '{"mode": "row", "rows_per_matrix": 2, "score": "fisher_sample"}'
+    cli_main(tiny_args(tmp_path / "ce", "--selection.loss", "ce", method_args=args))
+    assert seen == ["per_sample_squares"]
+    with pytest.raises(ValueError, match="selection.loss: ce"):
+        cli_main(tiny_args(tmp_path / "supcon", "--selection.loss", "supcon", method_args=args))
