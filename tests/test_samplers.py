@@ -132,7 +132,7 @@ def test_selection_max_batches_caps_the_whole_pass_not_each_rank(monkeypatch, wo
 
     seen: list[int] = []
 
-    def count(model, batches, loss_fn, progress=False):
+    def count(model, batches, loss_fn, progress=False, reduction="sum"):
         seen.extend(int(x[0]) for x, _ in batches)  # first sample of each batch read
         return {}
 
