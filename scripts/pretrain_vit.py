@@ -189,7 +189,7 @@ def finish(model, state: dict, args) -> dict:
         "recipe": recipe,
         "data": {"classes": CHARACTERS, "fonts": [os.path.basename(f) for f in usable_fonts()],
                  "images_seen": args.steps * args.batch_size, "image_size": 32},
-        "device": f"CPU ({platform.processor() or platform.machine()}, {args.threads} threads)",
+        "device": f"CPU ({platform.processor() or platform.machine()}, {args.threads} torch thread{'s' if args.threads > 1 else ''})",
         "torch": torch.__version__,
         "wall_minutes": round(state["seconds"] / 60, 1),
         "held_out_top1": accuracy,
@@ -199,8 +199,44 @@ def finish(model, state: dict, args) -> dict:
     }
     with open(args.card + ".json", "w") as handle:
         json.dump(card, handle, indent=2)
+    with open(args.card + ".md", "w") as handle:
+        handle.write(card_markdown(card))
     print(f"held-out top-1 {accuracy:.4f}; weights {args.out} (sha256 {card['sha256'][:12]}...)", flush=True)
     return card
+
+
+def card_markdown(card: dict) -> str:
+    """The human-readable card (the JSON beside it has the same figures and the loss log)."""
+    recipe = card["recipe"]
+    log = card["loss_log"]
+    checkpoints = [log[0], log[len(log) // 4], log[len(log) // 2], log[-1]] if len(log) >= 4 else log
+    loss_line = ", ".join(f"{e['loss']:.3f} at step {e['step']:,}" for e in checkpoints)
+    return "\n".join([
+        f"# {card['model']}: the ViT testbed's pre-trained weights",
+        "",
+        f"- **Model**: timm `VisionTransformer` with a convolutional stem (`grft_lightning/testbed.py`), "
+        f"{card['parameters']:,} parameters with its 62-class head, 32 px input, mean = std = 0.5.",
+        f"- **Weights**: `{card['weights']}` ({card['bytes']:,} bytes, fp32 safetensors), "
+        f"SHA-256 `{card['sha256']}`.",
+        f"- **Data**: {len(card['data']['classes'])} printed characters (0-9, A-Z, a-z) rendered on the fly from "
+        f"{len(card['data']['fonts'])} TrueType fonts shipped in matplotlib (`grft_lightning/data/glyphs.py`): "
+        "random size, position, rotation (at most 12 degrees), shear, stroke, colours and backgrounds; "
+        f"{card['data']['images_seen']:,} images seen. No MNIST digit and no photograph (the downstream data) is used.",
+        f"- **Recipe**: {recipe['steps']:,} steps of batch {recipe['batch_size']}, AdamW (lr {recipe['lr']}, weight "
+        f"decay {recipe['weight_decay']} on matrices), {recipe['warmup']} warm-up steps then cosine decay, label "
+        f"smoothing {recipe['label_smoothing']}, fp32; a curriculum over the first {recipe['ramp']:,} steps (grey "
+        "high-contrast digits and capitals with little jitter first; lower case, colours, textured backgrounds and "
+        f"full jitter phased in), seed {recipe['seed']}.",
+        f"- **Device and time**: {card['device']}, torch {card['torch']}, {card['wall_minutes']} min of training "
+        "(evaluation and start-up not counted).",
+        f"- **Quality**: top-1 {100 * card['held_out_top1']:.2f} % on {card['held_out_images']:,} held-out rendered "
+        f"characters (another seed's stream, full difficulty; chance 1.6 %); training loss (label-smoothed) "
+        f"{loss_line}. Downstream figures (fine-tuning and linear probes against a random initialisation): "
+        "`benchmarks/results/vit_suite.md`.",
+        f"- **Reproduce**: `{card['command']}` (about an hour on one core; resumable: run the same command again "
+        "after an interruption). The run is deterministic given the seed and the thread count.",
+        "",
+    ])
 
 
 if __name__ == "__main__":
