@@ -123,7 +123,9 @@ class Run:
             import peft  # noqa: F401
         self.name, self.args = name, args
         self.device = torch.device(args.device)
-        self.baseline = 0 if self.device.type == "cuda" else (_status_bytes("VmRSS") or 0)
+        # GPU: what is allocated before the model exists (0 in a fresh process); CPU: resident size
+        self.baseline = (int(torch.cuda.memory_allocated(self.device)) if self.device.type == "cuda"
+                         else (_status_bytes("VmRSS") or 0))
         torch.manual_seed(args.seed)
         kwargs = {"img_size": args.img_size} if args.img_size else {}
         self.model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, **kwargs)
@@ -134,7 +136,7 @@ class Run:
         gen = torch.Generator().manual_seed(args.seed)
         self.images = torch.randn(args.batch, 3, size, size, generator=gen).to(self.device)
         self.labels = torch.randint(0, args.num_classes, (args.batch,), generator=gen).to(self.device)
-        self.selection_seconds = None
+        self.selection_seconds = self.pass_seconds = None
         if self.method.needs_gradients:
             path = os.path.join(selection_dir, f"{name}.pt")
             if select:
@@ -147,6 +149,7 @@ class Run:
                   {"params": [p for p in tuned if p.ndim < 2], "weight_decay": 0.0}]
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr,
                                            weight_decay=args.weight_decay)
+        self.loss_fn = self.loss  # what a step calls for its loss (benchmarks/gpu_check.py compiles it)
 
     def _autocast(self):
         import torch
@@ -161,6 +164,20 @@ class Run:
             torch.cuda.synchronize(self.device)
 
     def _select(self) -> float:
+        """``accumulate_gradients`` over ``--selection-batches`` batches, then ``method.select``;
+        returns the seconds of both (``pass_seconds``: of the pass alone)."""
+        clock = time.process_time if self.args.clock == "cpu" else time.perf_counter
+        start = clock()
+        grads = self.selection_pass(self.args.selection_batches)
+        self._sync()
+        self.pass_seconds = clock() - start
+        self.method.select(self.model, grads)
+        self._sync()
+        return clock() - start
+
+    def selection_pass(self, batches: int) -> dict:
+        """The selection pass: ``accumulate_gradients`` (cross-entropy, eval mode, the run's
+        autocast) over ``batches`` copies of the run's batch; returns the gradient sums."""
         import torch.nn.functional as F
 
         from grft_lightning import accumulate_gradients
@@ -168,34 +185,38 @@ class Run:
         def loss_fn(model, batch):
             return F.cross_entropy(model(batch[0]).float(), batch[1])
 
-        clock = time.process_time if self.args.clock == "cpu" else time.perf_counter
+        was_training = self.model.training
         self.model.eval()
-        start = clock()
-        with self._autocast():
-            grads = accumulate_gradients(self.model, [(self.images, self.labels)] * self.args.selection_batches, loss_fn)
-        self.method.select(self.model, grads)
-        self._sync()
-        seconds = clock() - start
-        self.model.train()
-        return seconds
+        try:
+            with self._autocast():
+                return accumulate_gradients(self.model, [(self.images, self.labels)] * batches, loss_fn)
+        finally:
+            self.model.train(was_training)
 
-    def step(self) -> tuple[float, float]:
-        """One training step; returns (wall seconds, process CPU seconds)."""
+    def loss(self):
+        """Forward, cross-entropy plus the method's regularizer, under the run's autocast."""
         import torch.nn.functional as F
 
         from grft_lightning.methods.base import classifier
 
-        model, method = self.model, self.method
-        start, start_cpu = time.perf_counter(), time.process_time()
-        self.optimizer.zero_grad(set_to_none=True)
+        model = self.model
         with self._autocast():
             features = model.forward_head(model.forward_features(self.images), pre_logits=True)
             loss = F.cross_entropy(classifier(model)(features).float(), self.labels)
-            reg = method.regularizer(model, self.images, features)
-            total = loss if reg is None else loss + reg
-        total.backward()
-        method.on_before_optimizer_step(model)
+            reg = self.method.regularizer(model, self.images, features)
+            return loss if reg is None else loss + reg
+
+    def train_step(self) -> None:
+        """One training step, not synchronised: zero_grad, loss, backward, the method's hook, AdamW."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss_fn().backward()
+        self.method.on_before_optimizer_step(self.model)
         self.optimizer.step()
+
+    def step(self) -> tuple[float, float]:
+        """One training step; returns (wall seconds, process CPU seconds)."""
+        start, start_cpu = time.perf_counter(), time.process_time()
+        self.train_step()
         self._sync()
         return time.perf_counter() - start, time.process_time() - start_cpu
 
