@@ -1,7 +1,8 @@
 """Backbones: timm models by name, with weights from timm's hub cache or a local file.
 
 Names carry the weights' provenance (``arch.pretrain_tag``, e.g.
-``vit_base_patch16_224.augreg_in21k``); it is recorded in every run. A local file is used
+``vit_base_patch16_224.augreg_in21k``); it is recorded in every run. Deprecated timm spellings
+(``vit_base_patch16_224_in21k``) are read as the name timm maps them to (:func:`resolve_model_name`). A local file is used
 instead of the hub with ``weights: PATH``:
 
 * ``timm`` layout (keys as in the timm model): loaded through timm's
@@ -46,9 +47,25 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def _head_keys(model: nn.Module) -> set[str]:
-    head = model.get_classifier()
-    ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    from grft_lightning.methods.base import head_parameter_ids  # every head module (DeiT distilled: two)
+
+    ids = head_parameter_ids(model)
     return {k for k, p in model.named_parameters() if id(p) in ids}
+
+
+def resolve_model_name(name: str) -> str:
+    """The current timm name of ``name``: deprecated spellings map to ``arch.pretrained_tag``.
+
+    Older scripts (GPS's, SSF's) say ``vit_base_patch16_224_in21k``; timm creates
+    ``vit_base_patch16_224.augreg_in21k`` for it (with a warning) and holds no pretrained config
+    under the old name. The tag decides the weights and their preprocessing, so read it here.
+    A name timm does not list as deprecated is returned unchanged.
+    """
+    try:
+        from timm.models import get_deprecated_models
+    except ImportError:  # a timm without the deprecation registry
+        return name
+    return get_deprecated_models().get(name) or name
 
 
 def load_ordered(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
@@ -102,7 +119,7 @@ def create_backbone(
     kwargs = {"num_classes": num_classes}
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
-    cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True)
+    cfg = timm.models.get_pretrained_cfg(resolve_model_name(name), allow_unregistered=True)
     if image_size is not None and cfg is not None and cfg.fixed_input_size:
         kwargs["img_size"] = image_size
     if not pretrained:

@@ -1,8 +1,9 @@
 """Frozen pre-trained weights plus small trainable deltas.
 
-A delta layer wraps an ``nn.Linear`` or ``nn.Conv2d`` (the *base layer*, frozen) and adds a
-trainable tensor whose shape is fixed by the budget before selection; the selection only fills
-the index buffers. Three kinds (methods.md, "How the tuned parameters are held"):
+A delta layer wraps an ``nn.Linear`` or ``nn.Conv2d``, or a subclass of either (the *base layer*,
+frozen) and adds a trainable tensor whose shape is fixed by the budget before selection; the
+selection only fills the index buffers. Three kinds (docs/methods.md, "How tuned parameters are
+held"):
 
 * rows (output neurons / output channels) ``R``:  ``y = base(x);  y[..., R] += x D^T``
 * columns (input features / input channel x kernel position) ``C``: ``y += x[..., C] D^T``
@@ -18,6 +19,15 @@ a row is an output channel with its ``in/groups x kh x kw`` weights (the extra p
 that group's input channels); a column is a position of the per-group fan-in and is applied to
 every group through a dense kernel (the kernel gradient is then the size of the weight, which for
 depthwise convolutions is tiny). ``merge`` folds ``W0 + delta`` back into a plain layer.
+
+Subclasses (timm's ``StdConv2d`` in BiT ResNets, ``Conv2dSame``, ``ScaledStdConv2d``, ...) often
+transform the weight or the input in their own ``forward``: ``StdConv2d`` standardises each
+output channel of its weight before the convolution. The skinny corrections above would add the
+delta *outside* that transform, so for a layer whose ``forward`` is not ``nn.Linear``'s or
+``nn.Conv2d``'s own, a selected delta layer instead calls the layer's own ``forward`` with
+``W0 + delta`` as its weight (``torch.func.functional_call``): ``StdConv2d`` then standardises
+``W0 + delta``, exactly what the merged layer computes. The price is a weight-sized temporary per
+layer (and a dense weight gradient in backward), as for GPS's entries on convolutions.
 """
 
 from __future__ import annotations
@@ -33,6 +43,26 @@ from torch import nn
 
 ROW, COLUMN = 0, 1
 
+#: The layers a delta can wrap, subclasses included: the one definition of an eligible layer's
+#: type (``methods/base.py`` walks a model with it, ``selection.py`` scores these weights).
+LAYER_TYPES = (nn.Linear, nn.Conv2d)
+
+#: Subclasses whose ``forward`` overrides the base class's but computes the same thing (timm's
+#: ``Linear`` only changes dtypes under TorchScript): they keep the fast paths.
+SAME_AS_BASE_FORWARD = frozenset({"timm.layers.linear.Linear"})
+
+
+def has_plain_forward(layer: nn.Module) -> bool:
+    """True when ``layer`` computes exactly ``F.linear`` / ``F.conv2d`` of its own weight (its
+    class keeps ``nn.Linear``'s or ``nn.Conv2d``'s forward), so a delta's contribution may be
+    added to its output; False for subclasses such as ``StdConv2d`` that transform the weight."""
+    cls = type(layer)
+    if f"{cls.__module__}.{cls.__qualname__}" in SAME_AS_BASE_FORWARD:
+        return True
+    if isinstance(layer, nn.Conv2d):
+        return cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward
+    return isinstance(layer, nn.Linear) and cls.forward is nn.Linear.forward
+
 
 def fan_in(layer: nn.Module) -> int:
     return layer.weight[0].numel()
@@ -47,15 +77,25 @@ class DeltaLayer(nn.Module, metaclass=abc.ABCMeta):
     """Base class: a frozen base layer plus a trainable delta filled in by a selection.
 
     Attributes:
-        base_layer: the pre-trained ``nn.Linear``/``nn.Conv2d``; its weight is never trained.
+        base_layer: the pre-trained ``nn.Linear``/``nn.Conv2d`` (or subclass); its weight is never
+            trained.
+        plain_forward: whether the base layer computes plain ``F.linear``/``F.conv2d`` of its
+            weight (the fast paths); False for e.g. ``StdConv2d`` (module docstring).
         original_name: the layer's name in the model before the delta was inserted.
     """
 
     def __init__(self, base_layer: nn.Module, original_name: str):
         super().__init__()
-        if type(base_layer) not in (nn.Linear, nn.Conv2d):
-            raise TypeError(f"{original_name}: deltas support nn.Linear and nn.Conv2d, got {type(base_layer).__name__}")
-        if isinstance(base_layer, nn.Conv2d) and base_layer.padding_mode != "zeros":
+        if not isinstance(base_layer, LAYER_TYPES):
+            raise TypeError(f"{original_name}: deltas support nn.Linear and nn.Conv2d, got {type(base_layer).__name__} "
+                            "(subclasses of either are accepted)")
+        if not isinstance(base_layer._parameters.get("weight"), nn.Parameter):
+            raise TypeError(f"{original_name}: the weight of this {type(base_layer).__name__} is computed (a "
+                            "parametrization such as weight norm), not a parameter a delta can be added to; "
+                            "leave the layer out with the method's `exclude`")
+        #: False: the layer's own forward transforms its weight (StdConv2d); see the module docstring
+        self.plain_forward = has_plain_forward(base_layer)
+        if self.plain_forward and isinstance(base_layer, nn.Conv2d) and base_layer.padding_mode != "zeros":
             raise TypeError(f"{original_name}: padding_mode={base_layer.padding_mode!r} is not supported")
         base_layer.weight.requires_grad_(False)
         self.base_layer = base_layer
@@ -85,6 +125,13 @@ class DeltaLayer(nn.Module, metaclass=abc.ABCMeta):
     def mark_selected(self) -> None:
         self.selected.fill_(True)
         self._is_selected = True
+
+    def _own_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's own forward with ``W0 + delta`` as its weight (layers without a plain
+        forward: the delta goes through whatever the layer does to its weight)."""
+        weight = self.base_layer.weight
+        effective = weight + self.dense_delta().to(weight.dtype)
+        return torch.func.functional_call(self.base_layer, {"weight": effective}, (x,))
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
         conv = self.base_layer
@@ -184,6 +231,8 @@ class StructuredDelta(DeltaLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._is_selected:
             return self.base_layer(x)
+        if not self.plain_forward:
+            return self._own_forward(x)
         if not self.is_conv:
             rows = self._axis == ROW
             delta, index = (self.row_delta(), self.row_index) if rows else (self.column_delta(), self.col_index)
@@ -375,6 +424,8 @@ class IndexDelta(DeltaLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._is_selected:
             return self.base_layer(x)
+        if not self.plain_forward:
+            return self._own_forward(x)
         base = self.base_layer
         if not self.is_conv:
             flat = x.reshape(-1, x.shape[-1])

@@ -66,19 +66,17 @@ def default_gradient_targets(model: nn.Module) -> dict[str, nn.Parameter]:
     """The weights whose gradients a selection needs.
 
     After ``method.apply`` these are the base weights of the inserted delta layers, named as in
-    the original model. On a model without deltas: every ``nn.Linear``/``nn.Conv2d`` weight
-    outside the classifier.
+    the original model. On a model without deltas: the weight of every eligible layer
+    (``grft_lightning.methods.base.eligible_layers``: ``nn.Linear``/``nn.Conv2d`` and their
+    subclasses outside the head).
     """
     targets = eligible_weight_names(model)
     if targets:
         return targets
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
-    return {
-        f"{name}.weight": module.weight
-        for name, module in model.named_modules()
-        if type(module) in (nn.Linear, nn.Conv2d) and id(module.weight) not in head_ids
-    }
+    # Imported here: the methods package imports this module.
+    from grft_lightning.methods.base import eligible_layers
+
+    return {f"{name}.weight": module.weight for name, module in eligible_layers(model)}
 
 
 Reduction = Literal["sum", "sum_of_squares", "per_sample_squares"]
@@ -139,7 +137,8 @@ def accumulate_gradients(
             raise KeyError(f"accumulate_gradients: not an eligible weight: {unknown[:5]}")
         targets = {n: targets[n] for n in names}
     if not targets:
-        raise ValueError("accumulate_gradients: the model has no eligible weight (no Linear/Conv2d outside the head)")
+        raise ValueError("accumulate_gradients: the model has no eligible weight (no nn.Linear/nn.Conv2d, or "
+                         "subclass, outside the head)")
     flags = {id(p): p.requires_grad for p in model.parameters()}
     params = list(targets.values())
     sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]

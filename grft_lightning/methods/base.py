@@ -8,8 +8,11 @@ A method is a small typed config (its ``__init__`` arguments, which LightningCLI
 * ``select(model, grads)``: fill the index buffers from accumulated gradients (or a seed).
 * ``regularizer(model, images, features)``: an extra loss term, or ``None``.
 
-Freezing is structural: the head is ``model.get_classifier()``, biases are those of
-``nn.Linear``/``nn.Conv2d`` modules, norms are normalisation modules -- never a name substring.
+Freezing is structural: the head is ``model.get_classifier()`` (every module of it, when it
+returns several, as DeiT's distilled models do), biases are those of ``nn.Linear``/``nn.Conv2d``
+modules, norms are normalisation modules -- never a name substring. The one exception is opt-in:
+``tune_params`` names further pre-trained tensors to train in full (e.g. layer scales, Swin's
+relative-position bias tables, which GPS's public code trains because of their names).
 """
 
 from __future__ import annotations
@@ -21,17 +24,44 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from grft_lightning.deltas import DeltaLayer, delta_layers, set_submodule
+# LAYER_TYPES (nn.Linear, nn.Conv2d and their subclasses) is defined where deltas are: what a
+# delta can wrap is what a method may select from.
+from grft_lightning.deltas import LAYER_TYPES, DeltaLayer, delta_layers, set_submodule
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
-LAYER_TYPES = (nn.Linear, nn.Conv2d)
+
+
+class HeadGroup(nn.Module):
+    """Several head modules read as one head.
+
+    ``get_classifier()`` of DeiT's distilled ViTs (and LeViT, PiT, EfficientFormer) returns a
+    tuple, ``(head, head_dist)``: both are new layers of ``num_classes`` outputs, so both are
+    trained and counted as head. Called on pooled features the group returns the mean of its
+    heads' logits, as timm's distilled models average their two heads outside distillation
+    training. It only refers to the model's modules; the model itself is unchanged.
+    """
+
+    def __init__(self, heads: list[nn.Module]):
+        super().__init__()
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.stack([head(features) for head in self.heads]).mean(0)
+
+    @property
+    def out_features(self) -> int:
+        return getattr(self.heads[0], "out_features", 0)
 
 
 def classifier(model: nn.Module) -> nn.Module:
-    """The (new) classification head of a timm model."""
+    """The (new) classification head of a timm model: ``model.get_classifier()``, or a
+    :class:`HeadGroup` of its modules when that returns several."""
     if not hasattr(model, "get_classifier"):
         raise TypeError(f"{type(model).__name__} has no get_classifier(): use a timm model")
     head = model.get_classifier()
+    if isinstance(head, (tuple, list)):
+        heads = [h for h in head if isinstance(h, nn.Module)]
+        return HeadGroup(heads) if heads else nn.Identity()
     return head if isinstance(head, nn.Module) else nn.Identity()
 
 
@@ -39,15 +69,44 @@ def head_parameter_ids(model: nn.Module) -> set[int]:
     return {id(p) for p in classifier(model).parameters()}
 
 
+def eligible_layers(model: nn.Module, targets: list[str] | None = None,
+                    exclude: list[str] | tuple[str, ...] = ()) -> list[tuple[str, nn.Module]]:
+    """``(name, layer)`` for every layer a method may select from, in model order.
+
+    Those are the ``LAYER_TYPES`` modules (``nn.Linear``/``nn.Conv2d``, subclasses such as
+    timm's ``StdConv2d`` included) outside the head, whose names match one of the ``fnmatch``
+    patterns ``targets`` (all when None) and none of ``exclude``. Left out: the ``out_proj`` of
+    ``nn.MultiheadAttention``, which reads its weight directly and would bypass a delta. A model
+    without ``get_classifier()`` (a plain module given to ``accumulate_gradients``) has no head.
+    """
+    head_modules = {id(m) for m in classifier(model).modules()} if hasattr(model, "get_classifier") else set()
+    bypassed = {id(child) for module in model.modules() if isinstance(module, nn.MultiheadAttention)
+                for child in module.children()}
+    layers = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LAYER_TYPES) or id(module) in head_modules or id(module) in bypassed:
+            continue
+        if targets is not None and not any(fnmatch.fnmatchcase(name, p) for p in targets):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            continue
+        layers.append((name, module))
+    return layers
+
+
 class Method:
     """Base class of all tuning methods.
 
     Args:
         targets: ``fnmatch`` patterns on module names selecting the eligible layers among the
-            ``nn.Linear``/``nn.Conv2d`` modules outside the head (None: all of them).
+            ``nn.Linear``/``nn.Conv2d`` modules (and subclasses) outside the head (None: all).
         exclude: patterns removed from the eligible layers.
         tune_bias: train the bias of every ``nn.Linear``/``nn.Conv2d`` outside the head.
         tune_norm: train the affine parameters of normalisation layers (LayerNorm, BatchNorm).
+        tune_params: ``fnmatch`` patterns on parameter names (as in the model before ``apply``)
+            of further pre-trained tensors trained in full, e.g. ``["*.gamma"]`` (layer scales)
+            or ``["*.relative_position_bias_table"]`` (Swin), which GPS's public code trains.
+            Every pattern must match a parameter outside the head that no delta covers.
     """
 
     needs_gradients: ClassVar[bool] = False
@@ -62,11 +121,13 @@ class Method:
         exclude: list[str] | None = None,
         tune_bias: bool = True,
         tune_norm: bool = False,
+        tune_params: list[str] | None = None,
     ):
         self.targets = list(targets) if targets is not None else None
         self.exclude = list(exclude) if exclude is not None else []
         self.tune_bias = tune_bias
         self.tune_norm = tune_norm
+        self.tune_params = list(tune_params) if tune_params is not None else None
 
     # -- config ----------------------------------------------------------------------------
     @property
@@ -76,7 +137,12 @@ class Method:
     def config(self) -> dict[str, Any]:
         """The ``__init__`` arguments, as they would appear under ``init_args`` in YAML."""
         params = inspect.signature(type(self).__init__).parameters
-        return {k: getattr(self, k) for k in params if k != "self" and hasattr(self, k)}
+        config = {k: getattr(self, k) for k in params if k != "self" and hasattr(self, k)}
+        # Unset, tune_params is left out: a checkpoint or tuned file written before the option
+        # existed then holds the same method config as a run of today (resume compares them).
+        if config.get("tune_params", ()) is None:
+            del config["tune_params"]
+        return config
 
     def class_path(self) -> str:
         cls = type(self)
@@ -88,27 +154,25 @@ class Method:
 
     # -- apply ------------------------------------------------------------------------------
     def eligible_layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        head = classifier(model)
-        head_modules = {id(m) for m in head.modules()}
-        layers = []
-        for name, module in model.named_modules():
-            if type(module) not in LAYER_TYPES or id(module) in head_modules:
-                continue
-            if self.targets is not None and not any(fnmatch.fnmatchcase(name, p) for p in self.targets):
-                continue
-            if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
-                continue
-            layers.append((name, module))
-        return layers
+        """This method's layers: :func:`eligible_layers` with its ``targets`` and ``exclude``."""
+        return eligible_layers(model, self.targets, self.exclude)
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Freeze the pre-trained model and insert this method's trainable parts; returns it."""
         if getattr(model, "peft_method", None) is not None:
             raise RuntimeError(f"a method ({model.peft_method!r}) was already applied to this model")
         head_ids = head_parameter_ids(model)
+        extra = self._named_extra_parameters(model, head_ids)
         for p in model.parameters():
             p.requires_grad_(False)
         self.inject(model)
+        covered = {id(layer.base_layer.weight) for _, layer in delta_layers(model)}
+        for name, p in extra.items():
+            if id(p) in covered:
+                raise ValueError(f"{type(self).__name__}.tune_params: {name} is the weight of a layer this method "
+                                 "already tunes through a delta; leave it out of tune_params (or the layer out "
+                                 "with `exclude`)")
+            p.requires_grad_(True)
         for module in model.modules():
             if self.tune_bias and isinstance(module, LAYER_TYPES) and getattr(module, "bias", None) is not None:
                 if id(module.bias) not in head_ids:
@@ -124,13 +188,26 @@ class Method:
     def inject(self, model: nn.Module) -> None:
         """Insert this method's trainable modules (none for the simple baselines)."""
 
+    def _named_extra_parameters(self, model: nn.Module, head_ids: set[int]) -> dict[str, nn.Parameter]:
+        """The parameters ``tune_params`` names (outside the head); every pattern must match."""
+        patterns = getattr(self, "tune_params", None) or []
+        named = [(n, p) for n, p in model.named_parameters() if id(p) not in head_ids]
+        found = {}
+        for pattern in patterns:
+            hits = {n: p for n, p in named if fnmatch.fnmatchcase(n, pattern)}
+            if not hits:
+                raise ValueError(f"{type(self).__name__}.tune_params: {pattern!r} matched no parameter outside the "
+                                 f"head of this {type(model).__name__} (see model.named_parameters() for the names)")
+            found.update(hits)
+        return found
+
     def required_layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The eligible layers; an error naming the patterns when there is none."""
         layers = self.eligible_layers(model)
         if not layers:
             raise ValueError(
                 f"{type(self).__name__}: no eligible layer matched targets={self.targets}, exclude={self.exclude} "
-                f"(eligible layers are nn.Linear/nn.Conv2d modules outside the head)"
+                f"(eligible layers are nn.Linear/nn.Conv2d modules, subclasses included, outside the head)"
             )
         return layers
 

@@ -42,12 +42,15 @@ class BitFit(Method):
 
     Args:
         tune_norm: also train normalisation layers' affine parameters.
+        tune_params: ``fnmatch`` patterns of further pre-trained parameters trained in full (e.g.
+            ``["*.gamma"]`` layer scales, ``["*.relative_position_bias_table"]`` on Swin, as GPS's
+            public code trains them; see ``Method``). None: none.
     """
 
     tag = "bitfit"
 
-    def __init__(self, tune_norm: bool = False):
-        super().__init__(tune_bias=True, tune_norm=tune_norm)
+    def __init__(self, tune_norm: bool = False, tune_params: list[str] | None = None):
+        super().__init__(tune_bias=True, tune_norm=tune_norm, tune_params=tune_params)
 
 
 class RandomRows(GRFT):
@@ -71,6 +74,9 @@ class RandomRows(GRFT):
             default) takes the run's seed (``seed_everything``, the same on every DDP rank; 0
             outside a seeded run), so that seeds of a sweep draw different rows; the draw is
             saved in the checkpoint like any selection.
+        tune_params: ``fnmatch`` patterns of further pre-trained parameters trained in full (e.g.
+            ``["*.gamma"]`` layer scales, ``["*.relative_position_bias_table"]`` on Swin, as GPS's
+            public code trains them; see ``Method``). None: none.
     """
 
     needs_gradients = False
@@ -90,11 +96,12 @@ class RandomRows(GRFT):
         regularization: Literal["none", "l2sp", "feature"] = "l2sp",
         reg_lambda: float = 1e-4,
         seed: int | None = None,
+        tune_params: list[str] | None = None,
     ):
         if mode == "auto":
             raise ValueError("RandomRows.mode must be row or column")
         super().__init__(mode, rows_per_matrix, columns_per_matrix, fraction, allocation, targets, exclude,
-                         tune_bias, tune_norm, regularization, reg_lambda)
+                         tune_bias, tune_norm, regularization, reg_lambda, tune_params=tune_params)
         self.seed = seed
         self._generator: torch.Generator | None = None
 

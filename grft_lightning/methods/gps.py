@@ -34,6 +34,9 @@ class GPS(Method):
         exclude: patterns removed from the eligible layers.
         tune_bias: train every nn.Linear/nn.Conv2d bias (GPS does).
         tune_norm: train normalisation layers (GPS does not).
+        tune_params: ``fnmatch`` patterns of further pre-trained parameters trained in full (e.g.
+            ``["*.gamma"]`` layer scales, ``["*.relative_position_bias_table"]`` on Swin, as GPS's
+            public code trains them; see ``Method``). None: none.
     """
 
     needs_gradients = True
@@ -46,8 +49,9 @@ class GPS(Method):
         exclude: list[str] | None = None,
         tune_bias: bool = True,
         tune_norm: bool = False,
+        tune_params: list[str] | None = None,
     ):
-        super().__init__(targets, exclude, tune_bias, tune_norm)
+        super().__init__(targets, exclude, tune_bias, tune_norm, tune_params)
         k = 1 if k is None else k
         if k < 1:
             raise ValueError(f"GPS.k must be >= 1, got {k}")

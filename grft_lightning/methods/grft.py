@@ -14,7 +14,7 @@ parameter budget, and keeps the better. The tuned entries live in a small delta 
 pre-trained model.
 
 The paper's exact text was not available when this was written: every choice below is an option,
-and the defaults are our reconstruction (methods.md; README "Method defaults").
+and the defaults are our reconstruction (docs/methods.md; README "Method defaults").
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ class GRFT(Method):
         allocation: how ``fraction`` becomes counts: ``uniform`` (the same count in every
             matrix, as for ViTs) or ``proportional`` (each matrix gets the fraction of its own
             rows/columns, for CNNs whose layers differ in size).
-        targets: ``fnmatch`` patterns of eligible layer names (None: every nn.Linear/nn.Conv2d
-            outside the head).
+        targets: ``fnmatch`` patterns of eligible layer names (None: every nn.Linear/nn.Conv2d,
+            subclasses included, outside the head).
         exclude: patterns removed from the eligible layers (default: ``["patch_embed.*"]``).
         tune_bias: train the biases of nn.Linear/nn.Conv2d layers (as GPS does).
         tune_norm: train normalisation layers' affine parameters (helps BatchNorm CNNs).
@@ -67,6 +67,9 @@ class GRFT(Method):
             the batch level) or ``fisher_sample`` (``sum_n sum_j g_n[i, j]^2`` over single
             training samples: the empirical Fisher diagonal; one backward pass per sample, needs
             ``selection.loss: ce``).
+        tune_params: ``fnmatch`` patterns of further pre-trained parameters trained in full (e.g.
+            ``["*.gamma"]`` layer scales, ``["*.relative_position_bias_table"]`` on Swin, as GPS's
+            public code trains them; see ``Method``). None: none.
     """
 
     needs_gradients = True
@@ -88,8 +91,10 @@ class GRFT(Method):
         regularization: Literal["none", "l2sp", "feature"] = "l2sp",
         reg_lambda: float = 1e-4,
         score: Literal["gradient", "fisher_batch", "fisher_sample"] = "gradient",
+        tune_params: list[str] | None = None,
     ):
-        super().__init__(targets, ["patch_embed.*"] if exclude is None else exclude, tune_bias, tune_norm)
+        super().__init__(targets, ["patch_embed.*"] if exclude is None else exclude, tune_bias, tune_norm,
+                         tune_params)
         if score not in self.SCORES:
             raise ValueError(f"GRFT.score must be one of {', '.join(self.SCORES)}, got {score!r}")
         if mode not in ("row", "column", "auto"):

@@ -18,6 +18,7 @@ import re
 
 from torch import nn
 
+from grft_lightning.deltas import has_plain_forward
 from grft_lightning.methods.base import Method
 
 #: qkv, proj, fc1 and fc2 of every timm ViT block.
@@ -69,7 +70,17 @@ class LoRA(Method):
     def inject(self, model: nn.Module) -> None:
         from peft import LoraConfig, inject_adapter_in_model
 
-        names = [name for name, _ in self.required_layers(model)]
+        layers = self.required_layers(model)
+        transformed = [f"{name} ({type(layer).__name__})" for name, layer in layers if not has_plain_forward(layer)]
+        if transformed:
+            # peft adds B A x beside the layer's forward and merges B A into the weight: for a
+            # layer that transforms its weight (StdConv2d standardises it) or its input
+            # (Conv2dSame pads it) the two are not what the layer computes with W0 + B A.
+            raise ValueError(f"LoRA: {', '.join(transformed[:3])} compute more than a plain linear map or "
+                             "convolution of their weight (weight standardisation, dynamic padding), which peft's "
+                             "LoRA layer does not follow; leave them out with `exclude`, or use GRFT/GPS, whose "
+                             "deltas go through the layer's own forward")
+        names = [name for name, _ in layers]
         config = LoraConfig(
             r=self.r,
             lora_alpha=self.r if self.alpha is None else self.alpha,

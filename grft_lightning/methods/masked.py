@@ -126,6 +126,9 @@ class GPSMasked(Method):
         restore_unselected: write the unselected entries back after every optimizer step, so
             weight decay cannot move them (off: the public code's behaviour; see the module
             docstring).
+        tune_params: ``fnmatch`` patterns of further pre-trained parameters trained in full (e.g.
+            ``["*.gamma"]`` layer scales, ``["*.relative_position_bias_table"]`` on Swin, as GPS's
+            public code trains them; see ``Method``). None: none.
 
     Training hooks, called by ``PEFTModule`` around every optimizer step (only the batches that
     step, with gradient accumulation); a plain PyTorch loop calls them itself::
@@ -147,8 +150,9 @@ class GPSMasked(Method):
         tune_bias: bool = True,
         tune_norm: bool = False,
         restore_unselected: bool = False,
+        tune_params: list[str] | None = None,
     ):
-        super().__init__(targets, exclude, tune_bias, tune_norm)
+        super().__init__(targets, exclude, tune_bias, tune_norm, tune_params)
         if k < 1:
             raise ValueError(f"GPSMasked.k must be >= 1, got {k}")
         self.k = k
