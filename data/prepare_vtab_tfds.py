@@ -1,12 +1,19 @@
 """Build VTAB-1k task folders from TensorFlow Datasets, in the layout VTAB1k reads.
 
     pip install .[tfds]
-    python data/prepare_vtab_tfds.py --out $VTAB_ROOT [--tfds-dir DIR] [--tasks dtd ...]
+    python data/prepare_vtab_tfds.py --out $VTAB_ROOT [--tfds-dir DIR] [--tasks dtd ...] \
+        [--format jpg|png] [--quality 75]
 
 For each task it writes ``<out>/<task folder>/images/{train800,val200,test}/000000.jpg``, the four
 list files (``train800.txt``, ``val200.txt``, ``train800val200.txt`` = train800 + val200,
-``test.txt``) and ``extraction.txt`` naming the tfds dataset and version, so that every run
-records which extraction it used (data/README.md explains why that matters).
+``test.txt``) and ``extraction.json``: the tool, the tfds dataset and the version tfds resolved,
+the versions of tensorflow-datasets, tensorflow and Pillow, the image format and JPEG quality and
+each split's tfds slice. The VTAB1k DataModule puts it into every run's results.json, so runs on
+different extractions can be told apart (data/README.md explains why that matters).
+
+JPEG quality: 75 by default, PIL's default, which is what NOAH's extraction script wrote (the
+folders NOAH, SSF and GPS trained on); VPT fed TFDS arrays to the model without any JPEG step.
+Use ``--quality`` for another trade-off, or ``--format png`` (lossless) to come closest to VPT.
 
 The splits follow VTAB's own task definitions (google-research/task_adaptation): VTAB defines a
 train / val / test split per task, some as a percentage of a tfds split; VTAB-1k takes the first
@@ -21,16 +28,26 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import datetime
+import json
 import math
 import os
 import sys
+from importlib import metadata
 from typing import Any, NamedTuple
 
 try:
-    from grft_lightning.data.vtab import VTAB_TASKS, write_list_file
+    from grft_lightning.data.vtab import EXTRACTION_RECORD, VTAB_TASKS, write_list_file
 except ImportError:  # run from a checkout without `pip install .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from grft_lightning.data.vtab import VTAB_TASKS, write_list_file
+    from grft_lightning.data.vtab import EXTRACTION_RECORD, VTAB_TASKS, write_list_file
+
+#: PIL's own default JPEG quality, which NOAH's extraction (get_vtab1k.py) wrote its JPEGs with.
+DEFAULT_JPEG_QUALITY = 75
+#: Packages whose versions decide the bytes written (the tfds generators, TF's decoders, the
+#: JPEG encoder), recorded in extraction.json.
+RECORDED_PACKAGES = ("tensorflow-datasets", "tensorflow", "pillow")
+TOOL = "data/prepare_vtab_tfds.py"
 
 
 class Part(NamedTuple):
@@ -81,7 +98,9 @@ TASKS: dict[str, TFDSTask] = {
     "caltech101": TFDSTask("caltech101:3.*.*", "label", **_split_train(90)),
     "dtd": TFDSTask("dtd:3.*.*", "label", **_official()),
     "flowers102": TFDSTask("oxford_flowers102:2.*.*", "label", **_official()),
-    "pets": TFDSTask("oxford_iiit_pet:3.*.*", "label", **_split_train(80)),  # 80 %, not 90 %
+    # Current tfds builds only oxford_iiit_pet 4.0.0 (3.x, which VTAB named, is gone): the same
+    # images, labels and train/test splits. VTAB's pets validation is 20 % of train, not 10 %.
+    "pets": TFDSTask("oxford_iiit_pet:4.*.*", "label", **_split_train(80)),
     "svhn": TFDSTask("svhn_cropped:3.*.*", "label", **_split_train(90)),
     "sun397": TFDSTask("sun397/tfds:4.*.*", "label", **_official()),
     "patch_camelyon": TFDSTask("patch_camelyon:2.*.*", "label", **_official()),
@@ -94,8 +113,9 @@ TASKS: dict[str, TFDSTask] = {
     "clevr_count": TFDSTask("clevr:3.*.*", "clevr_count", **_split_train(90, test="validation")),
     "clevr_dist": TFDSTask("clevr:3.*.*", "clevr_dist", **_split_train(90, test="validation")),
     "dmlab": TFDSTask("dmlab:2.0.1", "label", **_official()),
-    # Unsure: VTAB pins kitti:3.1.0, which current tfds no longer builds; 3.2.0 / 3.3.0 are what
-    # other PEFT codebases use, and whether their labels match VTAB's exactly is not verified.
+    # VTAB pins kitti:3.1.0, which current tfds no longer builds. tfds 4.9 resolves 3.*.* to
+    # 3.3.0 (VPT and NOAH used 3.2.0), with the same generator and splits; that its labels equal
+    # VTAB's 3.1.0 ones example by example is not verified here.
     "kitti": TFDSTask("kitti:3.*.*", "kitti_dist", **_official()),
     "dsprites_loc": TFDSTask("dsprites:2.*.*", "dsprites_loc", **_three_way(80, 10)),
     "dsprites_ori": TFDSTask("dsprites:2.*.*", "dsprites_ori", **_three_way(80, 10)),
@@ -192,6 +212,60 @@ def to_uint8_image(task: str, image):
     return image.astype("uint8")
 
 
+# -- the extraction record (pure Python; tested) -------------------------------------------------
+def package_versions(packages: tuple[str, ...] = RECORDED_PACKAGES) -> dict[str, str | None]:
+    """Installed version of each package (None when absent), read without importing it."""
+    versions: dict[str, str | None] = {}
+    for name in packages:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def extraction_record(task: str, tfds_full_name: str, ext: str, quality: int | None,
+                      ranges: dict[str, tuple[str, int, int]], versions: dict[str, str | None],
+                      created: str | None = None) -> dict[str, Any]:
+    """What ``extraction.json`` holds for one task folder (``summary`` is the one line that
+    results.json's ``extraction`` shows)."""
+    quality = quality if ext == "jpg" else None
+    image = f"{ext} quality {quality}" if quality is not None else ext
+    tfds_version = versions.get("tensorflow-datasets") or "unknown"
+    return {
+        "summary": f"tfds {tfds_full_name} ({image}, tensorflow-datasets {tfds_version}) via {TOOL}",
+        "tool": TOOL,
+        "task": task,
+        "tfds_requested": TASKS[task].tfds_name,
+        "tfds_dataset": tfds_full_name,
+        "format": ext,
+        "jpeg_quality": quality,
+        "splits": {name: tfds_split_string(*bounds) for name, bounds in ranges.items()},
+        "packages": dict(versions),
+        "created": created or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_extraction_record(task_dir: str, record: dict[str, Any]) -> str:
+    """Write ``record`` as ``<task_dir>/extraction.json``; returns the path."""
+    path = os.path.join(task_dir, EXTRACTION_RECORD)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+    return path
+
+
+def jpeg_quality(text: str) -> int:
+    """``--quality``: an integer in 1..100 (PIL advises against more than 95)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"JPEG quality must be an integer, got {text!r}") from None
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"JPEG quality must be in 1..100, got {value}")
+    return value
+
+
 def build_task(task: str, out: str, tfds_dir: str | None, ext: str, quality: int) -> None:
     import tensorflow_datasets as tfds
     from PIL import Image
@@ -202,23 +276,24 @@ def build_task(task: str, out: str, tfds_dir: str | None, ext: str, quality: int
     sizes = {name: split.num_examples for name, split in builder.info.splits.items()}
     task_dir = os.path.join(out, VTAB_TASKS[task].folder)
     labels: dict[str, list[int]] = {}
-    for name, (split, start, stop) in vtab1k_ranges(task, sizes).items():
+    ranges = vtab1k_ranges(task, sizes)
+    for name, (split, start, stop) in ranges.items():
         os.makedirs(os.path.join(task_dir, "images", name), exist_ok=True)
         tfds_split = tfds_split_string(split, start, stop)
         dataset = builder.as_dataset(split=tfds_split, shuffle_files=False)
         labels[name] = []
         for i, example in enumerate(tfds.as_numpy(dataset)):
             image = Image.fromarray(to_uint8_image(task, example["image"]))
-            image.save(os.path.join(task_dir, image_relpath(name, i, ext)), quality=quality)
+            options = {"quality": quality} if ext == "jpg" else {}
+            image.save(os.path.join(task_dir, image_relpath(name, i, ext)), **options)
             labels[name].append(derive_label(task, example))
         print(f"{task}: {name} = {tfds_split} ({len(labels[name])} images)")
     write_lists(task_dir, labels, ext)
-    with open(os.path.join(task_dir, "extraction.txt"), "w") as f:
-        note = f" quality {quality}" if ext == "jpg" else ""
-        f.write(f"tfds {builder.info.full_name} via data/prepare_vtab_tfds.py ({ext}{note})\n")
+    record = extraction_record(task, builder.info.full_name, ext, quality, ranges, package_versions())
+    print(f"{task}: {write_extraction_record(task_dir, record)}: {record['summary']}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -229,7 +304,14 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="TASK")
     parser.add_argument("--format", choices=("jpg", "png"), default="jpg",
                         help="png is lossless and larger")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality")
+    parser.add_argument("--quality", type=jpeg_quality, default=DEFAULT_JPEG_QUALITY,
+                        help=f"JPEG quality, 1..100 (default {DEFAULT_JPEG_QUALITY}: PIL's default, "
+                             "as in NOAH's extraction; ignored for png)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.out:
         parser.error("--out is required when $VTAB_ROOT is not set")

@@ -521,11 +521,16 @@ def test_cli_fit_on_vtab_config(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     from grft_lightning.cli import cli_main
 
-    cli_main(_cli_args(tmp_path, ["configs/vtab/base.yaml", "configs/vtab/dtd.yaml"]))
+    args = _cli_args(tmp_path, ["configs/vtab/base.yaml", "configs/vtab/dtd.yaml"])
+    ranges = {"train800": ("train", 0, 800), "val200": ("validation", 0, 200), "test": ("test", 0, 1880)}
+    record = prepare.extraction_record("dtd", "dtd/3.0.1", "jpg", 75, ranges, {"tensorflow-datasets": "4.9.9"})
+    prepare.write_extraction_record(str(tmp_path / "data" / "dtd"), record)
+    cli_main(args)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["dataset"] == "vtab/dtd" and results["task_group"] == "natural"
     assert results["protocol"] == "final" and results["skipped_images"] == 0
     assert results["benchmark"] == "vtab-1k"
+    assert results["extraction"] == record["summary"] and results["extraction_record"] == record
 
 
 def test_cli_task_config_includes_its_base(tmp_path, monkeypatch):

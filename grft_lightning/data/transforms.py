@@ -1,8 +1,14 @@
 """Image transforms, sized and normalised from the backbone's own pretrained config.
 
 Preprocessing is never hard-coded: mean, std, input size and interpolation come from timm's
-pretrained config of the backbone name (``vit_base_patch16_224.augreg_in21k`` normalises with
-mean = std = 0.5, ``.orig_in21k`` and the ImageNet CNNs with the ImageNet statistics).
+pretrained config of the backbone name. Both ViT-B/16 ImageNet-21k checkpoints in use normalise
+with mean = std = 0.5 there: ``vit_base_patch16_224.augreg_in21k`` (GPS, SSF) and
+``vit_base_patch16_224.orig_in21k`` (the original Google ``ViT-B_16.npz``, trained on inputs in
+[-1, 1]; VPT, NOAH and SPT fed it the ImageNet statistics instead, which is not what timm's config
+says). Swin-B, ConvNeXt-B and the ImageNet CNNs use the ImageNet statistics. A deprecated timm
+spelling such as ``vit_base_patch16_224_in21k`` (the GPS and SSF scripts') has no config of its
+own: it is first resolved to the name timm creates for it (``.augreg_in21k``), so it gets that
+checkpoint's normalisation, not the ImageNet default (docs/data.md, "Normalisation").
 """
 
 from __future__ import annotations
@@ -30,13 +36,17 @@ def resolve_data_config(backbone: str | None, image_size: int | None = None) -> 
     """Read mean/std/size/interpolation from timm's pretrained config of ``backbone``.
 
     Works offline: it reads timm's registry, it does not create the model or touch the hub.
-    ``image_size`` overrides the config's input size (e.g. 64 px for the CPU demo).
+    Deprecated names are resolved through timm's mapping first
+    (:func:`grft_lightning.backbones.resolve_model_name`). ``image_size`` overrides the config's
+    input size (e.g. 64 px for the CPU demo).
     """
     cfg = DataConfig()
     if backbone:
         from timm.models import get_pretrained_cfg
 
-        pretrained = get_pretrained_cfg(backbone, allow_unregistered=True)
+        from grft_lightning.backbones import resolve_model_name
+
+        pretrained = get_pretrained_cfg(resolve_model_name(backbone), allow_unregistered=True)
         if pretrained is None:  # a name without a pretrained tag that timm does not know
             pretrained_dict = {}
         else:

@@ -14,6 +14,7 @@ Protocols:
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Iterable, Literal, NamedTuple
 
@@ -59,8 +60,14 @@ PROTOCOL_LISTS: dict[str, dict[str, str]] = {
     "tune": {"train": "train800.txt", "val": "val200.txt", "test": "val200.txt"},
 }
 
-#: Optional one-line note in a task folder saying which extraction it is (written by
-#: data/prepare_vtab_tfds.py; add one by hand to downloaded folders, see data/README.md).
+#: How a task folder was made, written by data/prepare_vtab_tfds.py into every folder it builds:
+#: a JSON object with a one-line ``summary`` plus the tool, the tfds dataset and version, the
+#: package versions, the image format and JPEG quality and the tfds slices of each split. Read
+#: into results.json (``extraction``, ``extraction_record``).
+EXTRACTION_RECORD = "extraction.json"
+
+#: A one-line note saying which extraction a folder is, for folders the script did not build
+#: (add one by hand to a downloaded NOAH/SSF folder, see data/README.md).
 EXTRACTION_FILE = "extraction.txt"
 
 LAYOUT = """\
@@ -125,7 +132,9 @@ class VTAB1k(PreparedFolderData):
             val and test).
         extraction: Which extraction the folder is (e.g. ``noah`` or ``tfds``), recorded in
             results.json because numbers from different extractions are not comparable (the
-            CIFAR-100 trap, data/README.md). Default: the first line of
+            CIFAR-100 trap, data/README.md). Default: the ``summary`` of
+            ``<task folder>/extraction.json`` (written by data/prepare_vtab_tfds.py, whose whole
+            record also goes to results.json as ``extraction_record``), else the first line of
             ``<task folder>/extraction.txt``, else ``unrecorded``.
         skip_bad_images: Skip images that cannot be decoded (with a warning naming each) instead
             of stopping; their number is recorded in results.json as ``skipped_images``.
@@ -186,10 +195,23 @@ class VTAB1k(PreparedFolderData):
     def split_samples(self, split: Split) -> list[Sample]:
         return self.read_list(PROTOCOL_LISTS[self.protocol][split])
 
+    def extraction_record(self) -> dict[str, Any] | None:
+        """The task folder's ``extraction.json`` (None when absent). Never raises: it is read
+        when results.json is written, after training; an unreadable file is reported in it."""
+        try:
+            path = os.path.join(self.data_dir, EXTRACTION_RECORD)
+        except DatasetError:
+            return None
+        return read_extraction_record(path)
+
     def recorded_extraction(self) -> str:
-        """``extraction`` if set, else the note in the task folder, else ``unrecorded``."""
+        """``extraction`` if set, else the summary of ``extraction.json``, else the note in
+        ``extraction.txt``, else ``unrecorded``."""
         if self.extraction:
             return self.extraction
+        record = self.extraction_record()
+        if record is not None:
+            return str(record.get("summary") or "extraction.json without a summary")
         try:
             with open(os.path.join(self.data_dir, EXTRACTION_FILE), encoding="utf-8") as f:
                 return f.readline().strip() or "unrecorded"
@@ -197,5 +219,25 @@ class VTAB1k(PreparedFolderData):
             return "unrecorded"
 
     def describe(self) -> dict[str, Any]:
-        return {"task_group": self.info.group, "benchmark": "vtab-1k", **super().describe(),
-                "extraction": self.recorded_extraction()}
+        facts = {"task_group": self.info.group, "benchmark": "vtab-1k", **super().describe(),
+                 "extraction": self.recorded_extraction()}
+        record = self.extraction_record()
+        if record is not None:
+            facts["extraction_record"] = record
+        return facts
+
+
+def read_extraction_record(path: str) -> dict[str, Any] | None:
+    """An ``extraction.json`` as a dict; None when the file does not exist; for a file that is
+    not a JSON object, ``{"summary": "unreadable ...", "error": ...}`` (so a run still records
+    that its folder claims an extraction it cannot read)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        if not isinstance(record, dict):
+            raise ValueError(f"a JSON {type(record).__name__}, not an object")
+    except (OSError, ValueError) as err:
+        return {"summary": f"unreadable {os.path.basename(path)}", "error": f"{path}: {err}"}
+    return record
