@@ -209,7 +209,7 @@ class ImageClassificationData(L.LightningDataModule, metaclass=abc.ABCMeta):
         """Loader for the gradient-selection pass over the training split.
 
         ``supcon`` yields ``(views, labels)`` with ``views`` of shape ``(B, 2, C, H, W)`` (two
-        augmented views per image, methods.md); ``ce`` yields ``(images, labels)`` with the
+        augmented views per image, docs/methods.md); ``ce`` yields ``(images, labels)`` with the
         evaluation transform (deterministic). As in GPS's public code the batches are shuffled and
         the last partial batch is dropped (:class:`SelectionBatches`): a list file grouped by class
         would otherwise give single-class batches, in which SupCon has no negatives. The order

@@ -104,7 +104,7 @@ def fgvc_eval_transform(cfg: DataConfig) -> T.Compose:
 
 
 def supcon_view_transform(cfg: DataConfig) -> T.Compose:
-    """One augmented view for GPS's supervised-contrastive selection loss (methods.md)."""
+    """One augmented view for GPS's supervised-contrastive selection loss (docs/methods.md)."""
     return T.Compose(
         [
             T.RandomResizedCrop(cfg.image_size, scale=(0.08, 1.0), interpolation=_interp(cfg.interpolation)),
