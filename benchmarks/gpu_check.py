@@ -21,11 +21,13 @@ Phases, each in its own process with its own time budget (``--budget-*``), all w
    the same images (training steps back to back, synchronised once), medians of ``--repeats``
    after one warm-up each.
 3. *fit*: ``python train.py fit`` of the backbone under ``--trainer.precision bf16-mixed`` on
-   ``grft_lightning.data.SyntheticImages`` for ``--fit-steps`` steps (one epoch), W&B disabled
-   (and ``wandb`` made unimportable), for full fine-tuning and GRFT row; images/s from
-   ``results.json``'s ``train_seconds`` (the Lightning loop end to end, loader included).
+   ``grft_lightning.data.SyntheticImages`` for ``--fit-steps`` steps (one epoch), W&B disabled,
+   for full fine-tuning and GRFT row; images/s from ``results.json``'s ``train_seconds`` (the
+   Lightning loop end to end: loader, logging and the epoch-end checkpoint included).
 4. *compile*: full fine-tuning and GRFT row with the loss (forward, head, cross-entropy,
    regulariser) eager and under ``torch.compile``; backward and AdamW stay eager.
+
+Every phase runs with ``wandb`` made unimportable (W&B is disabled; the GPU machine has none).
 
 Targets beside the measured ratios: GRFT row at least 1.35x full fine-tuning's images/s and at
 most 0.7x its peak memory; the selection pass at most 1.2x one epoch.
@@ -242,8 +244,7 @@ def fit_command(cfg: dict, method: str, run_dir: str) -> list[str]:
 
 def phase_fit(cfg: dict, work: str, save) -> bool:
     out: dict = {"rows": [], "errors": {}, "steps": cfg["fit_steps"], "batch": cfg["batch"]}
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [_blocker(work), ROOT, env.get("PYTHONPATH")] if p)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")  # PYTHONPATH: see run_check
     for method in cfg["fit_methods"]:
         run_dir = os.path.join(work, "fit", method)
         command = fit_command(cfg, method, run_dir)
@@ -487,6 +488,8 @@ def run_check(cfg: dict) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     work = tempfile.mkdtemp(prefix="gpu_check_")
     _write_json(os.path.join(work, "config.json"), cfg)
+    # every phase and train.py: W&B unimportable, this checkout's grft_lightning
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [_blocker(work), ROOT, os.environ.get("PYTHONPATH")] if p)
     result: dict = {"kind": "gpu cost check", "smoke": cfg["smoke"], "config": cfg, "work_dir": work,
                     "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                     "device": device_info(cfg),
