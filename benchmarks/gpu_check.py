@@ -40,6 +40,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -264,7 +265,7 @@ def phase_fit(cfg: dict, work: str, save) -> bool:
             "train_seconds": results["train_seconds"], "images_per_second": images / results["train_seconds"],
             "selection_seconds": results["selection_seconds"], "peak_memory_bytes": results["peak_memory_bytes"],
             "tuned": results["tuned"], "tuned_pct": results["tuned_pct"], "test_acc": results["test_acc"],
-            "process_seconds": wall, "results_json": os.path.join(run_dir, "results.json"),
+            "process_seconds": wall, "results": results,
         })
         save(out)
     full = next((r for r in out["rows"] if r["method"] == "full"), None)
@@ -545,6 +546,9 @@ def run_check(cfg: dict) -> int:
             if entry["status"] == "pending":
                 entry["status"] = "not reached"
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    if not cfg["keep_work"]:  # the fits' checkpoints and exports (GBs on ViT-B/16)
+        shutil.rmtree(work, ignore_errors=True)
+        result["work_dir"] = None
     write()
     print(markdown(result), flush=True)
     failed = [p for p in cfg["phases"] if result["phases"][p]["status"] != "ok"]
@@ -666,6 +670,8 @@ def parse_args(argv: list[str] | None = None) -> dict:
                                                "--smoke: a new temporary folder)")
     p.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of " + ",".join(PHASES))
     p.add_argument("--fit-methods", default="full,grft_row", help="methods fitted with train.py")
+    p.add_argument("--keep-work", action="store_true", help="keep the work folder (the fits' run directories: "
+                   "checkpoints, tuned.safetensors, metrics.csv); by default it is removed at the end")
     for key, value in GPU.items():
         if key in ("model", "device", "dtype", "compile_backend"):
             p.add_argument(f"--{key.replace('_', '-')}", default=None, help=f"default {value} (smoke: {SMOKE[key]})")
@@ -680,7 +686,7 @@ def parse_args(argv: list[str] | None = None) -> dict:
         return {"phase": args.phase, "work": args.work}
     cfg = dict(SMOKE if args.smoke else GPU)
     cfg.update({k: v for k, v in vars(args).items() if k in cfg and v is not None})
-    cfg["smoke"] = args.smoke
+    cfg["smoke"], cfg["keep_work"] = args.smoke, args.keep_work
     cfg["phases"] = [x for x in args.phases.split(",") if x]
     cfg["fit_methods"] = [x for x in args.fit_methods.split(",") if x]
     bad = [x for x in cfg["phases"] if x not in PHASES] + [x for x in cfg["fit_methods"] if x not in FIT_METHODS]

@@ -22,7 +22,7 @@ METHOD_KEYS = {"method", "images_per_second", "images_per_second_ratio", "step_s
                "peak_memory_bytes", "peak_memory_ratio", "tuned", "tuned_pct", "optimizer_state_bytes",
                "selection_seconds", "export_bytes"}
 FIT_KEYS = {"method", "steps", "images", "train_seconds", "images_per_second", "images_per_second_ratio",
-            "peak_memory_bytes", "peak_memory_ratio", "selection_seconds", "results_json"}
+            "peak_memory_bytes", "peak_memory_ratio", "selection_seconds", "results"}
 COMPILE_KEYS = {"method", "eager_images_per_second", "compiled_images_per_second", "speedup", "compile_seconds",
                 "eager_peak_memory_bytes", "compiled_peak_memory_bytes"}
 
@@ -48,6 +48,7 @@ def test_smoke_run_writes_every_phase_method_and_ratio(tmp_path):
     before = os.path.getmtime(committed) if os.path.exists(committed) else None
     done, result = _run(tmp_path)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert result["work_dir"] is None  # removed at the end (--keep-work keeps it)
     after = os.path.getmtime(committed) if os.path.exists(committed) else None
     assert before == after  # the smoke run leaves benchmarks/results alone
     cfg = result["config"]
@@ -83,7 +84,7 @@ def test_smoke_run_writes_every_phase_method_and_ratio(tmp_path):
     assert [row["method"] for row in fit["rows"]] == ["full", "grft_row"] and fit["errors"] == {}
     for row in fit["rows"]:
         assert FIT_KEYS <= set(row), row["method"]
-        written = json.loads(open(row["results_json"]).read())
+        written = row["results"]  # results.json as train.py wrote it
         assert written["train_seconds"] == row["train_seconds"] > 0
         assert written["backbone"] == "test_vit" and written["method"] == row["method"]
         assert row["images"] == cfg["fit_steps"] * cfg["batch"]
