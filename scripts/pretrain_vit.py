@@ -223,7 +223,7 @@ def card_markdown(card: dict) -> str:
         "random size, position, rotation (at most 12 degrees), shear, stroke, colours and backgrounds; "
         f"{card['data']['images_seen']:,} images seen. No MNIST digit and no photograph (the downstream data) is used.",
         f"- **Recipe**: {recipe['steps']:,} steps of batch {recipe['batch_size']}, AdamW (lr {recipe['lr']}, weight "
-        f"decay {recipe['weight_decay']} on matrices), {recipe['warmup']} warm-up steps then cosine decay, label "
+        f"decay {recipe['weight_decay']} on tensors of 2 or more dimensions), {recipe['warmup']} warm-up steps then cosine decay, label "
         f"smoothing {recipe['label_smoothing']}, fp32; a curriculum over the first {recipe['ramp']:,} steps (grey "
         "high-contrast digits and capitals with little jitter first; lower case, colours, textured backgrounds and "
         f"full jitter phased in), seed {recipe['seed']}.",
@@ -233,7 +233,7 @@ def card_markdown(card: dict) -> str:
         f"characters (another seed's stream, full difficulty; chance 1.6 %); training loss (label-smoothed) "
         f"{loss_line}. Downstream figures (fine-tuning and linear probes against a random initialisation): "
         "`benchmarks/results/vit_suite.md`.",
-        f"- **Reproduce**: `{card['command']}` (about an hour on one core; resumable: run the same command again "
+        f"- **Reproduce**: `{card['command']}` (about 40 minutes on one core; resumable: run the same command again "
         "after an interruption). The run is deterministic given the seed and the thread count.",
         "",
     ])
