@@ -337,8 +337,9 @@ def _seed_scores(table: Table, row: Row, column: str) -> dict[int, float]:
 
 
 def compare(table: Table, pairs: list[tuple[str, str]]) -> list[Paired]:
-    """Paired comparisons ``A - B`` on every task both methods ran and on the mean of all the
-    table's tasks (``Mean`` / ``Mean (19 tasks)``), with Holm's adjustment over the list."""
+    """Paired comparisons ``A - B`` on every task both methods ran and, where both ran every task,
+    on the mean of all the table's tasks (``Mean`` / ``Mean (19 tasks)``), with Holm's adjustment
+    over the list."""
     rows = {row.method: row for row in table.rows if not row.reported}
     overall = MEAN_19 if table.family == "vtab" else MEAN
     out = []
@@ -348,7 +349,9 @@ def compare(table: Table, pairs: list[tuple[str, str]]) -> list[Paired]:
             raise ValueError(f"--compare {a}:{b}: no runs of {', '.join(missing)} in {table.family} "
                              f"(methods: {', '.join(sorted(rows))})")
         for column in [t for t in table.tasks if t in rows[a].cells and t in rows[b].cells] + [overall]:
-            out.append(paired(_seed_scores(table, rows[a], column), _seed_scores(table, rows[b], column), a, b, column))
+            scores = _seed_scores(table, rows[a], column), _seed_scores(table, rows[b], column)
+            if all(scores):  # the overall mean only where both methods ran every task
+                out.append(paired(*scores, a, b, column))
     holm(out)
     return out
 

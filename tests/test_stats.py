@@ -99,3 +99,14 @@ def test_report_compare_unknown_method(tmp_path, capsys):
     assert "no runs of nope" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         report.main([str(tmp_path), "--out", str(tmp_path / "o"), "--compare", "grft"])
+
+
+def test_compare_skips_the_mean_of_a_method_that_missed_a_task(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in range(3):
+        write(runs, "a", "grft", seed, 80 + seed)
+        write(runs, "b", "grft", seed, 70 + seed)
+        write(runs, "a", "variant", seed, 81 + seed)  # task "a" only
+    [table] = report.summarize(report.load_results(runs)).values()
+    compared = report.compare(table, [("variant", "grft")])
+    assert [(c.task, c.n, c.mean) for c in compared] == [("a", 3, pytest.approx(1.0))]
