@@ -25,7 +25,7 @@ Modes:
   that exits 0 without writing results.json counts as failed.
 - ``inprocess``: like ``local``, but every run is a call of ``grft_lightning.cli.cli_main`` in
   this process, which saves the start-up of one interpreter per run (imports: seconds on a
-  small CPU machine; the offline suite runs 72 short runs this way). Between runs it restores
+  small CPU machine; the offline suite runs 81 short runs this way). Between runs it restores
   the global state a run may change (current directory, grad mode, default dtype, torch
   threads, an open W&B run) and frees the run. A run that raises counts as failed and the sweep
   goes on. Runs share the process, so pass ``--extra "--wandb.mode disabled"`` unless each run
