@@ -32,10 +32,10 @@ if [ "${TINY:-0}" = 1 ]; then
     SEEDS="0 1"; SMALL="linear grft_row random_rows"; LARGE=""; TASKS="$TASKS/mnist_digit.yaml $TASKS/mnistm.yaml"
     EXTRA="$EXTRA --data.init_args.n_train 100 --data.init_args.n_val 50 --data.init_args.n_test 100 --trainer.max_epochs 1"
 fi
-COMPARE="grft_row:random_rows grft_column:random_columns grft_row:gps grft_column:gps grft_auto:grft_row \
+COMPARE="grft_row:random_row grft_column:random_column grft_row:gps grft_column:gps grft_auto:grft_row \
 grft_column:grft_row grft_row:full grft_column:full gps:full lora:grft_row full:full_scratch linear:linear_scratch \
 grft_row_1.2pct:random_rows_1.2pct grft_column_1.2pct:random_columns_1.2pct grft_row_1.2pct:gps_1.2pct"
-[ "${TINY:-0}" = 1 ] && COMPARE="grft_row:random_rows"
+[ "${TINY:-0}" = 1 ] && COMPARE="grft_row:random_row"
 PART="${PART:-main}"
 NAME=vit_suite
 if [ "$PART" = ablations ]; then

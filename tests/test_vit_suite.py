@@ -35,16 +35,16 @@ def test_tiny_suite_end_to_end(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads((tmp_path / "out" / "vit_suite.json").read_text())
     cells = {(r["task"], r["method"]) for r in rows}
-    methods = {"linear", "grft_row", "random_rows"}
+    methods = {"linear", "grft_row", "random_row"}  # results.json names (RandomRows: random_row)
     assert cells == {(t, m) for t in ("mnist_digit", "mnistm", "Mean") for m in methods}
     for row in rows:
         assert set(row) >= {"task", "method", "acc_mean", "acc_std", "tuned_pct", "seeds", "acc_per_seed"}
         assert row["seeds"] == [0, 1] and 0.0 <= row["acc_mean"] <= 1.0 and row["tuned_pct"] > 0
     compared = json.loads((tmp_path / "out" / "vit_suite_compare.json").read_text())
     assert {(c["a"], c["b"], c["task"]) for c in compared} == {
-        ("grft_row", "random_rows", t) for t in ("mnist_digit", "mnistm", "Mean")}
+        ("grft_row", "random_row", t) for t in ("mnist_digit", "mnistm", "Mean")}
     assert all(c["n"] == 2 for c in compared)
     text = (tmp_path / "out" / "vit_suite.md").read_text()
-    assert "| grft_row - random_rows | mnistm | 2 |" in text and "Wall time of this invocation" in text
+    assert "| grft_row - random_row | mnistm | 2 |" in text and "Wall time of this invocation" in text
     for run in (tmp_path / "runs").rglob("results.json"):
         assert json.loads(run.read_text())["backbone"] == "vit_convstem_w128d6_32.glyphs62"
