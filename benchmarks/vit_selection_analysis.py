@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from grft_lightning.backbones import create_backbone  # noqa: E402
 from grft_lightning.data.offline import MNISTDigits  # noqa: E402
-from grft_lightning.selection import accumulate_gradients, as_matrix  # noqa: E402
+from grft_lightning.selection import accumulate_gradients, as_matrix, default_gradient_targets  # noqa: E402
 from grft_lightning.testbed import NAME, TAG, WEIGHTS  # noqa: E402
 
 TASKS = {"mnist_digit": "digit", "mnist_rotation": "rotation", "mnist_count": "count", "mnistm": "mnistm"}
@@ -56,9 +56,10 @@ def analyse(name: str, seed: int, weights: str = WEIGHTS) -> list[dict]:
     model = create_backbone(f"{NAME}.{TAG}", data.num_classes, weights=weights).eval()
     loader = data.selection_dataloader("ce", seed=seed)
     batches = list(loader)
-    summed = accumulate_gradients(model, batches, ce)
-    per_batch = accumulate_gradients(model, batches, ce, reduction="sum_of_squares")
-    per_sample = accumulate_gradients(model, batches, ce, reduction="per_sample_squares")
+    names = [n for n in default_gradient_targets(model) if n.startswith("blocks.")]  # GRFT's matrices (no stem)
+    summed = accumulate_gradients(model, batches, ce, names)
+    per_batch = accumulate_gradients(model, batches, ce, names, reduction="sum_of_squares")
+    per_sample = accumulate_gradients(model, batches, ce, names, reduction="per_sample_squares")
     rows = []
     for matrix, grad in summed.items():
         g2 = as_matrix(grad).pow(2)
@@ -102,8 +103,9 @@ def to_markdown(summary: list[dict], seeds: list[int], seconds: float) -> str:
         lines.append(f"| {s['task']} | {s['matrices']} | {s['row_gain_median']:.2f} | {s['column_gain_median']:.2f} | "
                      f"{100 * s['rows_over_2x']:.0f} % | {100 * s['columns_over_2x']:.0f} % | "
                      f"{100 * s['best_row_same_as_fisher_sample']:.0f} % | {100 * s['best_row_same_as_fisher_batch']:.0f} % |")
-    lines += ["", f"Seeds {seeds}; {seconds:.0f} s. Produced by `python benchmarks/vit_selection_analysis.py`; "
-              "definitions in its docstring."]
+    lines += ["", f"Seeds {seeds}; the 24 block matrices (qkv, proj, fc1, fc2 of 6 blocks) of each run. Produced by "
+              "`python benchmarks/vit_selection_analysis.py` (about 40 minutes on a busy core); definitions in its "
+              "docstring."]
     return "\n".join(lines) + "\n"
 
 
@@ -114,10 +116,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--weights", default=WEIGHTS, help="backbone weights (default: the committed testbed)")
+    parser.add_argument("--from-json", help="summarise the per-matrix rows of an earlier run's JSON instead "
+                        "(block matrices only)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start, rows = time.perf_counter(), []
-    for task in args.tasks:
+    if args.from_json:
+        rows = [r for r in json.loads(Path(args.from_json).read_text())["matrices"] if r["matrix"].startswith("blocks.")]
+        args.seeds = sorted({r["seed"] for r in rows})
+    for task in [] if args.from_json else args.tasks:
         for seed in args.seeds:
             rows += analyse(task, seed, args.weights)
             print(f"{task} seed {seed}: done", flush=True)
