@@ -1,10 +1,10 @@
 """Accuracy tables and plots in the papers' layout, from a folder of runs.
 
-    python -m grft_lightning.report RUNS_DIR [--out DIR] [--reference benchmarks/reference.yaml]
+    python -m grft_lightning.report RUNS_DIR [RUNS_DIR ...] [--out DIR] [--reference benchmarks/reference.yaml]
                                              [--json PATH] [--wandb]
                                              [--compare A:B [A:B ...]] [--compare-json PATH]
 
-Reads every ``results.json`` under ``RUNS_DIR`` (recursively; keys in docs/INTERFACES.md), groups
+Reads every ``results.json`` under each ``RUNS_DIR`` (recursively; keys in docs/INTERFACES.md), groups
 the runs by (benchmark family, dataset, method) and writes, per family, ``<family>.md``,
 ``<family>.csv`` and ``<family>_tradeoff.png`` (plus ``vtab_groups.png``), and ``report.md`` with
 every table. The family is the part of ``results["dataset"]`` before the first ``/`` ("vtab/dtd"
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m grft_lightning.report",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs_dir", help="folder searched recursively for results.json")
+    parser.add_argument("runs_dir", nargs="+", help="folders searched recursively for results.json")
     parser.add_argument("--out", help="output folder (default: RUNS_DIR/report)")
     parser.add_argument("--reference", help="YAML of published rows, e.g. "
                         "benchmarks/reference.yaml")
@@ -402,9 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb-project", default="grft-lightning")
     args = parser.parse_args(argv)
 
-    results = load_results(args.runs_dir)
+    results = [record for folder in args.runs_dir for record in load_results(folder)]
     if not results and not args.reference:
-        parser.error(f"no results.json under {args.runs_dir}")
+        parser.error(f"no results.json under {' '.join(args.runs_dir)}")
     tables = summarize(results)
     pairs = []
     for spec in args.compare:
@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     if args.reference:
         add_reference(tables, args.reference)
-    out = Path(args.out or Path(args.runs_dir) / "report")
+    out = Path(args.out or Path(args.runs_dir[0]) / "report")
     written = write_report(tables, out)
     if comparisons:
         text = "\n".join(comparisons_markdown(c, f"Paired comparisons ({FAMILY_TITLES.get(f, f)})")

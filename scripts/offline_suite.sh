@@ -31,7 +31,8 @@ mkdir -p "$(dirname "$RUNS")"
 sweep_end=$(date +%s)
 load_sweep_end=$(load)
 "$PYTHON" -m grft_lightning.report "$RUNS" --out "$OUT/offline_suite" --json "$OUT/offline_suite.json" \
-    > /dev/null
+    --compare grft_row:random_row grft_column:random_column grft_row:gps grft_column:gps grft_column:full \
+    --compare-json "$OUT/offline_suite_compare.json" > /dev/null
 end=$(date +%s)
 planned=$(grep -m1 'runs planned' "$RUNS.log" || echo "?")
 cpu=$(grep -o '[0-9.]* CPU s' "$RUNS.log" | awk '{s += $1} END {printf "%.0f", s}' || true)
@@ -45,6 +46,8 @@ cpu=$(grep -o '[0-9.]* CPU s' "$RUNS.log" | awk '{s += $1} END {printf "%.0f", s
     echo "CPU. Recipes: \`configs/offline/\`. Produced by \`bash scripts/offline_suite.sh\`."
     echo
     sed '1,2d' "$OUT/offline_suite/offline.md"  # drop the "### offline" title
+    echo
+    sed '1,2d' "$OUT/offline_suite/comparisons.md"  # paired comparisons over seeds
     echo
     echo "Tasks: \`mnist_digit\` (10 classes), \`mnist_rotation\` (0/90/180/270 degrees, 4 classes),"
     echo "\`mnist_count\` (1-4 digits in distinct quadrants of a 2 x 2 canvas, 4 classes). The Adapter"

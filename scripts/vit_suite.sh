@@ -13,8 +13,8 @@
 # OUT (default benchmarks/results: writes vit_suite.{md,json}, vit_suite_compare.json and
 # vit_suite/ with CSV and plots), WORKERS (default 2 one-thread processes), SEEDS (default
 # "0 1 2 3 4"), TINY=1 (CI smoke: 2 seeds, 3 methods, 2 tasks, 100 training images, 1 epoch).
-# PART=ablations adds its runs to the same RUNS folder (they are compared with the main table's
-# runs of the same seeds) and writes vit_ablations.{md,json} and vit_ablations_compare.json.
+# PART=ablations puts its runs in RUNS_ablations, compares them with the main table's runs in RUNS
+# (same seeds) and writes vit_ablations.{md,json} and vit_ablations_compare.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
@@ -49,9 +49,17 @@ fi
 
 start=$(date +%s)
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+# The ablations' runs go to their own folder (the main table's report reads RUNS alone); their
+# report reads both, so that each ablation is compared with the main table's runs of its seeds.
+SWEEP_RUNS="$RUNS"
+REPORT_RUNS="$RUNS"
+if [ "$PART" = ablations ]; then
+    SWEEP_RUNS="${RUNS}_ablations"
+    REPORT_RUNS="$RUNS $SWEEP_RUNS"
+fi
 sweep() {  # TASKS METHODS METHODS_DIR SEEDS [extra sweep arguments]
     "$PYTHON" -m grft_lightning.sweep --suite $1 --methods-dir "$3" --methods $2 \
-        --seeds $4 --mode inprocess --workers "$WORKERS" --runs-dir "$RUNS" --extra "$EXTRA" "${@:5}"
+        --seeds $4 --mode inprocess --workers "$WORKERS" --runs-dir "$SWEEP_RUNS" --extra "$EXTRA" "${@:5}"
 }
 mkdir -p "$(dirname "$RUNS")" "$OUT"
 {
@@ -64,13 +72,21 @@ mkdir -p "$(dirname "$RUNS")" "$OUT"
         sweep "$LARGE_TASKS" "grft_row_supcon grft_row_noreg grft_row_feature" $A "0 1 2" "$@"
         sweep "$TASKS/mnistm.yaml" "$(echo {grft_row,random_rows,gps,lora}_x{2,4,8})" $A "0 1 2" "$@"
     fi
-} 2>&1 | tee "$RUNS.$PART.log"
+} 2>&1 | tee "$SWEEP_RUNS.$PART.log"
 sweep_end=$(date +%s)
+# A run from an empty RUNS folder keeps its per-run status lines: the from-scratch wall time below
+# reads them, also after later invocations that only skip finished runs.
+LOG="$SWEEP_RUNS.$PART.log"
+if ! grep -q " skip " "$LOG" && [ "$(grep -c 'runs planned: 0 done' "$LOG")" -gt 0 ]; then
+    mkdir -p "$OUT/$NAME"
+    grep -E ": ok \(|: failed|sweep:|runs planned" "$LOG" > "$OUT/$NAME/sweep_from_scratch.log"
+fi
 # shellcheck disable=SC2086
-"$PYTHON" -m grft_lightning.report "$RUNS" --out "$OUT/$NAME" --json "$OUT/$NAME.json" \
+# shellcheck disable=SC2086
+"$PYTHON" -m grft_lightning.report $REPORT_RUNS --out "$OUT/$NAME" --json "$OUT/$NAME.json" \
     --compare $COMPARE --compare-json "$OUT/${NAME}_compare.json" > /dev/null
 end=$(date +%s)
-cpu=$(grep -o '[0-9.]* CPU s' "$RUNS.$PART.log" | awk '{s += $1} END {printf "%.0f", s}' || true)
+cpu=$(grep -o '[0-9.]* CPU s' "$SWEEP_RUNS.$PART.log" | awk '{s += $1} END {printf "%.0f", s}' || true)
 {
     [ "$PART" = main ] && echo "# ViT testbed suite" || echo "# ViT testbed suite: ablations"
     echo
@@ -91,7 +107,14 @@ cpu=$(grep -o '[0-9.]* CPU s' "$RUNS.$PART.log" | awk '{s += $1} END {printf "%.
     echo "Wall time of this invocation: $((end - start)) s (sweep $((sweep_end - start)) s, report"
     echo "$((end - sweep_end)) s; ${cpu:-0} CPU seconds in the runs it ran) with $WORKERS one-thread workers on"
     echo "$(nproc) cores; load average (1/5/15 min) at the start $load_start. Runs that had already finished"
-    echo "are skipped, so only a run from an empty \`$RUNS\` gives the from-scratch wall time."
+    echo "are skipped, so only a run from an empty \`$SWEEP_RUNS\` gives the from-scratch wall time."
+    if [ -f "$OUT/$NAME/sweep_from_scratch.log" ]; then
+        # per sweep, the slowest worker's seconds; summed over the sweeps
+        scratch=$(awk '/^w[0-9]+ sweep:/ {t = substr($(NF-1), 2) + 0; if (t > m) m = t}
+                       /^sweep:/ {total += m; m = 0} END {printf "%.0f", total}' "$OUT/$NAME/sweep_from_scratch.log")
+        echo "From an empty \`$SWEEP_RUNS\`, the sweeps took $scratch s ($((scratch / 60)) min;"
+        echo "\`$NAME/sweep_from_scratch.log\` has every run's time)."
+    fi
     echo
     [ "${TINY:-0}" = 1 ] || cat "benchmarks/${NAME}_notes.md"
 } > "$OUT/$NAME.md"

@@ -110,3 +110,13 @@ def test_compare_skips_the_mean_of_a_method_that_missed_a_task(tmp_path):
     [table] = report.summarize(report.load_results(runs)).values()
     compared = report.compare(table, [("variant", "grft")])
     assert [(c.task, c.n, c.mean) for c in compared] == [("a", 3, pytest.approx(1.0))]
+
+
+def test_report_reads_several_run_folders(tmp_path):
+    for seed in range(2):
+        write(tmp_path / "main", "a", "grft", seed, 80.0 + seed)
+        write(tmp_path / "extra", "a", "variant", seed, 82.0 + seed)
+    assert report.main([str(tmp_path / "main"), str(tmp_path / "extra"), "--out", str(tmp_path / "o"),
+                        "--compare", "variant:grft", "--compare-json", str(tmp_path / "c.json")]) == 0
+    [row, mean] = json.loads((tmp_path / "c.json").read_text())
+    assert (row["task"], row["n"], row["mean"]) == ("a", 2, pytest.approx(2.0)) and mean["task"] == report.MEAN
