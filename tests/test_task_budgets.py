@@ -203,3 +203,12 @@ def test_results_json_records_the_budget(tmp_path, one_torch_thread):
     assert gps["selection"]["mode"] == "train"
     saved = (tmp_path / "gps" / "config.yaml").read_text()
     assert "k: 3" in saved  # the run's config shows the budget it used
+
+
+def test_gps_masked_takes_the_task_k():
+    cars = CONFIGS / "fgvc" / "cars.yaml"
+    masked = json.dumps({"class_path": "grft_lightning.methods.GPSMasked"})
+    assert resolve(cars, extra=("--model.method", masked))["model"]["method"]["init_args"]["k"] == 15
+    from grft_lightning.methods import GPSMasked
+
+    assert GPSMasked().k == 1

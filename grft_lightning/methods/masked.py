@@ -117,7 +117,8 @@ class GPSMasked(Method):
     """GPS's selection trained the public code's way: whole weights, masked gradients.
 
     Args:
-        k: input connections tuned per output neuron (GPS's ``times_para``).
+        k: input connections tuned per output neuron (GPS's ``times_para``); None takes the task's
+            ``budget.k`` (1 without one).
         targets: ``fnmatch`` patterns of eligible layer names (None: every nn.Linear/nn.Conv2d
             outside the head, the patch embedding included, as in GPS).
         exclude: patterns removed from the eligible layers.
@@ -144,7 +145,7 @@ class GPSMasked(Method):
 
     def __init__(
         self,
-        k: int = 1,
+        k: int | None = None,
         targets: list[str] | None = None,
         exclude: list[str] | None = None,
         tune_bias: bool = True,
@@ -153,6 +154,7 @@ class GPSMasked(Method):
         tune_params: list[str] | None = None,
     ):
         super().__init__(targets, exclude, tune_bias, tune_norm, tune_params)
+        k = 1 if k is None else k  # None: the task's budget (``budget.k``), as for GPS
         if k < 1:
             raise ValueError(f"GPSMasked.k must be >= 1, got {k}")
         self.k = k
