@@ -1,9 +1,10 @@
-"""grft-lightning: gradient-based parameter-efficient fine-tuning of timm vision models.
+"""grft-lightning: gradient-based parameter-efficient fine-tuning of timm vision models (the
+library API takes any PyTorch model: name its head with ``apply(model, head=...)``).
 
 Library API (usable without Lightning)::
 
     method = GRFT(mode="row", rows_per_matrix=4)
-    method.apply(model)                       # freeze, insert row deltas
+    method.apply(model)                       # freeze, insert row deltas (timm: the head is get_classifier())
     grads = accumulate_gradients(model, loader, loss_fn)
     method.select(model, grads)               # fill the row indices
     count_parameters(model); merge(model); save_tuned(model, path); load_tuned(fresh, path)

@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from grft_lightning.heads import head_parameter_names
 from grft_lightning.paths import resolve_path
 
 WeightsFormat = Literal["auto", "timm", "ordered"]
@@ -46,13 +47,6 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _head_keys(model: nn.Module) -> set[str]:
-    from grft_lightning.methods.base import head_parameter_ids  # every head module (DeiT distilled: two)
-
-    ids = head_parameter_ids(model)
-    return {k for k, p in model.named_parameters() if id(p) in ids}
-
-
 def resolve_model_name(name: str) -> str:
     """The current timm name of ``name``: deprecated spellings map to ``arch.pretrained_tag``.
 
@@ -71,7 +65,7 @@ def resolve_model_name(name: str) -> str:
 def load_ordered(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
     """Pair ``state``'s tensors with the model's in order; drop the head; shapes must match."""
     skip = "num_batches_tracked"
-    head = _head_keys(model)
+    head = head_parameter_names(model)  # every head module (DeiT distilled: two)
     target = [(k, v) for k, v in model.state_dict().items() if not k.endswith(skip) and k not in head]
     source = [(k, v) for k, v in state.items() if not k.endswith(skip)]
     if len(source) < len(target):
@@ -90,7 +84,7 @@ def load_ordered(model: nn.Module, state: dict[str, torch.Tensor], path: str) ->
 
 
 def _is_timm_layout(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
-    keys = set(model.state_dict()) - _head_keys(model)
+    keys = set(model.state_dict()) - head_parameter_names(model)
     return keys.issubset(state.keys())
 
 

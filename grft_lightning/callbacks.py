@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import resource
 import time
@@ -15,10 +14,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from grft_lightning.accounting import parameter_summary
-from grft_lightning.deltas import delta_layers
-from grft_lightning.export import method_from_metadata, read_tuned
+from grft_lightning.deltas import selectable_layers
+from grft_lightning.export import method_from_metadata, read_tuned, split_tuned
 from grft_lightning.losses import selection_loss_fn
 from grft_lightning.plots import save_selection_figure
+from grft_lightning.seeding import run_seed
 from grft_lightning.selection import accumulate_gradients
 
 
@@ -84,10 +84,10 @@ class GradientSelection(L.Callback):
         self.progress = progress
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        layers = [layer for _, layer in delta_layers(pl_module.model)]
+        layers = [layer for _, layer in selectable_layers(pl_module.model)]
         if not layers:
             return
-        if all(layer._is_selected for layer in layers):
+        if all(layer.is_selected for layer in layers):
             rank_zero_info("selection: restored from the checkpoint (not re-selected)")
             return
         start = time.perf_counter()
@@ -161,13 +161,13 @@ class GradientSelection(L.Callback):
         if type(theirs) is not type(mine) or theirs.config() != mine.config():
             raise ValueError(f"selection.from_file: {self.from_file} was selected by {theirs!r}, "
                              f"this run uses {mine!r}")
-        for path, layer in delta_layers(pl_module.model):
-            items = {k.rpartition("/")[2]: v for k, v in tensors.items() if k.startswith(f"delta/{path}/")}
-            if not items:
+        selections = split_tuned(tensors)["delta"]
+        for path, layer in selectable_layers(pl_module.model):
+            if path not in selections:
                 raise ValueError(f"selection.from_file: {self.from_file} has no selection for {path}")
-            layer.import_tensors({k: v.to(pl_module.device) for k, v in items.items()})
+            layer.import_tensors({k: v.to(pl_module.device) for k, v in selections[path].items()})
             with torch.no_grad():
-                for p in layer.delta_parameters():
+                for p in layer.added_parameters():
                     p.zero_()
 
 
@@ -225,7 +225,7 @@ class RankSeed(L.Callback):
 
     @staticmethod
     def _seed(trainer: L.Trainer, when: int | str) -> None:
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        seed = run_seed()
         entropy = [seed & 0xFFFFFFFF, trainer.global_rank, 0 if when == "fit" else 1 + int(when)]
         value = int(np.random.SeedSequence(entropy).generate_state(1)[0])
         random.seed(value)

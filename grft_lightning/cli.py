@@ -39,6 +39,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from grft_lightning.accounting import format_summary
 from grft_lightning.callbacks import GradientSelection, RankSeed, RunClock
 from grft_lightning.data.base import ImageClassificationData
 from grft_lightning.export import save_tuned
@@ -290,9 +291,7 @@ class GRFTCLI(LightningCLI):
             "backbone": model.hparams.backbone, "dataset": results["dataset"], "seed": results["seed"],
             "git_sha": results["git_sha"]})
         write_results(run_dir / "results.json", results)
-        summary = (f"tuned params: {counts['tuned']:,} || backbone params: {counts['backbone']:,} || "
-                   f"tuned%: {counts['tuned_pct']:.4f}")
-        print(summary)
+        print(format_summary(counts))
         if test_acc is not None:
             print(f"test accuracy: {test_acc:.4f} ({results['dataset']}, {results['method']}, last epoch)")
         print(f"run directory: {run_dir}")

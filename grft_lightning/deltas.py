@@ -1,9 +1,12 @@
 """Frozen pre-trained weights plus small trainable deltas.
 
-A delta layer wraps an ``nn.Linear`` or ``nn.Conv2d``, or a subclass of either (the *base layer*,
-frozen) and adds a trainable tensor whose shape is fixed by the budget before selection; the
-selection only fills the index buffers. Three kinds (docs/methods.md, "How tuned parameters are
-held"):
+A delta layer wraps an ``nn.Linear`` or ``nn.Conv2d``, or a subclass of either, or Hugging Face's
+``Conv1D`` (GPT-2; its weight is stored ``in x out`` and read transposed, :func:`to_matrix`) -- the
+*base layer*, frozen -- and adds a trainable tensor whose shape is fixed by the budget before
+selection; the selection only fills the index buffers. Every weight is read as an ``out x fan_in``
+matrix, and the *axis* a layer tunes is ``ROW``, ``COLUMN`` or ``ENTRY`` (GRFT's ``mode`` option,
+row, column or auto, says which axes its layers may take). Three kinds (docs/methods.md, "How
+tuned parameters are held"):
 
 * rows (output neurons / output channels) ``R``:  ``y = base(x);  y[..., R] += x D^T``
 * columns (input features / input channel x kernel position) ``C``: ``y += x[..., C] D^T``
@@ -19,6 +22,10 @@ a row is an output channel with its ``in/groups x kh x kw`` weights (the extra p
 that group's input channels); a column is a position of the per-group fan-in and is applied to
 every group through a dense kernel (the kernel gradient is then the size of the weight, which for
 depthwise convolutions is tiny). ``merge`` folds ``W0 + delta`` back into a plain layer.
+
+:class:`SelectableLayer` is what every layer a selection fills shares (selection flag, export,
+counts, ``merged_module``); :class:`DeltaLayer` adds the delta. GPS's masked weights
+(``methods/masked.py``) are selectable layers without a delta.
 
 Subclasses (timm's ``StdConv2d`` in BiT ResNets, ``Conv2dSame``, ``ScaledStdConv2d``, ...) often
 transform the weight or the input in their own ``forward``: ``StdConv2d`` standardises each
@@ -41,10 +48,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROW, COLUMN = 0, 1
+#: The axis a layer tunes: whole rows (output neurons / channels), whole columns (fan-in
+#: positions), or single entries (GPS: per-row indices). The one name of this notion is *axis*.
+ROW, COLUMN, ENTRY = 0, 1, 2
+AXIS_NAMES = {ROW: "row", COLUMN: "column", ENTRY: "entry"}
 
-#: The layers a delta can wrap, subclasses included: the one definition of an eligible layer's
-#: type (``methods/base.py`` walks a model with it, ``selection.py`` scores these weights).
+#: The torch layers a delta can wrap, subclasses included. With Hugging Face's ``Conv1D``
+#: (:func:`transposed_types`) they make the one definition of an eligible layer's type,
+#: :func:`is_layer` (``methods/base.py`` walks a model with it, ``selection.py`` scores these weights).
 LAYER_TYPES = (nn.Linear, nn.Conv2d)
 
 #: Subclasses whose ``forward`` overrides the base class's but computes the same thing (timm's
@@ -52,52 +63,91 @@ LAYER_TYPES = (nn.Linear, nn.Conv2d)
 SAME_AS_BASE_FORWARD = frozenset({"timm.layers.linear.Linear"})
 
 
+def transposed_types() -> tuple[type, ...]:
+    """Linear layers that store their weight as ``in x out``: Hugging Face's ``Conv1D`` (GPT-2's
+    attention and MLP), ``y = x W + b``. Looked up only when ``transformers`` is loaded (a model
+    holding one has loaded it), so this module never imports it."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return (conv1d,) if isinstance(conv1d, type) else ()
+
+
+def is_layer(module: nn.Module) -> bool:
+    """Whether a delta can wrap ``module``: ``nn.Linear``, ``nn.Conv2d`` (subclasses included) or
+    Hugging Face's ``Conv1D``."""
+    return isinstance(module, LAYER_TYPES + transposed_types())
+
+
+def is_transposed(layer: nn.Module) -> bool:
+    """True for layers whose weight is stored ``in x out`` (:func:`transposed_types`)."""
+    types = transposed_types()
+    return bool(types) and isinstance(layer, types)
+
+
 def has_plain_forward(layer: nn.Module) -> bool:
     """True when ``layer`` computes exactly ``F.linear`` / ``F.conv2d`` of its own weight (its
-    class keeps ``nn.Linear``'s or ``nn.Conv2d``'s forward), so a delta's contribution may be
-    added to its output; False for subclasses such as ``StdConv2d`` that transform the weight."""
+    class keeps ``nn.Linear``'s, ``nn.Conv2d``'s or ``Conv1D``'s forward), so a delta's
+    contribution may be added to its output; False for subclasses such as ``StdConv2d`` that
+    transform the weight."""
     cls = type(layer)
     if f"{cls.__module__}.{cls.__qualname__}" in SAME_AS_BASE_FORWARD:
         return True
     if isinstance(layer, nn.Conv2d):
         return cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward
+    if is_transposed(layer):
+        return cls.forward is transposed_types()[0].forward
     return isinstance(layer, nn.Linear) and cls.forward is nn.Linear.forward
 
 
-def fan_in(layer: nn.Module) -> int:
-    return layer.weight[0].numel()
+def matrix_shape(layer: nn.Module) -> tuple[int, int]:
+    """``(out, fan_in)``: the layer's weight read as a matrix (a convolution as ``out x
+    (in/groups * kh * kw)``, a ``Conv1D`` weight transposed)."""
+    weight = layer.weight
+    if is_transposed(layer):
+        return weight.shape[1], weight.shape[0]
+    return weight.shape[0], weight[0].numel()
 
 
-def _sync_after_load(module: DeltaLayer, _incompatible_keys) -> None:
+def to_matrix(layer: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor of the layer's weight shape (the weight, its gradient, a mask) as the ``out x
+    fan_in`` matrix every score, index and delta refers to (a view)."""
+    return tensor.t() if is_transposed(layer) else tensor.reshape(tensor.shape[0], -1)
+
+
+def from_matrix(layer: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`to_matrix`: an ``out x fan_in`` matrix in the layer's weight layout."""
+    return matrix.t() if is_transposed(layer) else matrix.reshape(layer.weight.shape)
+
+
+def _sync_after_load(module: SelectableLayer, _incompatible_keys) -> None:
     """``load_state_dict`` post-hook: the Python-side flags follow the loaded buffers."""
     module._sync_flag()
 
 
-class DeltaLayer(nn.Module, metaclass=abc.ABCMeta):
-    """Base class: a frozen base layer plus a trainable delta filled in by a selection.
+class SelectableLayer(nn.Module, metaclass=abc.ABCMeta):
+    """A pre-trained layer wrapped so that a selection chooses which of its weight entries train.
+
+    What every method with a selection shares: ``Method.select`` fills it, the selection pass
+    reads the gradient of its ``base_layer.weight`` (named ``<original_name>.weight``), its
+    ``selected`` flag travels in checkpoints, ``save_tuned``/``load_tuned`` go through
+    :meth:`export_tensors`/:meth:`import_tensors`, the counts read :meth:`num_tuned` and ``merge``
+    replaces it by :meth:`merged_module`. Two families: :class:`DeltaLayer` (the pre-trained
+    weight stays frozen and the tuned entries live in a small trainable delta) and the masked
+    weights of ``methods/masked.py`` (the weight itself trains, under a mask).
 
     Attributes:
-        base_layer: the pre-trained ``nn.Linear``/``nn.Conv2d`` (or subclass); its weight is never
-            trained.
-        plain_forward: whether the base layer computes plain ``F.linear``/``F.conv2d`` of its
-            weight (the fast paths); False for e.g. ``StdConv2d`` (module docstring).
-        original_name: the layer's name in the model before the delta was inserted.
+        base_layer: the pre-trained ``nn.Linear``/``nn.Conv2d`` (or subclass) or ``Conv1D``.
+        original_name: the layer's name in the model before it was wrapped.
     """
 
     def __init__(self, base_layer: nn.Module, original_name: str):
         super().__init__()
-        if not isinstance(base_layer, LAYER_TYPES):
-            raise TypeError(f"{original_name}: deltas support nn.Linear and nn.Conv2d, got {type(base_layer).__name__} "
-                            "(subclasses of either are accepted)")
+        if not is_layer(base_layer):
+            raise TypeError(f"{original_name}: deltas support nn.Linear, nn.Conv2d (subclasses of either are "
+                            f"accepted) and transformers' Conv1D, got {type(base_layer).__name__}")
         if not isinstance(base_layer._parameters.get("weight"), nn.Parameter):
             raise TypeError(f"{original_name}: the weight of this {type(base_layer).__name__} is computed (a "
                             "parametrization such as weight norm), not a parameter a delta can be added to; "
                             "leave the layer out with the method's `exclude`")
-        #: False: the layer's own forward transforms its weight (StdConv2d); see the module docstring
-        self.plain_forward = has_plain_forward(base_layer)
-        if self.plain_forward and isinstance(base_layer, nn.Conv2d) and base_layer.padding_mode != "zeros":
-            raise TypeError(f"{original_name}: padding_mode={base_layer.padding_mode!r} is not supported")
-        base_layer.weight.requires_grad_(False)
         self.base_layer = base_layer
         self.original_name = original_name
         self.register_buffer("selected", torch.zeros((), dtype=torch.bool, device=base_layer.weight.device))
@@ -109,15 +159,33 @@ class DeltaLayer(nn.Module, metaclass=abc.ABCMeta):
     # -- shared helpers -----------------------------------------------------------------------
     @property
     def out_features(self) -> int:
-        return self.base_layer.weight.shape[0]
+        return matrix_shape(self.base_layer)[0]
 
     @property
     def fan_in(self) -> int:
-        return fan_in(self.base_layer)
+        return matrix_shape(self.base_layer)[1]
 
     @property
     def is_conv(self) -> bool:
         return isinstance(self.base_layer, nn.Conv2d)
+
+    @property
+    def is_selected(self) -> bool:
+        """Whether a selection (or a loaded one) has filled this layer (read without a device sync)."""
+        return self._is_selected
+
+    @property
+    def selected_axis(self) -> int:
+        """The axis this layer tunes (``ROW``, ``COLUMN`` or ``ENTRY``)."""
+        return ENTRY
+
+    def to_matrix(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor of the base weight's shape as the ``out x fan_in`` matrix (:func:`to_matrix`)."""
+        return to_matrix(self.base_layer, tensor)
+
+    def from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
+        """An ``out x fan_in`` matrix in the base weight's layout (:func:`from_matrix`)."""
+        return from_matrix(self.base_layer, matrix)
 
     def _sync_flag(self) -> None:
         self._is_selected = bool(self.selected)
@@ -125,6 +193,55 @@ class DeltaLayer(nn.Module, metaclass=abc.ABCMeta):
     def mark_selected(self) -> None:
         self.selected.fill_(True)
         self._is_selected = True
+
+    def added_parameters(self) -> list[nn.Parameter]:
+        """The parameters this layer adds beside the pre-trained ones (a delta's ``D``; none for a
+        masked weight). ``export_tensors`` writes them; a selection taken from a file zeroes them."""
+        return list(self.parameters(recurse=False))
+
+    def index_positions(self) -> torch.Tensor | None:
+        """Positions of the selected indices along :attr:`selected_axis`, scaled to ``[0, 1)``
+        (the selection picture, ``plots.py``); None when there is nothing to draw."""
+        return None
+
+    # -- what a kind provides -----------------------------------------------------------------
+    @abc.abstractmethod
+    def num_tuned(self) -> int:
+        """Number of weight entries this layer tunes."""
+
+    @abc.abstractmethod
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        """Only what defines the selection and its values: indices (int32) and active values."""
+
+    @abc.abstractmethod
+    def import_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore a selection and its values from :meth:`export_tensors` output."""
+
+    @abc.abstractmethod
+    def merged_module(self) -> nn.Module:
+        """A plain layer computing what this one computes (``merge`` puts it in its place)."""
+
+
+class DeltaLayer(SelectableLayer):
+    """A frozen base layer plus a trainable delta filled in by a selection.
+
+    Attributes:
+        plain_forward: whether the base layer computes plain ``F.linear``/``F.conv2d`` of its
+            weight (the fast paths); False for e.g. ``StdConv2d`` (module docstring).
+    """
+
+    def __init__(self, base_layer: nn.Module, original_name: str):
+        super().__init__(base_layer, original_name)
+        #: False: the layer's own forward transforms its weight (StdConv2d); see the module docstring
+        self.plain_forward = has_plain_forward(base_layer)
+        if self.plain_forward and isinstance(base_layer, nn.Conv2d) and base_layer.padding_mode != "zeros":
+            raise TypeError(f"{original_name}: padding_mode={base_layer.padding_mode!r} is not supported")
+        base_layer.weight.requires_grad_(False)
+
+    def linear_weight(self) -> torch.Tensor:
+        """The base weight as ``F.linear`` takes it (``out x in``; a view for ``Conv1D``)."""
+        weight = self.base_layer.weight
+        return weight.t() if is_transposed(self.base_layer) else weight
 
     def _own_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer's own forward with ``W0 + delta`` as its weight (layers without a plain
@@ -137,33 +254,33 @@ class DeltaLayer(nn.Module, metaclass=abc.ABCMeta):
         conv = self.base_layer
         return F.conv2d(x, weight.to(x.dtype), None, conv.stride, conv.padding, conv.dilation, groups)
 
-    # -- what a kind provides -----------------------------------------------------------------
-    @abc.abstractmethod
+    def _linear(self, x: torch.Tensor, delta: torch.Tensor, index: torch.Tensor, axis: int) -> torch.Tensor:
+        """The linear path of every kind (:class:`_DeltaLinear`), on inputs of any leading shape."""
+        y = _DeltaLinear.apply(x.reshape(-1, x.shape[-1]), delta, index, self.linear_weight(), self.base_layer.bias,
+                               axis)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output with the delta's contribution (none before selection)."""
+        if not self._is_selected:
+            return self.base_layer(x)
+        if not self.plain_forward:
+            return self._own_forward(x)
+        return self.delta_forward(x)
+
+    # -- what a kind provides -----------------------------------------------------------------
+    @abc.abstractmethod
+    def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The output of a selected layer with a plain forward (the fast paths)."""
 
     @abc.abstractmethod
     def dense_delta(self) -> torch.Tensor:
         """The delta as a tensor of the base weight's shape (zeros outside the selection)."""
 
-    @abc.abstractmethod
-    def num_tuned(self) -> int:
-        """Number of weight entries this layer tunes."""
-
-    @abc.abstractmethod
-    def export_tensors(self) -> dict[str, torch.Tensor]:
-        """Only what defines the delta: its active values and their indices (int32)."""
-
-    @abc.abstractmethod
-    def import_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Restore a selection and its values from :meth:`export_tensors` output."""
-
     def l2(self) -> torch.Tensor:
         """``sum ||W - W0||^2`` over the tuned entries (the L2-SP penalty of GRFT)."""
-        return sum((p.float().pow(2).sum() for p in self.delta_parameters()), torch.zeros((), device=self.selected.device))
-
-    def delta_parameters(self) -> list[nn.Parameter]:
-        return [p for name, p in self.named_parameters(recurse=False)]
+        return sum((p.float().pow(2).sum() for p in self.added_parameters()),
+                   torch.zeros((), device=self.selected.device))
 
     def merged_module(self) -> nn.Module:
         """A plain copy of the base layer whose weight is ``W0 + delta``."""
@@ -196,9 +313,16 @@ class StructuredDelta(DeltaLayer):
         self.delta = nn.Parameter(torch.zeros(shape, dtype=w.dtype, device=w.device))
         self.register_buffer("row_index", torch.zeros(self.rows, dtype=torch.long, device=w.device))
         self.register_buffer("col_index", torch.zeros(self.columns, dtype=torch.long, device=w.device))
-        # 0: rows, 1: columns; fixed for row/column modes, chosen per matrix by the auto selection.
+        # The axis tuned, ROW or COLUMN: fixed for row/column modes, chosen per matrix by the auto
+        # selection. Kept in a buffer (checkpoints) and as a Python int (no device sync per forward;
+        # not int(self.axis): no .item() on meta tensors).
         self.register_buffer("axis", torch.tensor(COLUMN if mode == "column" else ROW, device=w.device))
-        self._axis = COLUMN if mode == "column" else ROW  # not int(self.axis): no .item() on meta tensors
+        self._axis = COLUMN if mode == "column" else ROW
+
+    @property
+    def selected_axis(self) -> int:
+        """``ROW`` or ``COLUMN``: the axis this layer tunes (before selection: its mode's, rows for auto)."""
+        return self._axis
 
     def _sync_flag(self) -> None:
         super()._sync_flag()
@@ -228,17 +352,11 @@ class StructuredDelta(DeltaLayer):
             return self.rows * self.fan_in  # the budget; the shape is only chosen by selection
         return self.rows * self.fan_in if self._axis == ROW else self.columns * self.out_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._is_selected:
-            return self.base_layer(x)
-        if not self.plain_forward:
-            return self._own_forward(x)
+    def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_conv:
-            rows = self._axis == ROW
-            delta, index = (self.row_delta(), self.row_index) if rows else (self.column_delta(), self.col_index)
-            base = self.base_layer
-            y = _DeltaLinear.apply(x.reshape(-1, x.shape[-1]), delta, index, base.weight, base.bias, self._axis)
-            return y.view(*x.shape[:-1], y.shape[-1])
+            if self._axis == ROW:
+                return self._linear(x, self.row_delta(), self.row_index, ROW)
+            return self._linear(x, self.column_delta(), self.col_index, COLUMN)
         y = self.base_layer(x)
         # In place on the base output: conv does not need its output for backward, so no
         # second output-sized tensor is kept per layer.
@@ -279,7 +397,11 @@ class StructuredDelta(DeltaLayer):
             flat.index_add_(0, self.row_index, self.row_delta())
         else:
             flat.index_add_(1, self.col_index, self.column_delta())
-        return flat.view_as(self.base_layer.weight)
+        return self.from_matrix(flat)
+
+    def index_positions(self) -> torch.Tensor | None:
+        index, size = (self.row_index, self.out_features) if self._axis == ROW else (self.col_index, self.fan_in)
+        return (index.float().cpu() + 0.5) / size
 
     def export_tensors(self) -> dict[str, torch.Tensor]:
         if self._axis == ROW:
@@ -305,9 +427,6 @@ def _scatter_positions(kernel: torch.Tensor, position: torch.Tensor, d: torch.Te
     return kernel + d[:, :, None] * onehot[None]
 
 
-ENTRY = 2  # _DeltaLinear's third kind: GPS's per-row entries (ROW and COLUMN are GRFT's)
-
-
 class _DeltaLinear(torch.autograd.Function):
     """``y = x (W0 + delta)^T + b`` for a 2-D ``x``: one product each way, like a frozen linear.
 
@@ -323,45 +442,45 @@ class _DeltaLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, delta, index, weight, bias, kind):
+    def forward(ctx, x, delta, index, weight, bias, axis):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):
             x = x.to(dtype)
             b = None if bias is None else bias.to(dtype)
-            x_c = x.index_select(1, index) if kind == COLUMN else None
-            if kind == ENTRY:
-                y = F.linear(x, _effective_weight(weight, delta, index, kind, dtype), b)
+            x_c = x.index_select(1, index) if axis == COLUMN else None
+            if axis == ENTRY:
+                y = F.linear(x, _effective_weight(weight, delta, index, axis, dtype), b)
             else:  # the frozen product, then a skinny correction added in place
                 y = F.linear(x, weight.to(dtype), b)
-                if kind == ROW:  # y[:, R] += x D^T
+                if axis == ROW:  # y[:, R] += x D^T
                     y.index_add_(1, index, x.matmul(delta.to(dtype).t()))
                 else:  # y += x[:, C] D^T
                     y.addmm_(x_c, delta.to(dtype).t())
-        whole = kind != COLUMN or ctx.needs_input_grad[3]  # a trained W0 needs all of x
+        whole = axis != COLUMN or ctx.needs_input_grad[3]  # a trained W0 needs all of x
         ctx.save_for_backward(x if whole else x_c, delta, index, weight)
-        ctx.kind, ctx.dtype, ctx.whole = kind, dtype, whole
+        ctx.axis, ctx.dtype, ctx.whole = axis, dtype, whole
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, delta, index, weight = ctx.saved_tensors
-        kind, grad = ctx.kind, grad.to(ctx.dtype)
+        axis, grad = ctx.axis, grad.to(ctx.dtype)
         grad_x = grad_delta = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            if kind == ENTRY:
-                grad_x = grad.matmul(_effective_weight(weight, delta, index, kind, ctx.dtype))
+            if axis == ENTRY:
+                grad_x = grad.matmul(_effective_weight(weight, delta, index, axis, ctx.dtype))
             else:
                 d = delta.to(ctx.dtype)
                 grad_x = grad.matmul(weight.to(ctx.dtype))
-                if kind == ROW:  # + grad[:, R] D
+                if axis == ROW:  # + grad[:, R] D
                     grad_x.addmm_(grad.index_select(1, index), d)
                 else:  # grad_x[:, C] += grad D
                     grad_x.index_add_(1, index, grad.matmul(d))
         if ctx.needs_input_grad[1]:
-            if kind == ROW:
+            if axis == ROW:
                 grad_delta = grad.index_select(1, index).t().matmul(x)
-            elif kind == COLUMN:  # as (x_C^T grad)^T: a skinny product over grad's contiguous rows is ~8x faster
+            elif axis == COLUMN:  # as (x_C^T grad)^T: a skinny product over grad's contiguous rows is ~8x faster
                 grad_delta = (x.index_select(1, index) if ctx.whole else x).t().matmul(grad).t()
             elif index.shape[1] * GATHER_FAN_IN_RATIO <= x.shape[1]:
                 grad_delta = torch.stack([(grad * x.index_select(1, index[:, j])).float().sum(0)
@@ -376,13 +495,13 @@ class _DeltaLinear(torch.autograd.Function):
         return grad_x, grad_delta, None, grad_weight, grad_bias, None
 
 
-def _effective_weight(weight: torch.Tensor, delta: torch.Tensor, index: torch.Tensor, kind: int,
+def _effective_weight(weight: torch.Tensor, delta: torch.Tensor, index: torch.Tensor, axis: int,
                       dtype: torch.dtype) -> torch.Tensor:
     w, d = weight.clone(), delta.to(weight.dtype)
-    if kind == ENTRY:
+    if axis == ENTRY:
         w.scatter_add_(1, index, d)
     else:
-        w.index_add_(0 if kind == ROW else 1, index, d)
+        w.index_add_(0 if axis == ROW else 1, index, d)
     return w.to(dtype)
 
 
@@ -419,22 +538,17 @@ class IndexDelta(DeltaLayer):
 
     def dense_delta(self) -> torch.Tensor:
         flat = torch.zeros(self.out_features, self.fan_in, dtype=self.delta.dtype, device=self.delta.device)
-        return flat.scatter_add(1, self.index, self.delta).view_as(self.base_layer.weight)
+        return self.from_matrix(flat.scatter_add(1, self.index, self.delta))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._is_selected:
-            return self.base_layer(x)
-        if not self.plain_forward:
-            return self._own_forward(x)
-        base = self.base_layer
+    def index_positions(self) -> torch.Tensor | None:
+        return (self.index.reshape(-1).float().cpu() + 0.5) / self.fan_in
+
+    def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_conv:
-            flat = x.reshape(-1, x.shape[-1])
-            y = _DeltaLinear.apply(flat, self.delta, self.index, base.weight, base.bias, ENTRY)
-            return y.view(*x.shape[:-1], y.shape[-1])
+            return self._linear(x, self.delta, self.index, ENTRY)
+        base = self.base_layer
         weight = base.weight + self.dense_delta()
-        if self.is_conv:
-            return F.conv2d(x, weight, base.bias, base.stride, base.padding, base.dilation, base.groups)
-        return F.linear(x, weight, base.bias)
+        return F.conv2d(x, weight, base.bias, base.stride, base.padding, base.dilation, base.groups)
 
     def export_tensors(self) -> dict[str, torch.Tensor]:
         return {"index": self.index.int(), "delta": self.delta.detach()}
@@ -450,11 +564,15 @@ class IndexDelta(DeltaLayer):
 
 
 # -- model-level helpers ----------------------------------------------------------------------
-def delta_layers(model: nn.Module) -> Iterator[tuple[str, DeltaLayer]]:
-    """``(module path, layer)`` for every delta layer in ``model``."""
+def selectable_layers(model: nn.Module) -> Iterator[tuple[str, SelectableLayer]]:
+    """``(module path, layer)`` for every layer a selection fills (delta layers, masked weights)."""
     for name, module in model.named_modules():
-        if isinstance(module, DeltaLayer):
+        if isinstance(module, SelectableLayer):
             yield name, module
+
+
+#: The name scripts written before masked weights had their own interface use; the same function.
+delta_layers = selectable_layers
 
 
 def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -463,32 +581,24 @@ def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """Fold every delta into its weight, in place; returns the model with plain layers only.
-
-    Layers that define ``merged_module()`` (our deltas and adapters) are replaced by what it
-    returns; peft LoRA layers are merged by peft and replaced by their base layer.
-    """
-    for path, module in list(model.named_modules()):
-        if not path:
-            continue
-        merged = _merged(module)
-        if merged is not None:
-            set_submodule(model, path, merged)
-    if getattr(model, "peft_method", None) is not None:
-        # A merged model is a plain model: save_tuned must not export it as a tuned one.
-        model.peft_method = None
+def fold_layers(model: nn.Module) -> nn.Module:
+    """Replace every selectable layer by its :meth:`~SelectableLayer.merged_module`, in place."""
+    for path, layer in list(selectable_layers(model)):
+        set_submodule(model, path, layer.merged_module())
     return model
 
 
-def _merged(module: nn.Module) -> nn.Module | None:
-    if hasattr(module, "merged_module") and callable(module.merged_module):
-        return module.merged_module()
-    if "peft" not in sys.modules:  # no peft layer can exist; importing peft is slow and noisy
-        return None
-    from peft.tuners.tuners_utils import BaseTunerLayer
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every tuned part into the weights, in place; returns the model with plain layers.
 
-    if isinstance(module, BaseTunerLayer):
-        module.merge()
-        return module.get_base_layer()
-    return None
+    The method applied to the model folds its own parts (``Method.merge``: the selectable layers
+    here, peft's layers for LoRA); parts that cannot be folded (adapters) stay. The merged model no
+    longer holds a method, so ``save_tuned`` refuses it. A model without a method has its
+    selectable layers folded.
+    """
+    method = getattr(model, "peft_method", None)
+    if method is None:
+        return fold_layers(model)
+    method.merge(model)
+    model.peft_method = None
+    return model

@@ -1,10 +1,11 @@
 """Export and import of the tuned values only (safetensors).
 
-File layout: ``delta/<layer>/<key>`` for each delta layer (active values and int32 indices),
-``param/<name>`` for every other trainable tensor (biases, head, norms, LoRA/adapter weights),
-``buffer/<name>`` for BatchNorm running statistics (they change during training and the logits
-depend on them). The metadata holds the method's ``class_path`` and ``init_args`` so that
-``load_tuned`` can rebuild the deltas on a fresh pre-trained backbone.
+File layout: ``delta/<layer>/<key>`` for each selectable layer (active values and int32
+indices), ``param/<name>`` for every other trainable tensor (biases, head, norms, LoRA/adapter
+weights), ``buffer/<name>`` for BatchNorm running statistics (they change during training and the
+logits depend on them); :func:`split_tuned` is the one reader of these keys. The metadata holds
+the method's ``class_path`` and ``init_args`` and the head it was applied with, so that
+``load_tuned`` can rebuild the deltas on a fresh pre-trained model.
 """
 
 from __future__ import annotations
@@ -17,19 +18,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from grft_lightning.deltas import delta_layers
+from grft_lightning.deltas import selectable_layers
+from grft_lightning.heads import TIMM_HEAD, head_spec, num_classes
 from grft_lightning.io import atomic_path
-from grft_lightning.methods.base import Method, classifier
+from grft_lightning.methods.base import Method
 
 FORMAT = "grft-lightning/tuned/1"
+#: the sections of a tuned file's keys (``<section>/...``)
+SECTIONS = ("delta", "param", "buffer")
 
 
 def _tuned_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     owned: set[int] = set()
-    for path, layer in delta_layers(model):
-        owned.update(id(p) for p in layer.delta_parameters())
-        if layer._is_selected:
+    for path, layer in selectable_layers(model):
+        owned.update(id(p) for p in layer.added_parameters())
+        if layer.is_selected:
             for key, value in layer.export_tensors().items():
                 tensors[f"delta/{path}/{key}"] = value
     for name, p in model.named_parameters():
@@ -59,7 +63,8 @@ def save_tuned(model: nn.Module, path: str | os.PathLike, metadata: dict[str, An
         "format": FORMAT,
         "method_class": method.class_path(),
         "method_args": json.dumps(method.config()),
-        "num_classes": str(getattr(classifier(model), "out_features", 0)),
+        "num_classes": str(num_classes(model)),
+        "head": json.dumps(method.head),
     }
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
     with atomic_path(path) as tmp:
@@ -85,6 +90,22 @@ def read_tuned(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, meta
 
 
+def split_tuned(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """A tuned file's tensors by section: ``{"delta": {layer path: {key: tensor}}, "param": {name:
+    tensor}, "buffer": {name: tensor}}`` (the key layout in the module docstring)."""
+    sections: dict[str, dict] = {name: {} for name in SECTIONS}
+    for key, value in tensors.items():
+        section, _, rest = key.partition("/")
+        if section not in sections:
+            raise ValueError(f"tuned file key {key!r}: expected one of {', '.join(f'{s}/...' for s in SECTIONS)}")
+        if section == "delta":
+            layer_path, _, item = rest.rpartition("/")
+            sections["delta"].setdefault(layer_path, {})[item] = value
+        else:
+            sections[section][rest] = value
+    return sections
+
+
 def method_from_metadata(meta: dict[str, str]) -> Method:
     module_name, _, class_name = meta["method_class"].rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
@@ -94,38 +115,37 @@ def method_from_metadata(meta: dict[str, str]) -> Method:
 def load_tuned(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Rebuild a tuned model from a fresh pre-trained backbone and a :func:`save_tuned` file.
 
-    The head is re-created for the file's number of classes when it differs. Returns the model
+    The method is applied with the head the file names (files written before the head was
+    recorded: timm's ``get_classifier()``). A timm head is re-created for the file's number of
+    classes when it differs; another model must be built with that many outputs. Returns the model
     (modified in place) with the method applied and its selection and values loaded.
     """
     tensors, meta = read_tuned(path)
-    num_classes = int(meta.get("num_classes", 0))
-    head = classifier(base_model)
-    if num_classes and getattr(head, "out_features", num_classes) != num_classes:
-        base_model.reset_classifier(num_classes)
+    head = head_spec(base_model, json.loads(meta.get("head", json.dumps(TIMM_HEAD))))
+    classes = int(meta.get("num_classes", 0))
+    if classes and num_classes(base_model, head) not in (0, classes):
+        if head != TIMM_HEAD:
+            raise ValueError(f"{path}: saved with a head of {classes} outputs, this model's head has "
+                             f"{num_classes(base_model, head)}; build the model with {classes} outputs")
+        base_model.reset_classifier(classes)
     method = method_from_metadata(meta)
-    method.apply(base_model)
-    layers = dict(delta_layers(base_model))
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    params = dict(base_model.named_parameters())
-    buffers = dict(base_model.named_buffers())
-    for key, value in tensors.items():
-        kind, _, rest = key.partition("/")
-        if kind == "delta":
-            layer_path, _, item = rest.rpartition("/")
-            grouped.setdefault(layer_path, {})[item] = value
-        elif kind in ("param", "buffer"):
-            table = params if kind == "param" else buffers
-            if rest not in table or table[rest].shape != value.shape:
-                found = tuple(table[rest].shape) if rest in table else "absent"
-                raise ValueError(f"{path}: {key} of shape {tuple(value.shape)} does not fit the model ({found}); "
-                                 "was it saved from another backbone?")
+    method.apply(base_model, head=head)
+    layers = dict(selectable_layers(base_model))
+    sections = split_tuned(tensors)
+    for section in ("param", "buffer"):
+        table = dict(base_model.named_parameters() if section == "param" else base_model.named_buffers())
+        for name, value in sections[section].items():
+            if name not in table or table[name].shape != value.shape:
+                found = tuple(table[name].shape) if name in table else "absent"
+                raise ValueError(f"{path}: {section}/{name} of shape {tuple(value.shape)} does not fit the model "
+                                 f"({found}); was it saved from another backbone?")
             with torch.no_grad():
-                table[rest].copy_(value)
-    for layer_path, items in grouped.items():
+                table[name].copy_(value)
+    for layer_path, items in sections["delta"].items():
         if layer_path not in layers:
             raise ValueError(f"{path}: delta for {layer_path} but the rebuilt model has no such delta layer")
         layers[layer_path].import_tensors({k: v.to(layers[layer_path].selected.device) for k, v in items.items()})
-    unselected = [p for p, layer in layers.items() if not layer._is_selected]
+    unselected = [p for p, layer in layers.items() if not layer.is_selected]
     if unselected:
         raise ValueError(f"{path}: no selection for {len(unselected)} delta layers (e.g. {unselected[0]}); "
                          "was the file saved before select()?")

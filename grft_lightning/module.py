@@ -16,7 +16,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from grft_lightning.accounting import count_parameters
 from grft_lightning.backbones import WeightsFormat, create_backbone
 from grft_lightning.losses import pre_logits
-from grft_lightning.methods.base import Method, classifier, head_parameter_ids
+from grft_lightning.heads import classifier, head_parameter_ids
+from grft_lightning.methods.base import Method
 from grft_lightning.schedules import warmup_cosine
 
 

@@ -17,11 +17,13 @@ from typing import Any, Callable, Iterable, Literal
 import torch
 from torch import nn
 
-from grft_lightning.deltas import DeltaLayer, delta_layers
+from grft_lightning.deltas import selectable_layers
 
 
 def as_matrix(grad: torch.Tensor) -> torch.Tensor:
-    """``out x fan_in`` view of a weight-shaped tensor, in fp32 or wider."""
+    """``out x fan_in`` view, in fp32 or wider, of a matrix or of a weight stored out-first (linear,
+    convolution). ``Method.select`` hands the scores below each layer's gradient already read as
+    that matrix (``SelectableLayer.to_matrix``: transformers' ``Conv1D`` stores ``in x out``)."""
     g = grad.reshape(grad.shape[0], -1)
     return g if g.dtype in (torch.float32, torch.float64) else g.float()
 
@@ -53,24 +55,15 @@ def captured_energy(scores: torch.Tensor, k: int) -> float:
     return float(scores[top_k(scores, k)].sum())
 
 
-def eligible_weight_names(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Original name -> weight tensor for every delta layer's frozen base weight."""
-    return {f"{path}.weight": layer.base_layer.weight for path, layer in _named_deltas(model)}
-
-
-def _named_deltas(model: nn.Module) -> list[tuple[str, DeltaLayer]]:
-    return [(layer.original_name, layer) for _, layer in delta_layers(model)]
-
-
 def default_gradient_targets(model: nn.Module) -> dict[str, nn.Parameter]:
     """The weights whose gradients a selection needs.
 
-    After ``method.apply`` these are the base weights of the inserted delta layers, named as in
-    the original model. On a model without deltas: the weight of every eligible layer
+    After ``method.apply`` these are the base weights of the inserted selectable layers, named as
+    in the original model. On a model without them: the weight of every eligible layer
     (``grft_lightning.methods.base.eligible_layers``: ``nn.Linear``/``nn.Conv2d`` and their
-    subclasses outside the head).
+    subclasses and transformers' ``Conv1D``, outside the head).
     """
-    targets = eligible_weight_names(model)
+    targets = {f"{layer.original_name}.weight": layer.base_layer.weight for _, layer in selectable_layers(model)}
     if targets:
         return targets
     # Imported here: the methods package imports this module.
@@ -84,12 +77,18 @@ REDUCTIONS = ("sum", "sum_of_squares", "per_sample_squares")
 
 
 def _samples(batch: Any) -> Iterable[Any]:
-    """The one-sample batches of a tuple/list batch of tensors (split along dim 0)."""
-    if not isinstance(batch, (tuple, list)) or not all(isinstance(t, torch.Tensor) for t in batch):
+    """The one-sample batches of a batch of tensors sharing the first dimension: a tuple/list, or a
+    dict (Hugging Face's ``input_ids``, ``attention_mask``, ``labels``), split along dim 0."""
+    tensors = list(batch.values()) if isinstance(batch, dict) else batch
+    if (not isinstance(batch, (tuple, list, dict)) or not tensors
+            or not all(isinstance(t, torch.Tensor) for t in tensors)):
         raise TypeError("accumulate_gradients(reduction='per_sample_squares') needs batches that are "
-                        "tuples of tensors sharing the first dimension")
-    for i in range(len(batch[0])):
-        yield type(batch)(t[i:i + 1] for t in batch)
+                        "tuples or dicts of tensors sharing the first dimension")
+    for i in range(len(tensors[0])):
+        if isinstance(batch, dict):
+            yield {key: t[i:i + 1] for key, t in batch.items()}
+        else:
+            yield type(batch)(t[i:i + 1] for t in batch)
 
 
 def accumulate_gradients(
@@ -119,9 +118,12 @@ def accumulate_gradients(
     (default: :func:`default_gradient_targets`).
 
     Args:
-        model: a timm model, with or without a method applied.
-        batches: an iterable of batches (e.g. a DataLoader).
-        loss_fn: ``loss_fn(model, batch) -> scalar loss``.
+        model: any PyTorch model (timm, Hugging Face transformers, ...), with or without a method
+            applied.
+        batches: an iterable of batches (e.g. a DataLoader); a batch is whatever ``loss_fn``
+            reads (a tuple, a dict of tensors, ...).
+        loss_fn: ``loss_fn(model, batch) -> scalar loss``, e.g.
+            ``lambda m, b: m(**b).loss`` for a transformers model and dict batches with labels.
         names: original weight names to accumulate (default: every eligible weight).
         progress: show a progress bar.
         description: label of the progress bar.
@@ -137,8 +139,8 @@ def accumulate_gradients(
             raise KeyError(f"accumulate_gradients: not an eligible weight: {unknown[:5]}")
         targets = {n: targets[n] for n in names}
     if not targets:
-        raise ValueError("accumulate_gradients: the model has no eligible weight (no nn.Linear/nn.Conv2d, or "
-                         "subclass, outside the head)")
+        raise ValueError("accumulate_gradients: the model has no eligible weight (no nn.Linear/nn.Conv2d, "
+                         "subclass of either, or transformers Conv1D, outside the head)")
     flags = {id(p): p.requires_grad for p in model.parameters()}
     params = list(targets.values())
     sums = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]

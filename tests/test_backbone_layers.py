@@ -17,7 +17,7 @@ from torch import nn
 
 from grft_lightning import accumulate_gradients, load_tuned, merge, save_tuned
 from grft_lightning.accounting import count_parameters
-from grft_lightning.deltas import LAYER_TYPES, StructuredDelta, delta_layers, has_plain_forward
+from grft_lightning.deltas import StructuredDelta, delta_layers, has_plain_forward, is_layer
 from grft_lightning.methods import GPS, GRFT, BitFit, GPSMasked, Linear, LoRA, RandomRows
 from grft_lightning.methods import base as methods_base
 from grft_lightning.methods.base import HeadGroup, classifier, eligible_layers
@@ -73,7 +73,7 @@ def standardised(weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 # -- one definition of the eligible layers -------------------------------------------------------
 def test_layer_types_have_one_definition():
-    assert methods_base.LAYER_TYPES is LAYER_TYPES
+    assert methods_base.is_layer is is_layer
     selection_source = (REPO / "grft_lightning" / "selection.py").read_text()
     base_source = (REPO / "grft_lightning" / "methods" / "base.py").read_text()
     assert "nn.Linear, nn.Conv2d)" not in selection_source
@@ -124,7 +124,7 @@ def test_bit_deltas_go_through_the_weight_standardisation(method):
     torch.manual_seed(2)
     with torch.no_grad():
         for layer in layers:
-            for p in layer.delta_parameters():
+            for p in layer.added_parameters():
                 p.normal_(0, 0.05)
     x = batch()[0]
     # One layer by hand: the convolution of the standardised W0 + delta.

@@ -70,7 +70,7 @@ def _tuned_masks(model: nn.Module, pre: nn.Module, method) -> dict[str, torch.Te
         m = masks[f"{layer.original_name}.weight"].view(layer.out_features, -1)
         if isinstance(layer, IndexDelta):
             m.scatter_(1, layer.index, True)
-        elif layer._axis == ROW:
+        elif layer.selected_axis == ROW:
             m[layer.row_index] = True
         else:
             m[:, layer.col_index] = True
@@ -96,7 +96,7 @@ def test_three_adamw_steps_move_only_tuned_entries(request, model_name, method_n
             grads[f"{layer.original_name}.weight"].view(layer.out_features, -1)[:, 1] = 1.0
         method.select(model, grads)
         if method_name == "grft_auto":
-            assert {l._axis for _, l in delta_layers(model)} == {ROW, COLUMN}
+            assert {l.selected_axis for _, l in delta_layers(model)} == {ROW, COLUMN}
     else:
         method.select(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -143,9 +143,9 @@ def test_grft_auto_picks_each_matrix_s_axis_on_the_tiny_vit(tiny_vit):
     layers = {layer.original_name: layer for _, layer in delta_layers(tiny_vit)}
     proj, fc2, qkv = layers["blocks.0.attn.proj"], layers["blocks.1.mlp.fc2"], layers["blocks.0.attn.qkv"]
     assert (proj.columns, fc2.columns, qkv.columns) == (2, 6, 0)  # floor(2 * fan_in / out)
-    assert proj._axis == COLUMN and proj.col_index.tolist() == [0, 5]
-    assert fc2._axis == ROW and fc2.row_index.tolist() == [0, 7]
-    assert qkv._axis == ROW  # 2 rows of 64 buy no column of 192
+    assert proj.selected_axis == COLUMN and proj.col_index.tolist() == [0, 5]
+    assert fc2.selected_axis == ROW and fc2.row_index.tolist() == [0, 7]
+    assert qkv.selected_axis == ROW  # 2 rows of 64 buy no column of 192
 
 
 # -- counts ---------------------------------------------------------------------------------------
@@ -309,7 +309,7 @@ def test_deltas_match_the_budget_before_selection(tiny_cnn):
     method = GRFT(mode="auto", rows_per_matrix=4)
     method.apply(tiny_cnn)
     for _, layer in delta_layers(tiny_cnn):
-        assert isinstance(layer, StructuredDelta) and not layer._is_selected
+        assert isinstance(layer, StructuredDelta) and not layer.is_selected
         out, fin = layer.out_features, layer.fan_in
         assert layer.delta.shape == (4, fin)
         assert layer.columns == min(fin, 4 * fin // out)

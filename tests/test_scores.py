@@ -41,8 +41,18 @@ def test_unknown_reduction_and_unsplittable_batches():
     model, batches, _ = _setup()
     with pytest.raises(ValueError, match="reduction must be one of"):
         accumulate_gradients(model, batches, loss_fn, reduction="mean")
-    with pytest.raises(TypeError, match="tuples of tensors"):
-        accumulate_gradients(model, [{"x": batches[0][0]}], lambda m, b: m(b["x"]).sum(), reduction="per_sample_squares")
+    with pytest.raises(TypeError, match="tuples or dicts of tensors"):
+        accumulate_gradients(model, [(batches[0][0], "text")], lambda m, b: m(b[0]).sum(), reduction="per_sample_squares")
+
+
+def test_per_sample_squares_split_dict_batches():
+    """Dict batches (Hugging Face style) are split into one-sample dicts, like tuples."""
+    model, batches, _ = _setup()
+    as_tuples = accumulate_gradients(model, batches, loss_fn, reduction="per_sample_squares")
+    dicts = [{"x": x, "y": y} for x, y in batches]
+    as_dicts = accumulate_gradients(model, dicts, lambda m, b: loss_fn(m, (b["x"], b["y"])),
+                                    reduction="per_sample_squares")
+    torch.testing.assert_close(as_dicts, as_tuples)
 
 
 def test_score_option_ranks_rows_by_its_statistic():

@@ -84,7 +84,7 @@ def test_grft_rows_with_ties():
     assert layers["fc"].row_index.tolist() == [1, 2]
     assert layers["conv"].row_index.tolist() == [0, 2]
     assert layers["dw"].row_index.tolist() == [0, 1]
-    assert all(layer._axis == ROW and layer._is_selected for layer in layers.values())
+    assert all(layer.selected_axis == ROW and layer.is_selected for layer in layers.values())
 
 
 def test_grft_columns():
@@ -103,7 +103,7 @@ def test_grft_columns():
     assert layers["fc"].col_index.tolist() == [1, 2]
     assert layers["conv"].col_index.tolist() == [3, 6]
     assert layers["dw"].col_index.tolist() == [0, 8]  # column 8, then the all-zero tie -> 0
-    assert all(layer._axis == COLUMN for layer in layers.values())
+    assert all(layer.selected_axis == COLUMN for layer in layers.values())
 
 
 def test_grft_auto_chooses_per_matrix_by_energy_per_parameter():
@@ -118,9 +118,9 @@ def test_grft_auto_chooses_per_matrix_by_energy_per_parameter():
     conv[0, :] = 1.0  # best row: 8 / 8; best two columns: 2 / 6 -> rows
     dw = torch.ones(3, 9)  # equal energy per parameter: rows (columns must do strictly better)
     method.select(model, _grads(fc, conv, dw))
-    assert layers["fc"]._axis == COLUMN and layers["fc"].col_index.tolist() == [2]
-    assert layers["conv"]._axis == ROW and layers["conv"].row_index.tolist() == [0]
-    assert layers["dw"]._axis == ROW and layers["dw"].row_index.tolist() == [0]
+    assert layers["fc"].selected_axis == COLUMN and layers["fc"].col_index.tolist() == [2]
+    assert layers["conv"].selected_axis == ROW and layers["conv"].row_index.tolist() == [0]
+    assert layers["dw"].selected_axis == ROW and layers["dw"].row_index.tolist() == [0]
     assert layers["fc"].num_tuned() == 4 and layers["conv"].num_tuned() == 8
 
 
@@ -199,7 +199,7 @@ def test_select_rejects_missing_and_misshaped_gradients(method):
     bad = dict(grads, **{"dw.weight": torch.zeros(3, 9)})
     with pytest.raises(ValueError, match=r"gradient for dw\.weight has shape \(3, 9\), expected \(3, 1, 3, 3\)"):
         method.select(model, bad)
-    assert not any(layer._is_selected for layer in _layers(model).values())  # nothing half-done
+    assert not any(layer.is_selected for layer in _layers(model).values())  # nothing half-done
 
 
 @pytest.mark.parametrize("method", [GRFT(rows_per_matrix=1, exclude=[]), GPS(k=1), RandomRows(rows_per_matrix=1, exclude=[])],
@@ -215,7 +215,7 @@ def test_select_twice_needs_reselect_which_resets_deltas(method):
         method.select(model, _toy_grads())
     assert all(torch.all(layer.delta == 1.0) for layer in _layers(model).values())
     method.select(model, _toy_grads(), reselect=True)
-    assert all(layer._is_selected and torch.count_nonzero(layer.delta) == 0 for layer in _layers(model).values())
+    assert all(layer.is_selected and torch.count_nonzero(layer.delta) == 0 for layer in _layers(model).values())
 
 
 def test_random_rows_is_seeded_and_within_budget():

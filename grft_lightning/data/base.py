@@ -9,7 +9,6 @@ selection pass -- lives here, once.
 from __future__ import annotations
 
 import abc
-import os
 from typing import Any, Callable, Literal, Sequence
 
 import lightning as L
@@ -17,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from grft_lightning.data.samplers import DealtBatches, EpochShuffle, ResumableLoader
+from grft_lightning.seeding import run_seed
 from grft_lightning.data.transforms import (
     TwoViews,
     fgvc_eval_transform,
@@ -165,11 +165,11 @@ class ImageClassificationData(L.LightningDataModule, metaclass=abc.ABCMeta):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled from ``(seed, epoch)`` only and dealt across ranks; resumable mid-epoch
-        (:mod:`grft_lightning.data.samplers`). The seed is the run's (``PL_GLOBAL_SEED``, set by
-        ``seed_everything``), the same on every rank."""
+        (:mod:`grft_lightning.data.samplers`). The seed is the run's
+        (:func:`~grft_lightning.seeding.run_seed`), the same on every rank."""
         dataset = self.dataset("train")
         world, rank = _distributed_world()
-        sampler = EpochShuffle(dataset, world, rank, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        sampler = EpochShuffle(dataset, world, rank, seed=run_seed())
         self._train_loader = self._loader(dataset, self.batch_size, shuffle=False, sampler=sampler,
                                           loader_cls=ResumableLoader)
         if self._train_resume is not None:
@@ -213,11 +213,11 @@ class ImageClassificationData(L.LightningDataModule, metaclass=abc.ABCMeta):
         evaluation transform (deterministic). As in GPS's public code the batches are shuffled and
         the last partial batch is dropped (:class:`SelectionBatches`): a list file grouped by class
         would otherwise give single-class batches, in which SupCon has no negatives. The order
-        comes from ``seed`` (default: the run's, ``PL_GLOBAL_SEED``) alone, so it is the same on
-        every rank and in every run with that seed. Under DDP the single-process batches are dealt
-        to the ranks: each batch is read once, by one rank, with the same images as with one
-        process, so the all-reduced sum of per-batch gradients equals the single-process sum (up
-        to the order of float additions).
+        comes from ``seed`` (default: the run's, :func:`~grft_lightning.seeding.run_seed`) alone, so
+        it is the same on every rank and in every run with that seed. Under DDP the single-process
+        batches are dealt to the ranks: each batch is read once, by one rank, with the same images
+        as with one process, so the all-reduced sum of per-batch gradients equals the
+        single-process sum (up to the order of float additions).
 
         Args:
             loss: ``supcon`` (two augmented views) or ``ce`` (the evaluation transform).
@@ -235,7 +235,7 @@ class ImageClassificationData(L.LightningDataModule, metaclass=abc.ABCMeta):
             raise ValueError(f"selection loss must be 'supcon' or 'ce', got {loss!r}")
         dataset = TransformedDataset(self.raw_split("train"), transform)
         world, rank = _distributed_world()
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
+        seed = run_seed() if seed is None else seed
         batches = SelectionBatches(len(dataset), self.selection_batch_size, world, rank, seed=seed,
                                    shuffle=shuffle, drop_last=drop_last)
         return self._loader(dataset, self.selection_batch_size, shuffle=False, batch_sampler=batches)

@@ -13,7 +13,7 @@ so the accounting counts only the adapter's own parameters as added.
 
 Unlike LoRA or our deltas, an adapter **cannot be merged**: the nonlinearity between ``down``
 and ``up`` makes it a function of its input, not a change of any weight. ``grft_lightning.merge``
-therefore leaves adapters in place (the class has no ``merged_module()``); the merged model
+therefore leaves adapters in place (``Method.merge`` folds only selectable layers); the merged model
 computes the same output, with the adapters' extra cost at inference.
 """
 
@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from grft_lightning.deltas import set_submodule
-from grft_lightning.methods.base import Method, classifier
+from grft_lightning.heads import head_module_ids
+from grft_lightning.methods.base import Method
 
 #: the attention and MLP sub-blocks of every timm ViT block.
 VIT_SITES = ["*.attn", "*.mlp"]
@@ -115,7 +116,7 @@ class Adapter(Method):
 
     def sites(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The sub-modules to wrap: names matching ``targets`` and not ``exclude``, outside the head."""
-        head = {id(m) for m in classifier(model).modules()}
+        head = head_module_ids(model, self.head)
         found = [
             (name, module) for name, module in model.named_modules()
             if name and id(module) not in head

@@ -3,20 +3,25 @@
 A method is a small typed config (its ``__init__`` arguments, which LightningCLI turns into
 ``--help`` text and YAML under ``class_path``) plus:
 
-* ``apply(model)``: freeze the pre-trained weights, insert trainable deltas whose shapes are
-  fixed by the budget (index buffers not yet filled), mark biases/head trainable; returns model.
+* ``apply(model, head=...)``: freeze the pre-trained weights, insert trainable deltas whose
+  shapes are fixed by the budget (index buffers not yet filled), mark biases/head trainable;
+  returns model.
 * ``select(model, grads)``: fill the index buffers from accumulated gradients (or a seed).
 * ``regularizer(model, images, features)``: an extra loss term, or ``None``.
+* ``on_before_optimizer_step`` / ``on_after_optimizer_step``: hooks around every optimizer step.
+* ``merge(model)``: fold the method's parts into the weights (``grft_lightning.merge``).
 
-Freezing is structural: the head is ``model.get_classifier()`` (every module of it, when it
-returns several, as DeiT's distilled models do), biases are those of ``nn.Linear``/``nn.Conv2d``
-modules, norms are normalisation modules -- never a name substring. The one exception is opt-in:
+Freezing is structural: the head is the module ``apply`` is told (``heads.py``: timm's
+``model.get_classifier()`` by default, every module of it when it returns several, as DeiT's
+distilled models do), biases are those of the eligible layers' types, norms are normalisation
+modules -- never a name substring. The one exception is opt-in:
 ``tune_params`` names further pre-trained tensors to train in full (e.g. layer scales, Swin's
 relative-position bias tables, which GPS's public code trains because of their names).
 """
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 import inspect
 from typing import Any, ClassVar
@@ -24,67 +29,43 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-# LAYER_TYPES (nn.Linear, nn.Conv2d and their subclasses) is defined where deltas are: what a
-# delta can wrap is what a method may select from.
-from grft_lightning.deltas import LAYER_TYPES, DeltaLayer, delta_layers, set_submodule
+# What a delta can wrap (is_layer: nn.Linear, nn.Conv2d and their subclasses, transformers' Conv1D)
+# is defined where deltas are: it is what a method may select from.
+from grft_lightning.deltas import SelectableLayer, fold_layers, is_layer, selectable_layers, set_submodule
+# The head is defined in heads.py; these names are re-exported for scripts that import them from here.
+from grft_lightning.heads import DEFAULT, HeadGroup, classifier, head_module_ids, head_parameter_ids, head_spec
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
-
-class HeadGroup(nn.Module):
-    """Several head modules read as one head.
-
-    ``get_classifier()`` of DeiT's distilled ViTs (and LeViT, PiT, EfficientFormer) returns a
-    tuple, ``(head, head_dist)``: both are new layers of ``num_classes`` outputs, so both are
-    trained and counted as head. Called on pooled features the group returns the mean of its
-    heads' logits, as timm's distilled models average their two heads outside distillation
-    training. It only refers to the model's modules; the model itself is unchanged.
-    """
-
-    def __init__(self, heads: list[nn.Module]):
-        super().__init__()
-        self.heads = nn.ModuleList(heads)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.stack([head(features) for head in self.heads]).mean(0)
-
-    @property
-    def out_features(self) -> int:
-        return getattr(self.heads[0], "out_features", 0)
+__all__ = ["Method", "eligible_layers", "check_count", "NORM_TYPES", "HeadGroup", "classifier", "head_parameter_ids"]
 
 
-def classifier(model: nn.Module) -> nn.Module:
-    """The (new) classification head of a timm model: ``model.get_classifier()``, or a
-    :class:`HeadGroup` of its modules when that returns several."""
-    if not hasattr(model, "get_classifier"):
-        raise TypeError(f"{type(model).__name__} has no get_classifier(): use a timm model")
-    head = model.get_classifier()
-    if isinstance(head, (tuple, list)):
-        heads = [h for h in head if isinstance(h, nn.Module)]
-        return HeadGroup(heads) if heads else nn.Identity()
-    return head if isinstance(head, nn.Module) else nn.Identity()
-
-
-def head_parameter_ids(model: nn.Module) -> set[int]:
-    return {id(p) for p in classifier(model).parameters()}
+def _shared_weights(model: nn.Module) -> set[int]:
+    """``id()`` of parameters registered in several modules (tied weights: GPT-2's output layer and
+    its token embedding)."""
+    seen = collections.Counter(id(p) for module in model.modules() for p in module.parameters(recurse=False))
+    return {pid for pid, n in seen.items() if n > 1}
 
 
 def eligible_layers(model: nn.Module, targets: list[str] | None = None,
-                    exclude: list[str] | tuple[str, ...] = ()) -> list[tuple[str, nn.Module]]:
+                    exclude: list[str] | tuple[str, ...] = (), head=DEFAULT) -> list[tuple[str, nn.Module]]:
     """``(name, layer)`` for every layer a method may select from, in model order.
 
-    Those are the ``LAYER_TYPES`` modules (``nn.Linear``/``nn.Conv2d``, subclasses such as
-    timm's ``StdConv2d`` included) outside the head, whose names match one of the ``fnmatch``
+    Those are the :func:`~grft_lightning.deltas.is_layer` modules (``nn.Linear``/``nn.Conv2d``,
+    subclasses such as timm's ``StdConv2d`` included, and transformers' ``Conv1D``) outside the head
+    (``heads.py``; ``head`` as ``method.apply`` takes it), whose names match one of the ``fnmatch``
     patterns ``targets`` (all when None) and none of ``exclude``. Left out: the ``out_proj`` of
-    ``nn.MultiheadAttention``, which reads its weight directly and would bypass a delta. A model
-    without ``get_classifier()`` (a plain module given to ``accumulate_gradients``) has no head.
+    ``nn.MultiheadAttention``, which reads its weight directly and would bypass a delta, and layers
+    whose weight is tied to another module's (GPT-2's output layer shares the token embedding: a
+    delta could not be folded into that weight without changing the embedding).
     """
-    head_modules = {id(m) for m in classifier(model).modules()} if hasattr(model, "get_classifier") else set()
+    head_modules = head_module_ids(model, head)
     bypassed = {id(child) for module in model.modules() if isinstance(module, nn.MultiheadAttention)
                 for child in module.children()}
+    tied = _shared_weights(model)
     layers = []
     for name, module in model.named_modules():
-        if not isinstance(module, LAYER_TYPES) or id(module) in head_modules or id(module) in bypassed:
+        if not is_layer(module) or id(module) in head_modules or id(module) in bypassed or id(module.weight) in tied:
             continue
         if targets is not None and not any(fnmatch.fnmatchcase(name, p) for p in targets):
             continue
@@ -110,6 +91,8 @@ class Method:
     """
 
     needs_gradients: ClassVar[bool] = False
+    #: the head the method was applied with (``heads.head_spec``; set by :meth:`apply`)
+    head: Any = None
     #: what the selection pass sums (``accumulate_gradients``' ``reduction``); GRFT's ``score`` changes it
     gradient_reduction: str = "sum"
     #: short name written to results.json and run directories
@@ -154,19 +137,28 @@ class Method:
 
     # -- apply ------------------------------------------------------------------------------
     def eligible_layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        """This method's layers: :func:`eligible_layers` with its ``targets`` and ``exclude``."""
-        return eligible_layers(model, self.targets, self.exclude)
+        """This method's layers: :func:`eligible_layers` with its ``targets``, ``exclude`` and head."""
+        return eligible_layers(model, self.targets, self.exclude, self.head)
 
-    def apply(self, model: nn.Module) -> nn.Module:
-        """Freeze the pre-trained model and insert this method's trainable parts; returns it."""
+    def apply(self, model: nn.Module, head=DEFAULT) -> nn.Module:
+        """Freeze the pre-trained model and insert this method's trainable parts; returns it.
+
+        Args:
+            model: any PyTorch model (timm, Hugging Face transformers, your own).
+            head: the new classification head, trained in full and counted apart: its attribute
+                path (``"classifier"``), a list of paths, or None for a model without a new head
+                (a language model whose output layer stays frozen or is tied). Left out: timm's
+                ``model.get_classifier()``; other models must name it (``grft_lightning/heads.py``).
+        """
         if getattr(model, "peft_method", None) is not None:
             raise RuntimeError(f"a method ({model.peft_method!r}) was already applied to this model")
-        head_ids = head_parameter_ids(model)
+        self.head = head_spec(model, head, required=True)
+        head_ids = head_parameter_ids(model, self.head)
         extra = self._named_extra_parameters(model, head_ids)
         for p in model.parameters():
             p.requires_grad_(False)
         self.inject(model)
-        covered = {id(layer.base_layer.weight) for _, layer in delta_layers(model)}
+        covered = {id(layer.base_layer.weight) for _, layer in selectable_layers(model)}
         for name, p in extra.items():
             if id(p) in covered:
                 raise ValueError(f"{type(self).__name__}.tune_params: {name} is the weight of a layer this method "
@@ -174,13 +166,13 @@ class Method:
                                  "with `exclude`)")
             p.requires_grad_(True)
         for module in model.modules():
-            if self.tune_bias and isinstance(module, LAYER_TYPES) and getattr(module, "bias", None) is not None:
+            if self.tune_bias and is_layer(module) and getattr(module, "bias", None) is not None:
                 if id(module.bias) not in head_ids:
                     module.bias.requires_grad_(True)
             if self.tune_norm and isinstance(module, NORM_TYPES):
                 for p in module.parameters(recurse=False):
                     p.requires_grad_(True)
-        for p in classifier(model).parameters():
+        for p in classifier(model, self.head).parameters():
             p.requires_grad_(True)
         model.peft_method = self
         return model
@@ -207,12 +199,13 @@ class Method:
         if not layers:
             raise ValueError(
                 f"{type(self).__name__}: no eligible layer matched targets={self.targets}, exclude={self.exclude} "
-                f"(eligible layers are nn.Linear/nn.Conv2d modules, subclasses included, outside the head)"
+                f"(eligible layers are nn.Linear/nn.Conv2d modules, subclasses included, and transformers' Conv1D, "
+                f"outside the head)"
             )
         return layers
 
     @staticmethod
-    def _replace(model: nn.Module, layers: list[tuple[str, nn.Module]], make_delta) -> list[DeltaLayer]:
+    def _replace(model: nn.Module, layers: list[tuple[str, nn.Module]], make_delta) -> list[SelectableLayer]:
         created = []
         for name, layer in layers:
             delta = make_delta(name, layer)
@@ -229,10 +222,10 @@ class Method:
             grads: original weight name -> accumulated gradient (same shape as the weight).
             reselect: allow replacing an existing selection (its delta values are reset to 0).
         """
-        layers = [layer for _, layer in delta_layers(model)]
+        layers = [layer for _, layer in selectable_layers(model)]
         if not layers:
             return
-        done = [layer.original_name for layer in layers if layer._is_selected]
+        done = [layer.original_name for layer in layers if layer.is_selected]
         if done and not reselect:
             raise RuntimeError(
                 f"select() was already called on this model ({len(done)} layers selected, e.g. {done[0]}); "
@@ -241,10 +234,10 @@ class Method:
         if self.needs_gradients:
             self._check_grads(layers, grads)
         for layer in layers:
-            grad = grads[f"{layer.original_name}.weight"] if self.needs_gradients else None
+            grad = layer.to_matrix(grads[f"{layer.original_name}.weight"]) if self.needs_gradients else None
             self.select_layer(layer, grad)
 
-    def _check_grads(self, layers: list[DeltaLayer], grads: dict[str, torch.Tensor] | None) -> None:
+    def _check_grads(self, layers: list[SelectableLayer], grads: dict[str, torch.Tensor] | None) -> None:
         if grads is None:
             raise ValueError(f"{type(self).__name__}.select needs accumulated gradients (got None)")
         problems = []
@@ -259,8 +252,10 @@ class Method:
             raise ValueError(f"{type(self).__name__}.select: " + "; ".join(problems[:5])
                              + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
 
-    def select_layer(self, layer: DeltaLayer, grad: torch.Tensor | None) -> None:
-        """Fill one layer's indices (methods with deltas override this)."""
+    def select_layer(self, layer: SelectableLayer, grad: torch.Tensor | None) -> None:
+        """Fill one layer's indices from its accumulated gradient read as the ``out x fan_in``
+        matrix (``layer.to_matrix``; None for methods without gradients). Methods with deltas
+        override this."""
 
     # -- training ---------------------------------------------------------------------------
     def regularizer(self, model: nn.Module, images: torch.Tensor, features: torch.Tensor) -> torch.Tensor | None:
@@ -287,6 +282,13 @@ class Method:
     def describe_budget(self, model: nn.Module) -> str:
         """One line on how the budget was turned into shapes (printed after apply)."""
         return ""
+
+    # -- deploy -----------------------------------------------------------------------------
+    def merge(self, model: nn.Module) -> None:
+        """Fold this method's trainable parts into the weights, in place (``grft_lightning.merge``
+        calls it). Here: every selectable layer becomes its ``merged_module()``; a method whose
+        parts are of another kind (peft's LoRA layers) folds them itself."""
+        fold_layers(model)
 
 
 def check_count(layer_name: str, what: str, count: int, limit: int) -> None:

@@ -4,7 +4,6 @@ gradient rule, not the budget, makes the difference)."""
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 import torch
@@ -13,6 +12,7 @@ from torch import nn
 from grft_lightning.deltas import COLUMN, ROW, StructuredDelta
 from grft_lightning.methods.base import Method
 from grft_lightning.methods.grft import GRFT
+from grft_lightning.seeding import run_seed
 
 
 class Full(Method):
@@ -106,9 +106,13 @@ class RandomRows(GRFT):
         self._generator: torch.Generator | None = None
 
     def select(self, model: nn.Module, grads: dict[str, torch.Tensor] | None = None, reselect: bool = False) -> None:
-        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        seed = self.seed if self.seed is not None else run_seed()
+        # Held only during the draw: a torch.Generator cannot be pickled or deep-copied with the model.
         self._generator = torch.Generator().manual_seed(seed)
-        super().select(model, grads, reselect)
+        try:
+            super().select(model, grads, reselect)
+        finally:
+            self._generator = None
 
     def select_layer(self, layer: StructuredDelta, grad: torch.Tensor | None) -> None:
         if self.mode == "row":

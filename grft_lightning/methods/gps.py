@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from grft_lightning.deltas import IndexDelta, delta_layers
+from grft_lightning.deltas import IndexDelta, matrix_shape, selectable_layers
 from grft_lightning.methods.base import Method, check_count
 from grft_lightning.selection import per_row_top_k
 
@@ -60,14 +60,14 @@ class GPS(Method):
     def inject(self, model: nn.Module) -> None:
         layers = self.required_layers(model)
         for name, layer in layers:
-            check_count(name, "input connections per row", self.k, layer.weight[0].numel())
+            check_count(name, "input connections per row", self.k, matrix_shape(layer)[1])
         self._replace(model, layers, lambda name, layer: IndexDelta(layer, name, self.k))
 
     def select_layer(self, layer: IndexDelta, grad: torch.Tensor | None) -> None:
         layer.set_selection(per_row_top_k(grad, self.k))
 
     def describe_budget(self, model: nn.Module) -> str:
-        layers = [layer for _, layer in delta_layers(model)]
+        layers = [layer for _, layer in selectable_layers(model)]
         entries = sum(layer.num_tuned() for layer in layers)
         return (f"GPS: top-{self.k} input connections per output neuron in {len(layers)} matrices "
                 f"= {entries:,} weight entries")

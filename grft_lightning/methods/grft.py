@@ -25,15 +25,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from grft_lightning.deltas import COLUMN, ROW, StructuredDelta, delta_layers
-from grft_lightning.methods.base import Method, check_count, head_parameter_ids
-from grft_lightning.selection import as_matrix, captured_energy, column_scores, row_scores, top_k
-
-
-def backbone_parameter_count(model: nn.Module) -> int:
-    """Parameters of the pre-trained model outside the head (before any method is applied)."""
-    head = head_parameter_ids(model)
-    return sum(p.numel() for p in model.parameters() if id(p) not in head)
+from grft_lightning.accounting import backbone_parameter_count
+from grft_lightning.deltas import COLUMN, ROW, StructuredDelta, matrix_shape, selectable_layers
+from grft_lightning.methods.base import Method, check_count
+from grft_lightning.selection import captured_energy, column_scores, row_scores, top_k
 
 
 class GRFT(Method):
@@ -130,13 +125,13 @@ class GRFT(Method):
 
     # -- budget -----------------------------------------------------------------------------
     def _counts(self, model: nn.Module, layers: list[tuple[str, nn.Module]]) -> dict[str, tuple[int, int]]:
-        shapes = {name: (layer.weight.shape[0], layer.weight[0].numel()) for name, layer in layers}
+        shapes = {name: matrix_shape(layer) for name, layer in layers}
         rows_mode = self.mode in ("row", "auto")
         if self.fraction is None:
             count = self.rows_per_matrix if rows_mode else self.columns_per_matrix
             per_layer = {name: count for name in shapes}
         else:
-            target = self.fraction * backbone_parameter_count(model)
+            target = self.fraction * backbone_parameter_count(model, self.head)
             if self.allocation == "uniform":
                 unit = sum(fin if rows_mode else out for out, fin in shapes.values())
                 per_layer = dict.fromkeys(shapes, max(1, round(target / unit)))
@@ -164,7 +159,7 @@ class GRFT(Method):
 
     def describe_budget(self, model: nn.Module) -> str:
         counts = list(self.budget.values())
-        entries = sum(layer.num_tuned() for _, layer in delta_layers(model))
+        entries = sum(layer.num_tuned() for _, layer in selectable_layers(model))
         rows = sorted({r for r, _ in counts})
         cols = sorted({c for _, c in counts})
         what = {"row": f"rows per matrix {rows}", "column": f"columns per matrix {cols}",
@@ -177,12 +172,13 @@ class GRFT(Method):
         """The ``accumulate_gradients`` reduction the selection pass must use for ``score``."""
         return self.SCORES[self.score]
 
-    def _scores(self, grad: torch.Tensor, axis: str) -> torch.Tensor:
-        """Row (``axis=ROW``) or column scores of an accumulated gradient, per ``score``: squares
-        of the summed gradient, or sums of the already squared per-batch/per-sample gradients."""
+    def _scores(self, grad: torch.Tensor, axis: int) -> torch.Tensor:
+        """Row (``axis=ROW``) or column scores of an accumulated gradient (``out x fan_in``), per
+        ``score``: squares of the summed gradient, or sums of the already squared
+        per-batch/per-sample gradients."""
         if self.score == "gradient":
             return row_scores(grad) if axis == ROW else column_scores(grad)
-        return as_matrix(grad).sum(dim=1 if axis == ROW else 0)
+        return grad.float().sum(dim=1 if axis == ROW else 0)
 
     def select_layer(self, layer: StructuredDelta, grad: torch.Tensor | None) -> None:
         if self.mode == "row" or (self.mode == "auto" and not self._columns_win(layer, grad)):
@@ -202,7 +198,7 @@ class GRFT(Method):
         if self.regularization == "none" or self.reg_lambda == 0:
             return None
         if self.regularization == "l2sp":
-            total = sum(layer.l2() for _, layer in delta_layers(model))
+            total = sum(layer.l2() for _, layer in selectable_layers(model))
             return self.reg_lambda * total
         frozen = self._frozen_model(images.device)
         with torch.no_grad():
@@ -215,3 +211,4 @@ class GRFT(Method):
         if next(self._frozen.parameters()).device != device:
             self._frozen.to(device)
         return self._frozen
+

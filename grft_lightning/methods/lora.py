@@ -18,7 +18,7 @@ import re
 
 from torch import nn
 
-from grft_lightning.deltas import has_plain_forward
+from grft_lightning.deltas import has_plain_forward, is_transposed, set_submodule
 from grft_lightning.methods.base import Method
 
 #: qkv, proj, fc1 and fc2 of every timm ViT block.
@@ -68,7 +68,7 @@ class LoRA(Method):
         return (self.r if self.alpha is None else self.alpha) / self.r
 
     def inject(self, model: nn.Module) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import inject_adapter_in_model
 
         layers = self.required_layers(model)
         transformed = [f"{name} ({type(layer).__name__})" for name, layer in layers if not has_plain_forward(layer)]
@@ -76,27 +76,46 @@ class LoRA(Method):
             # peft adds B A x beside the layer's forward and merges B A into the weight: for a
             # layer that transforms its weight (StdConv2d standardises it) or its input
             # (Conv2dSame pads it) the two are not what the layer computes with W0 + B A.
-            raise ValueError(f"LoRA: {', '.join(transformed[:3])} compute more than a plain linear map or "
-                             "convolution of their weight (weight standardisation, dynamic padding), which peft's "
+            raise ValueError(f"{type(self).__name__}: {', '.join(transformed[:3])} compute more than a plain linear "
+                             "map or convolution of their weight (weight standardisation, dynamic padding), which peft's "
                              "LoRA layer does not follow; leave them out with `exclude`, or use GRFT/GPS, whose "
                              "deltas go through the layer's own forward")
         names = [name for name, _ in layers]
-        config = LoraConfig(
-            r=self.r,
-            lora_alpha=self.r if self.alpha is None else self.alpha,
-            lora_dropout=self.dropout,
-            target_modules="^(?:" + "|".join(re.escape(n) for n in names) + ")$",
-            bias="none",
-        )
-        inject_adapter_in_model(config, model)
+        inject_adapter_in_model(self.lora_config(layers), model)
         wrapped = {name for name, module in model.named_modules() if _is_lora_layer(module)}
         if wrapped != set(names):
             missing = sorted(set(names) - wrapped)
-            raise RuntimeError(f"LoRA: peft did not wrap {missing[:5]} (layers of an unsupported type?)")
+            raise RuntimeError(f"{type(self).__name__}: peft did not wrap {missing[:5]} (layers of an unsupported "
+                               "type?)")
+
+    def lora_config(self, layers: list[tuple[str, nn.Module]]):
+        """peft's ``LoraConfig`` for ``layers`` (a subclass adds its own options, e.g. DoRA's)."""
+        from peft import LoraConfig
+
+        transposed = {is_transposed(layer) for _, layer in layers}
+        if len(transposed) > 1:
+            raise ValueError(f"{type(self).__name__}: the targets mix transformers' Conv1D with nn.Linear/nn.Conv2d "
+                             "layers; peft takes one weight layout (fan_in_fan_out) per config: target one kind")
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.r if self.alpha is None else self.alpha,
+            lora_dropout=self.dropout,
+            target_modules="^(?:" + "|".join(re.escape(name) for name, _ in layers) + ")$",
+            bias="none",
+            fan_in_fan_out=transposed == {True},
+        )
 
     def describe_budget(self, model: nn.Module) -> str:
         layers = sum(1 for module in model.modules() if _is_lora_layer(module))
-        return f"LoRA: rank {self.r}, scale {self.scaling:g}, in {layers} layers"
+        return f"{type(self).__name__}: rank {self.r}, scale {self.scaling:g}, in {layers} layers"
+
+    def merge(self, model: nn.Module) -> None:
+        """peft folds each layer's update into its weight (``merge()``); the layer is then
+        replaced by its base layer."""
+        for path, module in [(p, m) for p, m in model.named_modules() if _is_lora_layer(m)]:
+            module.merge()
+            set_submodule(model, path, module.get_base_layer())
+        super().merge(model)
 
 
 def _is_lora_layer(module: nn.Module) -> bool:

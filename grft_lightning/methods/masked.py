@@ -33,22 +33,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from grft_lightning.deltas import DeltaLayer, delta_layers
+from grft_lightning.deltas import SelectableLayer, matrix_shape, selectable_layers
 from grft_lightning.methods.base import Method, check_count
 from grft_lightning.selection import per_row_top_k
 
 
-class MaskedWeight(DeltaLayer):
+class MaskedWeight(SelectableLayer):
     """A layer whose own weight is trained, with a boolean ``mask`` of the entries allowed to move.
 
-    A :class:`DeltaLayer` only so that the selection machinery (gradient targets named as in the
-    original model, ``Method.select``, checkpoints' ``selected`` flag) treats it like the others;
-    it holds no delta parameter. ``merge`` unwraps it (the trained weight is the merged weight).
+    A :class:`~grft_lightning.deltas.SelectableLayer`, so the selection machinery (gradient targets
+    named as in the original model, ``Method.select``, checkpoints' ``selected`` flag, export)
+    treats it like the delta layers; it holds no delta (no added parameter, no ``dense_delta``):
+    the pre-trained weight is not kept. ``merge`` unwraps it (the trained weight is the merged
+    weight).
     """
 
     def __init__(self, base_layer: nn.Module, original_name: str, k: int, restore_unselected: bool = False):
         super().__init__(base_layer, original_name)
-        base_layer.weight.requires_grad_(True)  # DeltaLayer froze it; here the weight itself trains
+        base_layer.weight.requires_grad_(True)  # the weight itself trains (apply() froze it)
         self.k = k
         self.register_buffer("mask", torch.zeros_like(base_layer.weight, dtype=torch.bool))
         self.restore_unselected = restore_unselected
@@ -56,7 +58,7 @@ class MaskedWeight(DeltaLayer):
 
     def set_selection(self, index: torch.Tensor) -> None:
         flat = torch.zeros(self.out_features, self.fan_in, dtype=torch.bool, device=self.mask.device)
-        self.mask.copy_(flat.scatter_(1, index.to(self.mask.device), True).view_as(self.mask))
+        self.mask.copy_(self.from_matrix(flat.scatter_(1, index.to(self.mask.device), True)))
         self.mark_selected()
 
     def mask_gradient(self) -> None:
@@ -71,16 +73,12 @@ class MaskedWeight(DeltaLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x)
 
-    def dense_delta(self) -> torch.Tensor:
-        raise RuntimeError(f"{self.original_name}: a masked weight is trained in place; the pre-trained "
-                           "weight is not kept, so there is no separate delta")
-
     def merged_module(self) -> nn.Module:
         return self.base_layer
 
     def export_tensors(self) -> dict[str, torch.Tensor]:
         # The selection as GPS's per-row indices; the trained weight is exported under param/.
-        index = self.mask.view(self.out_features, -1).nonzero()[:, 1]
+        index = self.to_matrix(self.mask).nonzero()[:, 1]
         return {"index": index.view(self.out_features, self.k).int()}
 
     def import_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -163,7 +161,7 @@ class GPSMasked(Method):
     def inject(self, model: nn.Module) -> None:
         layers = self.required_layers(model)
         for name, layer in layers:
-            check_count(name, "input connections per row", self.k, layer.weight[0].numel())
+            check_count(name, "input connections per row", self.k, matrix_shape(layer)[1])
         self._replace(model, layers, lambda name, layer: MaskedWeight(layer, name, self.k, self.restore_unselected))
 
     def select_layer(self, layer: MaskedWeight, grad: torch.Tensor | None) -> None:
@@ -188,4 +186,4 @@ class GPSMasked(Method):
 
 
 def _masked_layers(model: nn.Module) -> list[MaskedWeight]:
-    return [layer for _, layer in delta_layers(model) if isinstance(layer, MaskedWeight)]
+    return [layer for _, layer in selectable_layers(model) if isinstance(layer, MaskedWeight)]
