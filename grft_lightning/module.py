@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from typing import Literal
@@ -96,7 +95,6 @@ class PEFTModule(L.LightningModule):
         self.model = method.apply(model)
         if channels_last:  # convolutions follow their weight's memory format
             self.model.to(memory_format=torch.channels_last)
-        self.counts = count_parameters(self.model)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -321,9 +319,3 @@ class PEFTModule(L.LightningModule):
 
     def tuned_counts(self) -> dict[str, float]:
         return count_parameters(self.model)
-
-    def merged_copy(self) -> torch.nn.Module:
-        """A deployable copy with the deltas folded into the weights."""
-        from grft_lightning.deltas import merge
-
-        return merge(copy.deepcopy(self.model))

@@ -117,7 +117,7 @@ class GRFT(Method):
         self.reg_lambda = reg_lambda
         self.score = score
         self.budget: dict[str, tuple[int, int]] = {}
-        self._frozen: nn.Module | None = None
+        self._frozen: FrozenReference | None = None
 
     @property
     def name(self) -> str:
@@ -154,7 +154,7 @@ class GRFT(Method):
         layers = self.required_layers(model)
         self.budget = self._counts(model, layers)
         if self.regularization == "feature" and self.reg_lambda > 0:
-            self._frozen = copy.deepcopy(model).eval().requires_grad_(False)
+            self._frozen = FrozenReference(copy.deepcopy(model).eval().requires_grad_(False))
         self._replace(model, layers, lambda name, layer: StructuredDelta(layer, name, self.mode, *self.budget[name]))
 
     def describe_budget(self, model: nn.Module) -> str:
@@ -206,9 +206,30 @@ class GRFT(Method):
         return self.reg_lambda * (features.float() - target.float()).pow(2).sum(-1).mean()
 
     def _frozen_model(self, device: torch.device) -> nn.Module:
-        if self._frozen is None:
-            raise RuntimeError("GRFT feature regularization: the frozen model was not kept (apply() not called?)")
-        if next(self._frozen.parameters()).device != device:
-            self._frozen.to(device)
-        return self._frozen
+        frozen = None if self._frozen is None else self._frozen.model
+        if frozen is None:
+            raise RuntimeError("GRFT feature regularization: no frozen pre-trained copy is held (apply() was not "
+                               "called, or the model was unpickled, which drops it); apply the method to a fresh "
+                               "pre-trained model")
+        if next(frozen.parameters()).device != device:
+            frozen.to(device)
+        return frozen
 
+
+class FrozenReference:
+    """The frozen pre-trained copy the feature regulariser compares with, held outside the model.
+
+    The method hangs on the model (``model.peft_method``), so whatever the method holds travels
+    with every copy of the model. This holder keeps the frozen copy from travelling twice: it is
+    no ``nn.Module`` attribute (``state_dict`` and checkpoints never see it), ``copy.deepcopy``
+    shares it (it is never trained), and pickling (``torch.save(model)``) leaves it out.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model: nn.Module | None = model
+
+    def __deepcopy__(self, memo: dict) -> FrozenReference:
+        return self
+
+    def __getstate__(self) -> dict:
+        return {"model": None}
