@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from grft_lightning.errors import WeightsUnavailable
 from grft_lightning.heads import head_parameter_names
 from grft_lightning.paths import resolve_path
 
@@ -122,9 +123,11 @@ def create_backbone(
         try:
             return timm.create_model(name, pretrained=True, **kwargs)
         except Exception as err:
-            raise RuntimeError(f"model.backbone: could not load pre-trained weights for {name!r} from the hub "
-                               f"({type(err).__name__}: {err}). Offline? Give a local file with model.weights, "
-                               "or set model.pretrained: false") from err
+            reason = (str(err).strip().splitlines() or [""])[0]
+            raise WeightsUnavailable(
+                f"model.backbone: could not load pre-trained weights for {name!r} from the hub or its cache "
+                f"({type(err).__name__}: {reason}); offline, give a local weight file with --model.weights PATH, "
+                "or train from random weights with --model.pretrained false") from err
     weights = resolve_path(weights, "model.weights")
     state = _read_state_dict(weights)
     model = timm.create_model(name, pretrained=False, **kwargs)

@@ -11,7 +11,12 @@ YAML by ``class_path``. On top of Lightning's behaviour this CLI:
 * resumes ``fit`` from ``<run_dir>/checkpoints/last.ckpt`` when it exists (same command after a
   crash or preemption), and writes checkpoints atomically, loading them weights-only;
 * after ``fit``, tests the last-epoch model on the test split and writes ``results.json``;
-* gives a method that leaves its budget open the task's published budget (``budget``, below).
+* gives a method that leaves its budget open the task's published budget (``budget``, below);
+* resolves config includes (``config: base.yaml`` inside a config file, below);
+* checks the data (every split's files) before the model and its pre-trained weights are built,
+  so a wrong data root fails in seconds;
+* from ``train.py`` (:func:`main`), reports a user's mistake as one ``error: ...`` line without a
+  traceback (``grft_lightning/errors.py``).
 
 **Budgets.** A task config states its published budget once, in a top-level ``budget`` section
 (per family in ``base.yaml``, per task where it differs): ``fraction`` for the methods with a
@@ -22,6 +27,15 @@ ends is given the task's values for the arguments it has. A budget set by a meth
 the command line is never replaced, and methods without such arguments are not touched. This
 happens while the arguments are parsed, so ``--print_config`` and the run's ``config.yaml`` show
 the values the run uses.
+
+**Config includes.** A config file may include a base with a top-level ``config: base.yaml`` key
+(relative to the file; the including file's values win). jsonargparse reads such a key itself,
+but it checks the including file's values against the config as it was *before* the file, without
+the base: a value that needs the base -- ``init_args`` without a ``class_path`` for ``model.method``,
+``model.optimizer`` or ``data``, which every task config gives -- is rejected (jsonargparse 4.53).
+So the parser expands every ``--config FILE`` into ``--config BASE --config FILE`` first
+(:func:`expand_config_includes`, applied by :meth:`BudgetArgumentParser.parse_args`, the one place
+it happens); ``sys.argv`` is left as it is (a DDP launcher that re-runs the command expands again).
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +57,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from grft_lightning.accounting import format_summary
 from grft_lightning.callbacks import GradientSelection, RankSeed, RunClock
 from grft_lightning.data.base import ImageClassificationData
+from grft_lightning.errors import ConfigError, condense_parser_error, debug_enabled, report_user_errors
 from grft_lightning.export import save_tuned
 from grft_lightning.io import make_atomic_checkpoint_io, remove_stale_temporaries
 from grft_lightning.module import PEFTModule
@@ -130,13 +146,30 @@ def apply_task_budget(config) -> dict[str, Any]:
 
 
 class BudgetArgumentParser(LightningArgumentParser):
-    """The CLI's parser: applies :func:`apply_task_budget` when parsing ends (every config file
-    and command-line argument read), before ``--print_config`` prints and before validation.
+    """The CLI's parser: resolves config includes, and applies :func:`apply_task_budget` when
+    parsing ends (every config file and command-line argument read), before ``--print_config``
+    prints and before validation.
 
-    jsonargparse has no public hook at that point, so this wraps its ``_parse_common``, which
-    ends every parse; the parses of single config files along the way (``defaults=False``) and
-    nested ones are left alone, so that a budget set by a later argument is seen.
+    Includes: the top-level parser's ``parse_args`` expands ``--config`` files that include a base
+    (:func:`expand_config_includes`; the module docstring says why jsonargparse's own reading of a
+    ``config:`` key is not enough). The budget: jsonargparse has no public hook where parsing ends,
+    so this wraps its ``_parse_common``, which ends every parse; the parses of single config files
+    along the way (``defaults=False``) and nested ones are left alone, so that a budget set by a
+    later argument is seen.
     """
+
+    def error(self, message: str, ex: Exception | None = None):
+        """A rejected value: one line ``error: <option>: <reason>`` and exit status 2, instead of
+        the usage and jsonargparse's nested explanation (``GRFT_DEBUG=1`` shows those)."""
+        if not self.exit_on_error or debug_enabled():
+            return super().error(message, ex)
+        print(f"error: {condense_parser_error(message)} (the accepted options: --help)", file=sys.stderr)
+        sys.exit(2)
+
+    def parse_args(self, args=None, *rest, **kwargs):
+        if getattr(self, "parent_parser", None) is None:  # not a subcommand's parser
+            args = expand_config_includes(sys.argv[1:] if args is None else list(args))
+        return super().parse_args(args, *rest, **kwargs)
 
     def _parse_common(self, cfg, *args, **kwargs):
         bound = inspect.signature(LightningArgumentParser._parse_common).bind(self, cfg, *args, **kwargs)
@@ -147,6 +180,12 @@ class BudgetArgumentParser(LightningArgumentParser):
 
 
 class GRFTCLI(LightningCLI):
+    def __init__(self, *args, run: bool = True, **kwargs):
+        # A CLI built to run a subcommand checks the data before the model (checked_num_classes);
+        # one built only to inspect the config (run=False) reads no data.
+        self.check_data = run
+        super().__init__(*args, run=run, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(TaskBudget, "budget")
         parser.add_argument("--run_dir", type=str | None, default=None,
@@ -160,9 +199,21 @@ class GRFTCLI(LightningCLI):
                                  "(it is always saved at the end of each epoch).")
         parser.add_class_arguments(WandbOptions, "wandb")
         parser.add_lightning_class_args(GradientSelection, "selection")
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        # The data is instantiated first and checked before the model exists (its pre-trained
+        # weights can take minutes to load): a wrong root or list file fails in seconds.
+        parser.link_arguments("data", "model.num_classes", compute_fn=self.num_classes_of_checked_data,
+                              apply_on="instantiate")
         parser.link_arguments("model.backbone", "data.init_args.backbone")
         parser.link_arguments("model.image_size", "data.init_args.image_size")
+
+    def num_classes_of_checked_data(self, data) -> int:
+        """``data.num_classes``, once the DataModule has checked its splits (``check()``: the root,
+        list files and images) when the CLI runs a subcommand: bad data stops the run before the
+        model and its pre-trained weights are built."""
+        check = getattr(data, "check", None)
+        if self.check_data and callable(check):
+            check()
+        return data.num_classes
 
     def before_instantiate_classes(self) -> None:
         # Applied while parsing already (BudgetArgumentParser); again here, where it is a no-op,
@@ -319,13 +370,13 @@ def _includes(path: Path, seen: tuple[Path, ...] = ()) -> list[str]:
 
     path = path.resolve()
     if path in seen:
-        raise ValueError(f"config include cycle: {' -> '.join(map(str, seen + (path,)))}")
+        raise ConfigError(f"--config: include cycle {' -> '.join(map(str, seen + (path,)))}; remove one `config:` key")
     if not path.is_file():
-        raise FileNotFoundError(f"--config: file not found: {path}")
+        raise FileNotFoundError(f"--config: file not found: {path}" + (f" (included by {seen[-1]})" if seen else ""))
     try:
         content = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ValueError(f"--config: {path} is not valid YAML: {err}") from err
+        raise ConfigError(f"--config: {path} is not valid YAML ({' '.join(str(err).split())})") from err
     included = content.get("config") if isinstance(content, dict) else None
     files: list[str] = []
     for inc in [included] if isinstance(included, str) else list(included or []):
@@ -335,8 +386,13 @@ def _includes(path: Path, seen: tuple[Path, ...] = ()) -> list[str]:
 
 def expand_config_includes(args: list[str]) -> list[str]:
     """``--config child.yaml`` -> ``--config base.yaml --config child.yaml`` for every file that
-    includes a base with a top-level ``config: base.yaml`` key (paths relative to the file)."""
+    includes a base with a top-level ``config: base.yaml`` key (paths relative to the file).
+
+    Idempotent: a file whose includes stand right before it already is left as it is, so
+    expanding expanded arguments changes nothing.
+    """
     out: list[str] = []
+    given: list[str] = []  # the config files emitted so far, in order
     i = 0
     while i < len(args):
         arg = args[i]
@@ -346,8 +402,13 @@ def expand_config_includes(args: list[str]) -> list[str]:
             if value.lstrip().startswith("{") or not value.endswith((".yaml", ".yml")):
                 out += ["--config", value]  # inline YAML or another format: leave it to the parser
                 continue
-            for path in _includes(Path(value)):
+            files = _includes(Path(value))
+            bases = files[:-1]
+            if bases and given[-len(bases):] == bases:
+                files = files[-1:]
+            for path in files:
                 out += ["--config", path]
+            given += files
             continue
         out.append(arg)
         i += 1
@@ -371,16 +432,17 @@ def _build(cli_class: type[GRFTCLI], args: list[str] | None, run: bool = True) -
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> GRFTCLI:
-    """Run the CLI (``args`` like ``sys.argv[1:]``; tests call it in-process)."""
-    import sys
-
-    if args is None:
-        # Expanded in sys.argv itself: launchers that re-run the command (DDP) see the same
-        # arguments, and LightningCLI is not handed a second set of them.
-        sys.argv[1:] = expand_config_includes(sys.argv[1:])
-    else:
-        args = expand_config_includes(list(args))
+    """Run the CLI (``args`` like ``sys.argv[1:]``; tests and in-process sweeps call it). Errors
+    propagate; :func:`main` is the command line's entry point."""
     return _build(GRFTCLI, args, run)
+
+
+def main(args: list[str] | None = None) -> None:
+    """``python train.py ...``: :func:`cli_main`, with a user's mistake (bad data, config value,
+    checkpoint, missing weights) reported as one ``error: ...`` line on stderr and exit status 1,
+    without a traceback (``GRFT_DEBUG=1`` shows it; ``grft_lightning/errors.py``)."""
+    with report_user_errors():
+        cli_main(args)
 
 
 class _ParserBuilt(Exception):
@@ -390,9 +452,9 @@ class _ParserBuilt(Exception):
 def config_parser() -> LightningArgumentParser:
     """The parser of ``train.py``, built without parsing or instantiating anything.
 
-    ``config_parser().parse_args(expand_config_includes(["fit", "--config", TASK, "--config",
-    METHOD]))`` gives the config a run would use, task budgets applied (what ``--print_config``
-    prints), in a fraction of a second per call once the parser exists.
+    ``config_parser().parse_args(["fit", "--config", TASK, "--config", METHOD])`` gives the config a
+    run would use, includes resolved and task budgets applied (what ``--print_config`` prints), in
+    a fraction of a second per call once the parser exists.
     """
 
     class _Builder(GRFTCLI):
@@ -406,4 +468,4 @@ def config_parser() -> LightningArgumentParser:
     raise RuntimeError("LightningCLI did not parse its arguments")  # pragma: no cover
 
 
-__all__ = ["GRFTCLI", "TaskBudget", "apply_task_budget", "cli_main", "config_parser", "git_sha"]
+__all__ = ["GRFTCLI", "TaskBudget", "apply_task_budget", "cli_main", "config_parser", "git_sha", "main"]

@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from grft_lightning.accounting import count_parameters
 from grft_lightning.backbones import WeightsFormat, create_backbone
+from grft_lightning.errors import CheckpointRefused
 from grft_lightning.losses import pre_logits
 from grft_lightning.heads import classifier, head_parameter_ids
 from grft_lightning.methods.base import Method
@@ -303,16 +304,19 @@ class PEFTModule(L.LightningModule):
         checkpoint["selection_seconds"] = self.selection_seconds
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        trainer = self._trainer
+        path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+        where = f"checkpoint {path}" if path else "the checkpoint"
+        fix = "resume with the run's own config, or start a fresh run directory (--run_dir)"
         saved = checkpoint.get("hyper_parameters", {}).get("method_config")
         mine = self.hparams["method_config"]
         if saved is not None and json.dumps(saved, sort_keys=True) != json.dumps(mine, sort_keys=True):
-            raise ValueError(
-                "the checkpoint was trained with another method or budget:\n"
-                f"  checkpoint: {saved}\n  this run:   {mine}\n"
-                "Resume with the same method config, or start a fresh run directory.")
+            raise CheckpointRefused(f"{where} was trained with another method or budget (checkpoint: {saved}; this "
+                                    f"run: {mine}); {fix}")
         saved_backbone = checkpoint.get("hyper_parameters", {}).get("backbone")
         if saved_backbone is not None and saved_backbone != self.hparams.backbone:
-            raise ValueError(f"the checkpoint is of backbone {saved_backbone!r}, this run uses {self.hparams.backbone!r}")
+            raise CheckpointRefused(f"{where} is of backbone {saved_backbone!r}, this run uses "
+                                    f"{self.hparams.backbone!r}; {fix}")
         if "ema" in checkpoint:
             self.ema = {k: v.to(self.device) for k, v in checkpoint["ema"].items()}
         self.selection_seconds = float(checkpoint.get("selection_seconds", 0.0))

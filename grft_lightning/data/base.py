@@ -133,10 +133,16 @@ class ImageClassificationData(L.LightningDataModule, metaclass=abc.ABCMeta):
     def dataset(self, split: Split) -> Dataset:
         return TransformedDataset(self.raw_split(split), self.transform(split))
 
-    def setup(self, stage: str | None = None) -> None:
-        # Build (and validate) every split up front so bad data stops the run before training.
+    def check(self) -> None:
+        """Build (and so validate) every split: a missing root, list file or image raises an error
+        naming it. The CLI calls it right after creating the DataModule, before the model and its
+        pre-trained weights; the splits are kept, so ``setup`` does not read them again."""
         for split in ("train", "val", "test"):
             self.raw_split(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        # Every split up front (a no-op after check()) so bad data stops the run before training.
+        self.check()
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, sampler=None, batch_sampler=None,
                 loader_cls: type[DataLoader] = DataLoader) -> DataLoader:

@@ -16,13 +16,15 @@ from typing import Iterable, NamedTuple
 
 from PIL import Image
 
+from grft_lightning.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # Checking is I/O bound (network file systems on clusters): threads overlap the latency.
 _CHECK_THREADS = 16
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A prepared dataset folder is missing, malformed, or holds unreadable images."""
 
 

@@ -1,0 +1,127 @@
+"""Errors a person can act on, and how the command line reports them.
+
+A user's mistake -- a wrong data root, list file or image, a bad config value, a refused
+checkpoint, pre-trained weights that cannot be loaded offline -- raises an error whose message
+names the file, line or option at fault and says what to do. ``python train.py`` prints it as
+``error: <message>`` on stderr and exits with status 1, without a traceback
+(:func:`report_user_errors`; ``GRFT_DEBUG=1`` shows the traceback). Which errors those are
+(:func:`is_user_error`): the :class:`UserError` types below (data problems are
+``grft_lightning.data.folders.DatasetError``, one of them), and a ``ValueError`` or
+``FileNotFoundError`` raised by this package's own code (a check with such a message). Anything
+else -- a bug, an error inside torch or Lightning -- keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Iterator
+
+#: ``GRFT_DEBUG=1``: show the traceback of user errors too.
+DEBUG_VARIABLE = "GRFT_DEBUG"
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class UserError(Exception):
+    """A mistake the user can fix; the message names the file, line or option and what to do."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value that cannot be used (the message names the option)."""
+
+
+class CheckpointRefused(UserError, ValueError):
+    """A checkpoint that does not belong to this run (another method, budget or backbone)."""
+
+
+class WeightsUnavailable(UserError, RuntimeError):
+    """Pre-trained weights that cannot be loaded (offline without a local copy, no such tag)."""
+
+
+def _raised_in_package(err: BaseException) -> bool:
+    """Whether the innermost frame of ``err``'s traceback is in this package's source."""
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    try:
+        return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE_DIR)
+    except (OSError, ValueError):
+        return False
+
+
+def is_user_error(err: BaseException) -> bool:
+    """True for the errors :func:`report_user_errors` prints without a traceback (module docstring)."""
+    if isinstance(err, UserError):
+        return True
+    return isinstance(err, (ValueError, FileNotFoundError)) and _raised_in_package(err)
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """``err`` if it is a user error, else the first user error it was raised from (jsonargparse
+    wraps what a link's function raises in its own ``ValueError``), else None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if is_user_error(err):
+            return err
+        seen.add(id(err))
+        err = err.__cause__
+    return None
+
+
+def describe(err: BaseException) -> str:
+    """``error: <message>`` (a message of several lines, such as a data error followed by the
+    expected folder layout, keeps its further lines as they are)."""
+    return f"error: {str(err).strip() or type(err).__name__}"
+
+
+def condense_parser_error(message: str) -> str:
+    """One line from jsonargparse's message for a value it rejects: the option's full key (nested
+    ``Parser key`` lines joined, ``init_args`` where a ``class_path`` was read) and the innermost
+    reason, e.g. ``model.method.init_args.mode: expected a typing.Literal['row', 'column',
+    'auto']. Got value: diag``. A message without that shape keeps its first line."""
+    lines = [line.strip().lstrip("- ").strip() for line in message.strip().splitlines()]
+    lines = [line for line in lines if line]
+    keys: list[str] = []
+    reasons: list[str] = []
+    given = None
+    for line in lines:
+        match = re.match(r'Parser key "([^"]+)"', line)
+        if match:
+            keys.append(match.group(1))
+        elif line.startswith("Problem with given class_path"):
+            keys.append("init_args")
+        elif line.startswith("Given value:"):
+            given = line.split(":", 1)[1].strip()
+        elif line.startswith("Expected") and "NoneType" not in line and not line.startswith("Expected a path"):
+            reasons.append(line)
+    if not keys or not reasons:
+        return lines[0] if lines else message
+    reason = reasons[-1]
+    reason = reason[0].lower() + reason[1:]
+    if given is not None and "value:" not in reason:
+        reason += f"; given: {given}"
+    return f"{'.'.join(keys)}: {reason}"
+
+
+def debug_enabled() -> bool:
+    return os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def report_user_errors() -> Iterator[None]:
+    """Around a command's entry point: a user error becomes ``error: ...`` on stderr and exit
+    status 1, without a traceback (unless ``GRFT_DEBUG=1``); other errors propagate unchanged."""
+    try:
+        yield
+    except Exception as err:
+        found = user_error(err)
+        if debug_enabled() or found is None:
+            raise
+        print(describe(found), file=sys.stderr)
+        raise SystemExit(1) from None
