@@ -26,7 +26,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -95,7 +94,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def to_markdown(summary: list[dict], seeds: list[int], seconds: float) -> str:
+def to_markdown(summary: list[dict], seeds: list[int]) -> str:
     lines = ["| task | matrices x seeds | best row: x an average row (median) | best column: x average (median) | "
              "rows > 2x | columns > 2x | best row = per-sample Fisher's | = batch Fisher's |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -120,7 +119,7 @@ def main(argv=None) -> int:
                         "(block matrices only)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    start, rows = time.perf_counter(), []
+    rows = []
     if args.from_json:
         rows = [r for r in json.loads(Path(args.from_json).read_text())["matrices"] if r["matrix"].startswith("blocks.")]
         args.seeds = sorted({r["seed"] for r in rows})
@@ -132,7 +131,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "vit_selection_analysis.json").write_text(json.dumps({"summary": summary, "matrices": rows}, indent=1))
-    text = to_markdown(summary, args.seeds, time.perf_counter() - start)
+    text = to_markdown(summary, args.seeds)
     (out / "vit_selection_analysis.md").write_text("# Gradient concentration on the ViT testbed\n\n" + text)
     print(text)
     return 0
