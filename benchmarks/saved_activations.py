@@ -66,7 +66,11 @@ def markdown(result: dict) -> str:
         "",
         f"- backbone: `{result['model']}` (random weights, {result['num_classes']} classes); batch {result['batch']}; "
         f"fp32; one forward in train mode; torch {result['torch']}",
-        "- MiB per autograd node type, parameters and buffers excluded; each storage counted once",
+        "- MiB per autograd node type, parameters and buffers excluded; each storage counted once, under the "
+        "first node that keeps it walking back from the loss",
+        "- row and entry deltas (GRFT row, GPS) keep the input of the LayerNorm or GELU that feeds them and "
+        "recompute its output in backward (`deltas.Recomputable`); those inputs, kept by the LayerNorm and GELU "
+        "nodes too, are counted under `_DeltaLinearBackward`",
         "",
         "| node | " + " | ".join(LABELS.get(m, m) for m in methods) + " |",
         "|---|" + "---:|" * len(methods),

@@ -255,9 +255,12 @@ class DeltaLayer(SelectableLayer):
         return F.conv2d(x, weight.to(x.dtype), None, conv.stride, conv.padding, conv.dilation, groups)
 
     def _linear(self, x: torch.Tensor, delta: torch.Tensor, index: torch.Tensor, axis: int) -> torch.Tensor:
-        """The linear path of every kind (:class:`_DeltaLinear`), on inputs of any leading shape."""
+        """The linear path of every kind (:class:`_DeltaLinear`), on inputs of any leading shape.
+        A row or entry delta whose input a tracked producer made (:class:`Recomputable`) keeps
+        that producer's input instead of ``x``."""
+        source = input_source(x) if axis != COLUMN and torch.is_grad_enabled() else None
         y = _DeltaLinear.apply(x.reshape(-1, x.shape[-1]), delta, index, self.linear_weight(), self.base_layer.bias,
-                               axis)
+                               axis, source)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -427,6 +430,89 @@ def _scatter_positions(kernel: torch.Tensor, position: torch.Tensor, d: torch.Te
     return kernel + d[:, :, None] * onehot[None]
 
 
+# -- recomputing a layer's input in backward ---------------------------------------------------
+#: Producers whose output a delta layer recomputes in backward instead of keeping it: cheap,
+#: deterministic, and their own backward keeps their input anyway (LayerNorm, GELU, SiLU, ...; not
+#: ReLU, Tanh or Sigmoid, whose backward keeps the output), so nothing is kept twice.
+RECOMPUTABLE_TYPES = (nn.LayerNorm, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish)
+#: The same by qualified class name, for libraries this module does not import (Hugging Face's GELUs).
+RECOMPUTABLE_NAMES = frozenset({"transformers.activations.GELUActivation",
+                                "transformers.activations.NewGELUActivation"})
+#: The attribute of a producer's output that says how to recompute it (:class:`Recomputable`).
+SOURCE_ATTRIBUTE = "_delta_input_source"
+
+
+def is_recomputable(module: nn.Module) -> bool:
+    """Whether ``module``'s output may be recomputed from its input in a delta layer's backward."""
+    cls = type(module)
+    return ((isinstance(module, RECOMPUTABLE_TYPES) or f"{cls.__module__}.{cls.__qualname__}" in RECOMPUTABLE_NAMES)
+            and not getattr(module, "inplace", False))
+
+
+class Recomputable:
+    """How a tensor was produced: ``producer.forward(input)`` under the recorded autocast state.
+
+    Attached to the output of every recomputable producer in training (:func:`track_layer_inputs`)
+    when its input needs a gradient: that producer's own backward then keeps ``input``, so a row
+    or entry delta fed by the output saves ``input`` in place of the output (which it needs only
+    for its delta's gradient) and recomputes the output in backward (selective recomputation). In a
+    ViT block that drops the LayerNorm outputs feeding ``qkv`` and ``fc1`` and the GELU output
+    feeding ``fc2`` from what a step keeps. ``version`` is the output's version counter when it
+    was made: an output changed in place since is not recomputed.
+    """
+
+    __slots__ = ("producer", "input", "version", "autocast")
+
+    def __init__(self, producer: nn.Module, input: torch.Tensor, version: int, autocast: tuple[bool, torch.dtype]):
+        self.producer, self.input, self.version, self.autocast = producer, input, version, autocast
+
+    def recipe(self) -> tuple[nn.Module, tuple[bool, torch.dtype]]:
+        """What :func:`recompute` needs besides the input (no tensor: a tensor goes through
+        ``save_for_backward``)."""
+        return self.producer, self.autocast
+
+
+def recompute(recipe: tuple[nn.Module, tuple[bool, torch.dtype]], input: torch.Tensor) -> torch.Tensor:
+    """The producer's output again, from its input, without hooks and under its autocast state."""
+    producer, (enabled, dtype) = recipe
+    with torch.no_grad(), torch.autocast(input.device.type, dtype=dtype, enabled=enabled):
+        return producer.forward(input)
+
+
+def _record_source(module: nn.Module, args: tuple, output) -> None:
+    """Forward hook of a recomputable producer: attach a :class:`Recomputable` to its output."""
+    if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and len(args) == 1):
+        return
+    (x,) = args
+    if not (isinstance(x, torch.Tensor) and x.requires_grad) or output is x or torch.compiler.is_compiling():
+        return
+    device = x.device.type
+    autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+    setattr(output, SOURCE_ATTRIBUTE, Recomputable(module, x, output._version, autocast))
+
+
+def track_layer_inputs(model: nn.Module) -> None:
+    """Let the delta layers of ``model`` recompute their input instead of keeping it (see
+    :class:`Recomputable`): a forward hook on every recomputable producer, once. ``Method``
+    calls it when it inserts delta layers; :func:`fold_layers` removes the hooks."""
+    for module in model.modules():
+        if is_recomputable(module) and _record_source not in module._forward_hooks.values():
+            module.register_forward_hook(_record_source)
+
+
+def untrack_layer_inputs(model: nn.Module) -> None:
+    """Remove the hooks of :func:`track_layer_inputs`."""
+    for module in model.modules():
+        for key in [k for k, hook in module._forward_hooks.items() if hook is _record_source]:
+            del module._forward_hooks[key]
+
+
+def input_source(x: torch.Tensor) -> Recomputable | None:
+    """The :class:`Recomputable` attached to ``x``, if ``x`` is unchanged since it was made."""
+    source = getattr(x, SOURCE_ATTRIBUTE, None)
+    return source if source is not None and source.version == x._version else None
+
+
 class _DeltaLinear(torch.autograd.Function):
     """``y = x (W0 + delta)^T + b`` for a 2-D ``x``: one product each way, like a frozen linear.
 
@@ -438,11 +524,13 @@ class _DeltaLinear(torch.autograd.Function):
     ``grad^T x[:, C]`` (columns: only that slice of ``x`` is saved) or, for entries, gathers
     ``sum_n grad[n, i] x[n, index[i, j]]`` instead of the dense ``N * out * in`` product. Under
     autocast the products run in the autocast dtype and the saved input is in it, as for
-    ``F.linear``.
+    ``F.linear``. With a ``source`` (:class:`Recomputable`), ``x`` is not kept: the source's
+    input is, and backward recomputes ``x`` from it, bit for bit, when the delta's or the
+    weight's gradient needs it (the input's gradient never does).
     """
 
     @staticmethod
-    def forward(ctx, x, delta, index, weight, bias, axis):
+    def forward(ctx, x, delta, index, weight, bias, axis, source=None):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):
@@ -458,13 +546,16 @@ class _DeltaLinear(torch.autograd.Function):
                 else:  # y += x[:, C] D^T
                     y.addmm_(x_c, delta.to(dtype).t())
         whole = axis != COLUMN or ctx.needs_input_grad[3]  # a trained W0 needs all of x
-        ctx.save_for_backward(x if whole else x_c, delta, index, weight)
-        ctx.axis, ctx.dtype, ctx.whole = axis, dtype, whole
+        ctx.recipe = source.recipe() if source is not None and whole else None
+        ctx.save_for_backward(source.input if ctx.recipe else x if whole else x_c, delta, index, weight)
+        ctx.axis, ctx.dtype, ctx.whole, ctx.width = axis, dtype, whole, x.shape[1]
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, delta, index, weight = ctx.saved_tensors
+        if ctx.recipe and (ctx.needs_input_grad[1] or ctx.needs_input_grad[3]):
+            x = recompute(ctx.recipe, x).reshape(-1, ctx.width).to(ctx.dtype)
         axis, grad = ctx.axis, grad.to(ctx.dtype)
         grad_x = grad_delta = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -492,7 +583,7 @@ class _DeltaLinear(torch.autograd.Function):
             grad_weight = grad.t().matmul(x).to(weight.dtype)
         if ctx.needs_input_grad[4]:
             grad_bias = grad.float().sum(0)
-        return grad_x, grad_delta, None, grad_weight, grad_bias, None
+        return grad_x, grad_delta, None, grad_weight, grad_bias, None, None
 
 
 def _effective_weight(weight: torch.Tensor, delta: torch.Tensor, index: torch.Tensor, axis: int,
@@ -582,9 +673,11 @@ def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def fold_layers(model: nn.Module) -> nn.Module:
-    """Replace every selectable layer by its :meth:`~SelectableLayer.merged_module`, in place."""
+    """Replace every selectable layer by its :meth:`~SelectableLayer.merged_module`, in place
+    (and remove :func:`track_layer_inputs`' hooks)."""
     for path, layer in list(selectable_layers(model)):
         set_submodule(model, path, layer.merged_module())
+    untrack_layer_inputs(model)
     return model
 
 

@@ -31,7 +31,8 @@ from torch import nn
 
 # What a delta can wrap (is_layer: nn.Linear, nn.Conv2d and their subclasses, transformers' Conv1D)
 # is defined where deltas are: it is what a method may select from.
-from grft_lightning.deltas import SelectableLayer, fold_layers, is_layer, selectable_layers, set_submodule
+from grft_lightning.deltas import (DeltaLayer, SelectableLayer, fold_layers, is_layer, selectable_layers,
+                                   set_submodule, track_layer_inputs)
 # The head is defined in heads.py; these names are re-exported for scripts that import them from here.
 from grft_lightning.heads import DEFAULT, HeadGroup, classifier, head_module_ids, head_parameter_ids, head_spec
 
@@ -211,6 +212,8 @@ class Method:
             delta = make_delta(name, layer)
             set_submodule(model, name, delta)
             created.append(delta)
+        if any(isinstance(layer, DeltaLayer) for layer in created):
+            track_layer_inputs(model)  # deltas keep a LayerNorm's or GELU's input, not its output
         return created
 
     # -- select -----------------------------------------------------------------------------
