@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grft_lightning.heads import HeadGroup, classifier
+
 
 def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al., 2020), as GPS uses it for selection.
@@ -38,6 +40,27 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
 def pre_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The pooled features the head reads (after the final norm for ViTs)."""
     return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
+def features_and_logits(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A timm model's pooled features (:func:`pre_logits`, what a regulariser reads) and the
+    logits its own forward gives, from one pass through the backbone.
+
+    The logits are the head applied to the features, except for a model with several heads
+    (:class:`~grft_lightning.heads.HeadGroup`): DeiT's distilled ViTs pool two tokens, and their
+    forward applies each head to its own token and averages the logits, where the pooled features
+    average the tokens first. The logits then come from the model's ``forward_head``, so that
+    training optimises the function evaluation measures.
+    """
+    tokens = model.forward_features(images)
+    features = model.forward_head(tokens, pre_logits=True)
+    head = classifier(model)
+    if not isinstance(head, HeadGroup):
+        return features, head(features)
+    logits = model.forward_head(tokens)
+    if isinstance(logits, (tuple, list)):  # timm's distillation mode returns the heads apart
+        logits = torch.stack(list(logits)).mean(0)
+    return features, logits
 
 
 def selection_loss_fn(kind: str, temperature: float = 0.07):

@@ -15,8 +15,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from grft_lightning.accounting import count_parameters
 from grft_lightning.backbones import WeightsFormat, create_backbone
 from grft_lightning.errors import CheckpointRefused
-from grft_lightning.losses import pre_logits
-from grft_lightning.heads import classifier, head_parameter_ids
+from grft_lightning.heads import head_parameter_ids
+from grft_lightning.losses import features_and_logits
 from grft_lightning.methods.base import Method
 from grft_lightning.schedules import warmup_cosine
 
@@ -96,7 +96,9 @@ class PEFTModule(L.LightningModule):
         self.model = method.apply(model)
         if channels_last:  # convolutions follow their weight's memory format
             self.model.to(memory_format=torch.channels_last)
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        # validate_args would check the labels on the host every step (a device sync); the loss
+        # already rejects a label out of range, and the evaluation metrics keep the check
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.mixup_fn = self._make_mixup(num_classes)
@@ -132,8 +134,7 @@ class PEFTModule(L.LightningModule):
         targets = labels
         if self.mixup_fn is not None and len(images) % 2 == 0:  # timm's Mixup pairs the batch
             images, targets = self.mixup_fn(images, labels)
-        features = pre_logits(self.model, images)
-        logits = classifier(self.model)(features)
+        features, logits = features_and_logits(self.model, images)
         if targets.ndim == 2:
             loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         else:

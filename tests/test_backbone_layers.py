@@ -17,6 +17,7 @@ from torch import nn
 
 from grft_lightning import accumulate_gradients, load_tuned, merge, save_tuned
 from grft_lightning.accounting import count_parameters
+from grft_lightning.losses import features_and_logits
 from grft_lightning.deltas import StructuredDelta, delta_layers, has_plain_forward, is_layer
 from grft_lightning.methods import GPS, GRFT, BitFit, GPSMasked, Linear, LoRA, RandomRows
 from grft_lightning.methods import base as methods_base
@@ -192,6 +193,21 @@ def test_distilled_heads_are_both_trained_and_counted_as_head():
         assert not any(layer.original_name.startswith("head") for _, layer in delta_layers(m))
 
 
+def test_training_logits_of_distilled_heads_are_those_of_the_models_forward():
+    model = GRFT(rows_per_matrix=1).apply(tiny_deit()).train()
+    images, _ = batch()
+    features, logits = features_and_logits(model, images)
+    tokens = model.forward_features(images)
+    assert torch.allclose(features, (tokens[:, 0] + tokens[:, 1]) / 2)
+    # each head reads its own token: not the heads applied to the averaged token
+    assert torch.allclose(logits, model(images), atol=1e-6)
+    assert torch.allclose(logits, (model.head(tokens[:, 0]) + model.head_dist(tokens[:, 1])) / 2, atol=1e-6)
+    assert not torch.allclose(logits, classifier(model)(features), atol=1e-3)
+    vit = GRFT(rows_per_matrix=1).apply(timm.create_model("test_vit", pretrained=False, num_classes=5, img_size=32))
+    features, logits = features_and_logits(vit, images)
+    assert torch.equal(logits, vit.head(features))
+
+
 def test_distilled_heads_move_in_training_and_round_trip_through_export(tmp_path):
     model = tiny_deit()
     method = GRFT(rows_per_matrix=1)
@@ -200,10 +216,10 @@ def test_distilled_heads_move_in_training_and_round_trip_through_export(tmp_path
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("head")}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     images, labels = batch()
-    for _ in range(3):  # the training step's path: pooled features, then the (grouped) head
+    for _ in range(3):  # the training step's path (PEFTModule.training_step)
         optimizer.zero_grad()
-        features = model.forward_head(model.forward_features(images), pre_logits=True)
-        F.cross_entropy(classifier(model)(features), labels).backward()
+        _, logits = features_and_logits(model, images)
+        F.cross_entropy(logits, labels).backward()
         optimizer.step()
     params = dict(model.named_parameters())
     assert all(not torch.equal(params[n], v) for n, v in before.items())

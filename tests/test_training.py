@@ -185,17 +185,18 @@ def test_non_finite_loss_names_the_step_and_last_finite_loss():
 
 def _nan_features_at(monkeypatch, batch: int) -> list[int]:
     """Make the training forward of the ``batch``-th training step (0-based) produce NaN
-    features; returns the list the patched function counts training steps in."""
+    logits; returns the list the patched function counts training steps in."""
     import grft_lightning.module as module
 
-    original, calls = module.pre_logits, []
+    original, calls = module.features_and_logits, []
 
-    def pre_logits(model, images):
+    def features_and_logits(model, images):
         calls.append(len(calls))
-        features = original(model, images)
-        return features * float("nan") if calls[-1] == batch else features
+        features, logits = original(model, images)
+        return (features, logits * float("nan")) if calls[-1] == batch else (features, logits)
 
-    monkeypatch.setattr(module, "pre_logits", pre_logits)  # training_step's; the selection pass has its own
+    # training_step's; the selection pass has its own
+    monkeypatch.setattr(module, "features_and_logits", features_and_logits)
     return calls
 
 
