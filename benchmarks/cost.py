@@ -2,6 +2,14 @@
 
     python benchmarks/cost.py --out benchmarks/results/cost_cpu   # ViT-B/16, 224 px, CPU fp32, batch 8
     python benchmarks/cost.py --small --out /tmp/cost             # tiny ViT, a few seconds (CI)
+    python benchmarks/cost.py --model mobilenetv2_100 --img-size 48 --batch 32 --num-classes 10 \
+        --channels-last --out benchmarks/results/cost_cpu_cnn        # the offline suite's CNN
+
+A CNN (a model without transformer blocks' ``attn``/``mlp`` sub-modules) takes LoRA on its
+convolutions except the depthwise ones (``*conv*`` minus ``*conv_dw``, as the offline suite's
+recipe: peft refuses a rank that is not a multiple of the groups) and leaves the bottleneck Adapter
+out (its sites are transformer sub-blocks); the markdown says so. ``--channels-last`` puts the
+model and the images in ``torch.channels_last`` memory format (the offline suite's setting).
 
 Writes ``OUT.json`` and ``OUT.md``. Three phases, each method from the same seed, weights and
 synthetic batch (``--small`` runs all of them in this process, the others in child processes):
@@ -56,14 +64,19 @@ KEYS = ["method", "step_seconds", "peak_memory_bytes", "tuned", "tuned_pct", "op
 EXTRA_KEYS = ["step_wall_seconds", "step_cpu_seconds", "baseline_memory_bytes", "peak_above_baseline_ratio"]
 MALLOC = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "1048576"}
 MARK = "COST_JSON "
+#: LoRA's targets on a CNN: every convolution but the depthwise ones (configs/offline/methods/lora.yaml)
+CNN_LORA = {"targets": ["*conv*"], "exclude": ["*conv_dw"]}
+#: Methods a CNN leaves out, and why (the markdown's notes say it)
+CNN_LEFT_OUT = {"adapter": "the bottleneck Adapter wraps transformer sub-blocks (`*.attn`, `*.mlp`) and adds its "
+                           "bottleneck on the last (feature) dimension; a CNN has neither"}
 
 
-def build_method(name: str):
+def build_method(name: str, cnn: bool = False):
     from grft_lightning.methods import GPS, GRFT, Adapter, BitFit, Full, GPSMasked, Linear, LoRA
 
     return {
         "full": Full, "linear": Linear, "bitfit": BitFit,
-        "lora": lambda: LoRA(r=8),
+        "lora": lambda: LoRA(r=8, **(CNN_LORA if cnn else {})),
         "adapter": lambda: Adapter(bottleneck=8),
         "gps": lambda: GPS(k=1),
         "gps_masked": lambda: GPSMasked(k=1),
@@ -127,14 +140,19 @@ class Run:
         self.baseline = (int(torch.cuda.memory_allocated(self.device)) if self.device.type == "cuda"
                          else (_status_bytes("VmRSS") or 0))
         torch.manual_seed(args.seed)
-        kwargs = {"img_size": args.img_size} if args.img_size else {}
+        # a ViT's position embedding follows the image size; a CNN takes any size as it is
+        kwargs = {"img_size": args.img_size} if args.img_size and not getattr(args, "cnn", False) else {}
         self.model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, **kwargs)
-        self.method = build_method(name)
+        self.method = build_method(name, getattr(args, "cnn", False))
         self.method.apply(self.model)
         self.model.to(self.device)
+        memory_format = torch.channels_last if getattr(args, "channels_last", False) else torch.contiguous_format
+        if memory_format is torch.channels_last:
+            self.model.to(memory_format=memory_format)
         size = args.img_size or self.model.pretrained_cfg["input_size"][-1]
         gen = torch.Generator().manual_seed(args.seed)
-        self.images = torch.randn(args.batch, 3, size, size, generator=gen).to(self.device)
+        self.images = torch.randn(args.batch, 3, size, size, generator=gen).to(self.device,
+                                                                               memory_format=memory_format)
         self.labels = torch.randint(0, args.num_classes, (args.batch,), generator=gen).to(self.device)
         self.selection_seconds = self.pass_seconds = None
         if self.method.needs_gradients:
@@ -292,6 +310,7 @@ def _forward_args(args) -> list[str]:
            "--seed", str(args.seed), "--lr", str(args.lr), "--weight-decay", str(args.weight_decay),
            "--clock", args.clock, "--selection-dir", args.selection_dir]
     out += ["--threads", str(args.threads)] if args.threads else []
+    out += ["--channels-last"] if args.channels_last else []
     return out + (["--img-size", str(args.img_size)] if args.img_size else [])
 
 
@@ -299,15 +318,17 @@ def run_all(args) -> dict:
     import timm
     import torch
 
-    rows = {name: {"method": name, "selection_seconds": None} for name in args.methods}
+    left_out = {name: why for name, why in CNN_LEFT_OUT.items() if args.cnn and name in args.methods}
+    names = [name for name in args.methods if name not in left_out]
+    rows = {name: {"method": name, "selection_seconds": None} for name in names}
     with tempfile.TemporaryDirectory() as selection_dir:
         args.selection_dir = selection_dir
-        for name in args.methods:
+        for name in names:
             if build_method(name).needs_gradients:
                 _merge(rows, _phase("select", [name], args), "select")
-        for name in args.methods:
+        for name in names:
             _merge(rows, _phase("memory", [name], args), "memory")
-        _merge(rows, _phase("time", args.methods, args), "time")
+        _merge(rows, _phase("time", names, args), "time")
     full = rows.get("full")
     for row in rows.values():
         above = row["peak_memory_bytes"] - row["baseline_memory_bytes"]
@@ -322,11 +343,12 @@ def run_all(args) -> dict:
     return {
         "device": label, "dtype": args.dtype, "batch": args.batch, "torch": torch.__version__, "timm": timm.__version__,
         "clock": args.clock, "model": args.model, "img_size": args.img_size, "num_classes": args.num_classes,
+        "channels_last": args.channels_last, "cnn": args.cnn, "left_out": left_out,
         "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup,
         "memory_steps": args.memory_steps, "selection_batches": args.selection_batches, "isolated": args.isolate,
         "malloc": {k: os.environ.get(k, v) for k, v in MALLOC.items()} if args.isolate and device.type == "cpu" else None,
         "peak_memory": "cuda max allocated" if device.type == "cuda" else "VmHWM (max resident set) of the process",
-        "rows": [{k: rows[n][k] for k in KEYS + EXTRA_KEYS} for n in args.methods],
+        "rows": [{k: rows[n][k] for k in KEYS + EXTRA_KEYS} for n in names],
     }
 
 
@@ -377,6 +399,15 @@ def checks(rows: list[dict]) -> list[tuple[str, bool]]:
     return out
 
 
+def cnn_checks(rows: list[dict]) -> list[tuple[str, bool]]:
+    """The cost target of a CNN table: a GRFT row step no slower than full fine-tuning's."""
+    r = {row["method"]: row for row in rows}
+    if not {"full", "grft_row"} <= r.keys():
+        return []
+    ratio = r["grft_row"]["step_time_ratio"]
+    return [(f"GRFT row step time {ratio:.3f}x full (<= 1.0)", ratio <= 1.0)]
+
+
 def markdown(result: dict) -> str:
     cpu = result["malloc"] is not None
     clock = {"cpu": "process CPU time (user + system, one thread: the wall time of an idle core)",
@@ -396,7 +427,10 @@ def markdown(result: dict) -> str:
         "above imports: (peak - resident size after importing the method's libraries) / the same for full "
         "fine-tuning" if cpu else "",
         "ratios: to full fine-tuning in the same run",
-    ]
+        "memory format: channels-last (model and images)" if result.get("channels_last") else "",
+        "LoRA on this CNN: every convolution but the depthwise ones (`*conv*` minus `*conv_dw`: peft refuses a rank "
+        "that is not a multiple of the groups)" if result.get("cnn") else "",
+    ] + [f"left out: {LABELS.get(name, name)}: {why}" for name, why in (result.get("left_out") or {}).items()]
     head = "# Training-step cost per method\n\n" + "".join(f"- {n}\n" for n in notes if n) + "\n"
     lines = ["| method | step (s) | step / full | wall (s) | peak memory | peak / full | above imports / full | tuned "
              "| tuned % | optimizer state | selection (s) | export |",
@@ -408,8 +442,13 @@ def markdown(result: dict) -> str:
                      f"| {_size(row['peak_memory_bytes'])} | {_ratio(row['peak_memory_ratio'])} "
                      f"| {_ratio(row['peak_above_baseline_ratio'])} | {row['tuned']:,} | {row['tuned_pct']:.3f} "
                      f"| {_size(row['optimizer_state_bytes'])} | {sel} | {_size(row['export_bytes'])} |")
-    found = checks(result["rows"]) if result["isolated"] and result["model"] == "vit_base_patch16_224" else []
-    tail = "" if not found else "\n\n## Targets (set for ViT-B/16, CPU fp32, batch 8)\n\n" + "\n".join(
+    if result["isolated"] and result["model"] == "vit_base_patch16_224":
+        found, title = checks(result["rows"]), "set for ViT-B/16, CPU fp32, batch 8"
+    elif result["isolated"] and result.get("cnn"):
+        found, title = cnn_checks(result["rows"]), "set for CNNs"
+    else:
+        found, title = [], ""
+    tail = "" if not found else f"\n\n## Targets ({title})\n\n" + "\n".join(
         f"- [{'x' if ok else ' '}] {text}" for text, ok in found)
     return head + "\n".join(lines) + tail + "\n"
 
@@ -433,6 +472,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clock", default=None, choices=["wall", "cpu"],
                    help="clock of step_seconds (default: cpu on a CPU, wall on a GPU; see above)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 with the cpu clock)")
+    p.add_argument("--channels-last", action="store_true", help="model and images in torch.channels_last memory format")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=1e-4, help="on tensors with ndim >= 2")
@@ -457,11 +497,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.isolate = not args.small
+    args.cnn = is_cnn(args.model)
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         p.error(f"--methods: unknown {unknown}; choose from {METHODS}")
     return args
+
+
+def is_cnn(model_name: str) -> bool:
+    """Whether a timm model has no transformer blocks (no ``attn``/``mlp`` sub-module); built on
+    the meta device, so nothing is allocated."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        model = timm.create_model(model_name, pretrained=False)
+    return not any(name.rsplit(".", 1)[-1] in ("attn", "mlp") for name, _ in model.named_modules())
 
 
 def main(argv: list[str] | None = None) -> dict | None:

@@ -16,12 +16,15 @@ The optimizer only ever sees ``D``, and no kind forms the gradient of the full w
 only for a large ``k``). On a linear layer the three kinds share one autograd function
 (``_DeltaLinear``): rows and columns add a skinny correction to the frozen product in place,
 entries form ``W0 + delta`` as a temporary of the product (again in backward for the input
-gradient), so the layer keeps no weight-sized tensor between forward and backward. On a convolution, row and column deltas are
-extra small convolutions added in place to the base output. For a grouped or depthwise convolution
-a row is an output channel with its ``in/groups x kh x kw`` weights (the extra product gathers
-that group's input channels); a column is a position of the per-group fan-in and is applied to
-every group through a dense kernel (the kernel gradient is then the size of the weight, which for
-depthwise convolutions is tiny). ``merge`` folds ``W0 + delta`` back into a plain layer.
+gradient), so the layer keeps no weight-sized tensor between forward and backward. On a
+convolution, rows run one convolution with the kernel ``W0 + delta`` (a temporary,
+:class:`_ConvRows`) and form the kernel gradient of the selected output channels only; columns
+are an extra small convolution added in place to the base output. For a grouped or depthwise
+convolution a row is an output channel with its ``in/groups x kh x kw`` weights (its kernel
+gradient gathers that group's input channels); a column is a position of the per-group fan-in and
+is applied to every group through a dense kernel (the kernel gradient is then the size of the
+weight, which for depthwise convolutions is tiny). ``merge`` folds ``W0 + delta`` back into a
+plain layer.
 
 :class:`SelectableLayer` is what every layer a selection fills shares (selection flag, export,
 counts, ``merged_module``); :class:`DeltaLayer` adds the delta. GPS's masked weights
@@ -360,12 +363,18 @@ class StructuredDelta(DeltaLayer):
             if self._axis == ROW:
                 return self._linear(x, self.row_delta(), self.row_index, ROW)
             return self._linear(x, self.column_delta(), self.col_index, COLUMN)
-        y = self.base_layer(x)
+        conv = self.base_layer
+        if self._axis == ROW and not isinstance(conv.padding, str):
+            return _ConvRows.apply(x, self.row_delta(), self.row_index, conv.weight, conv.bias, conv.stride,
+                                   conv.padding, conv.dilation, conv.groups)
+        y = conv(x)
         # In place on the base output: conv does not need its output for backward, so no
         # second output-sized tensor is kept per layer.
         return self._add_rows(x, y) if self._axis == ROW else self._add_columns(x, y)
 
     def _add_rows(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Rows as an extra convolution added to the base output (a ``padding="same"``/``"valid"``
+        layer; every other one takes :class:`_ConvRows`)."""
         rows, d = self.row_index, self.row_delta()
         conv = self.base_layer
         kernel = d.view(len(rows), *conv.weight.shape[1:])
@@ -375,7 +384,7 @@ class StructuredDelta(DeltaLayer):
             per_group_out, per_group_in = conv.out_channels // conv.groups, conv.in_channels // conv.groups
             first = (rows // per_group_out) * per_group_in
             channels = (first[:, None] + torch.arange(per_group_in, device=rows.device)).reshape(-1)
-            extra = self._conv(x.index_select(1, channels), kernel, len(rows))
+            extra = self._conv(_select_channels(x, channels), kernel, len(rows))
         return y.index_add_(1, rows, extra.to(y.dtype))
 
     def _add_columns(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -387,7 +396,7 @@ class StructuredDelta(DeltaLayer):
             channels, position = cols // (kh * kw), cols % (kh * kw)
             kernel = d.new_zeros(conv.out_channels, len(cols), kh * kw)
             kernel = _scatter_positions(kernel, position, d)
-            extra = self._conv(x.index_select(1, channels), kernel.view(conv.out_channels, len(cols), kh, kw), 1)
+            extra = self._conv(_select_channels(x, channels), kernel.view(conv.out_channels, len(cols), kh, kw), 1)
         else:
             kernel = d.new_zeros(conv.out_channels, self.fan_in).index_add(1, cols, d)
             extra = self._conv(x, kernel.view_as(conv.weight), conv.groups)
@@ -428,6 +437,101 @@ def _scatter_positions(kernel: torch.Tensor, position: torch.Tensor, d: torch.Te
     """kernel[:, j, position[j]] = d[:, j] for every selected column j (out of place)."""
     onehot = F.one_hot(position, kernel.shape[-1]).to(d.dtype)  # (c, kh*kw)
     return kernel + d[:, :, None] * onehot[None]
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    """Whether a 4-D tensor is laid out channels-last (and not also contiguous, as at ``H = W = 1``)."""
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _select_channels(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(1, index)`` for an ``N x C x H x W`` tensor, in ``t``'s memory format.
+
+    On a channels-last tensor the gather runs on its ``NHW x C`` matrix view: ``index_select``
+    along dim 1 of the 4-D tensor takes a strided path there (10-30x slower at MobileNetV2's
+    sizes) and returns a contiguous tensor, whose gradient would then leave channels-last.
+    """
+    if not _channels_last(t):
+        return t.index_select(1, index)
+    n, c, h, w = t.shape
+    return t.permute(0, 2, 3, 1).reshape(n * h * w, c).index_select(1, index).view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def _row_kernel(weight: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``W0`` with ``delta`` added to its output channels ``rows`` (a temporary, in ``weight``'s layout)."""
+    return weight.index_add(0, rows, delta.view(len(rows), *weight.shape[1:]).to(weight.dtype)).to(dtype)
+
+
+def _row_kernel_grad(grad: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor,
+                     weight_shape: torch.Size, conv: tuple) -> torch.Tensor:
+    """The gradient of the kernel's output channels ``rows`` alone, ``(len(rows), fan_in)``: a
+    convolution's kernel gradient from those channels of ``grad`` (and, for a grouped convolution,
+    the input channels of their groups), or for a 1x1 convolution on channels-last tensors the
+    product of their ``NHW x C`` matrices."""
+    stride, padding, dilation, groups = conv
+    out, per_group_in, kh, kw = weight_shape
+    g = _select_channels(grad, rows)
+    pointwise = (kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and groups == 1
+    if pointwise and x.permute(0, 2, 3, 1).is_contiguous() and g.permute(0, 2, 3, 1).is_contiguous():
+        return g.permute(0, 2, 3, 1).reshape(-1, len(rows)).t().matmul(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]))
+    if groups == 1:
+        inputs, kernel_groups = x, 1
+    else:  # each selected output channel reads only its own group's input channels
+        first = (rows // (out // groups)) * per_group_in
+        inputs = _select_channels(x, (first[:, None] + torch.arange(per_group_in, device=rows.device)).reshape(-1))
+        kernel_groups = len(rows)
+    kernel = delta.view(len(rows), per_group_in, kh, kw).to(g.dtype)
+    return torch.ops.aten.convolution_backward(g, inputs, kernel, None, stride, padding, dilation, False, (0, 0),
+                                               kernel_groups, (False, True, False))[1].reshape(len(rows), -1)
+
+
+class _ConvRows(torch.autograd.Function):
+    """A convolution with ``W0`` plus row deltas: ``conv2d(x, W0 + scatter_R(D))``, bias included.
+
+    Forward is one convolution with the effective kernel (a temporary, rebuilt in backward rather
+    than kept), so a layer costs what the frozen convolution costs; backward is one input-gradient
+    convolution with that kernel and the kernel gradient of the ``R`` selected output channels
+    only (:func:`_row_kernel_grad`), never the full weight's (unless ``W0`` itself trains). An
+    extra convolution of the rows added to the frozen output would cost a second input gradient,
+    an output-sized ``index_add`` and, on channels-last tensors, strided gathers (see
+    :func:`_select_channels`). Under autocast the convolution runs in the autocast dtype and the
+    saved input is in it, as for ``F.conv2d``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, delta, rows, weight, bias, stride, padding, dilation, groups):
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            x = x.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            y = F.conv2d(x, _row_kernel(weight, delta, rows, dtype), b, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, delta, rows, weight)
+        ctx.conv, ctx.dtype = (stride, padding, dilation, groups), dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, delta, rows, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        grad = grad.to(ctx.dtype)
+        grad_x = grad_delta = grad_weight = grad_bias = None
+        need_x, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        if need_x or need_weight:
+            grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+                grad, x, _row_kernel(weight, delta, rows, ctx.dtype), None, stride, padding, dilation, False, (0, 0),
+                groups, (need_x, need_weight, False))
+        if ctx.needs_input_grad[1]:
+            if grad_weight is not None:  # a trained W0: its gradient holds the rows' already
+                grad_delta = grad_weight.reshape(weight.shape[0], -1).index_select(0, rows)
+            else:
+                grad_delta = _row_kernel_grad(grad, x, delta, rows, weight.shape, ctx.conv)
+            grad_delta = grad_delta.to(delta.dtype)
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        if ctx.needs_input_grad[4]:
+            grad_bias = grad.float().sum((0, 2, 3))
+        return grad_x, grad_delta, None, grad_weight, grad_bias, None, None, None, None
 
 
 # -- recomputing a layer's input in backward ---------------------------------------------------
