@@ -384,13 +384,16 @@ def checks(rows: list[dict]) -> list[tuple[str, bool]]:
     out = []
     if {"full", "grft_row", "lora"} <= r.keys():
         g, lora = r["grft_row"], r["lora"]
-        out.append((f"GRFT row step time {g['step_time_ratio']:.3f}x full (<= 0.75) and <= LoRA's "
+        out.append((f"GRFT row step time {g['step_time_ratio']:.3f}x full (<= 0.72) and <= LoRA's "
                     f"{lora['step_time_ratio']:.3f}x",
-                    g["step_time_ratio"] <= 0.75 and g["step_seconds"] <= lora["step_seconds"]))
-        for key in ("grft_row", "grft_column"):
+                    g["step_time_ratio"] <= 0.72 and g["step_seconds"] <= lora["step_seconds"]))
+        # rows keep only what no LayerNorm or GELU made (deltas.Recomputable): 0.65; columns 0.75
+        for key, limit in (("grft_row", 0.65), ("grft_column", 0.75)):
             if key in r:
-                ok = r[key]["peak_memory_ratio"] <= 0.75 and r[key]["peak_memory_bytes"] <= lora["peak_memory_bytes"]
-                out.append((f"{LABELS[key]} peak memory {mem(key)} full (<= 0.75) and <= LoRA's {mem('lora')}", ok))
+                ok = (r[key]["peak_memory_ratio"] <= limit
+                      and r[key]["peak_memory_bytes"] <= lora["peak_memory_bytes"])
+                out.append((f"{LABELS[key]} peak memory {mem(key)} full (<= {limit}) and <= LoRA's {mem('lora')}",
+                            ok))
     if {"full", "grft_row"} <= r.keys():
         share = r["grft_row"]["optimizer_state_bytes"] / r["full"]["optimizer_state_bytes"]
         out.append((f"GRFT row optimizer state {100 * share:.3f} % of full's (< 1 %)", share < 0.01))
