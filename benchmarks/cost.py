@@ -510,12 +510,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def is_cnn(model_name: str) -> bool:
     """Whether a timm model has no transformer blocks (no ``attn``/``mlp`` sub-module); built on
-    the meta device, so nothing is allocated."""
+    the meta device, so nothing is allocated. False for a name timm does not know: building the
+    model in a phase then fails with timm's message, where the caller records it."""
     import timm
     import torch
 
-    with torch.device("meta"):
-        model = timm.create_model(model_name, pretrained=False)
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(model_name, pretrained=False)
+    except RuntimeError:  # timm: "Unknown model (...)"
+        return False
     return not any(name.rsplit(".", 1)[-1] in ("attn", "mlp") for name, _ in model.named_modules())
 
 
