@@ -458,8 +458,12 @@ def _select_channels(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _row_kernel(weight: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``W0`` with ``delta`` added to its output channels ``rows`` (a temporary, in ``weight``'s layout)."""
-    return weight.index_add(0, rows, delta.view(len(rows), *weight.shape[1:]).to(weight.dtype)).to(dtype)
+    """``W0`` with ``delta`` added to its output channels ``rows`` (a temporary, in ``weight``'s
+    layout: out-of-place ``index_add`` would return a contiguous kernel, and a convolution of a
+    contiguous input with it would leave channels-last for every layer after it)."""
+    kernel = weight.clone()  # keeps a channels-last weight channels-last
+    kernel.index_add_(0, rows, delta.view(len(rows), *weight.shape[1:]).to(weight.dtype))
+    return kernel.to(dtype)
 
 
 def _row_kernel_grad(grad: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor,

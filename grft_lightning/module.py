@@ -120,6 +120,14 @@ class PEFTModule(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """With ``channels_last``, image batches are laid out channels-last too, so that the first
+        convolution, whatever computes its kernel, starts the network in NHWC."""
+        images = batch[0]
+        if self.hparams.channels_last and torch.is_tensor(images) and images.dim() == 4:
+            batch = (images.contiguous(memory_format=torch.channels_last), *batch[1:])
+        return batch
+
     def train(self, mode: bool = True):
         super().train(mode)
         if mode and self.hparams.freeze_norm_stats:

@@ -7,14 +7,15 @@
 #
 #   bash scripts/offline_suite.sh [extra sweep arguments, e.g. --seeds 0 --methods grft_row full]
 #
-# Runs go to $RUNS (default runs/offline; finished runs are skipped, so a re-launch continues);
+# Runs go to $RUNS (default runs/offline_suite: a single run's default directory, runs/offline/<task>/...,
+# stays out of the suite's report; finished runs are skipped, so a re-launch continues);
 # the results to benchmarks/results/offline_suite.{md,json} and benchmarks/results/offline_suite/
 # (table, CSV, accuracy-vs-tuned-% plots); the sweep's log to $RUNS.log. The "Notes" of the
 # markdown come from benchmarks/offline_suite_notes.md. WORKERS (default 2): one-thread processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
-RUNS="${RUNS:-runs/offline}"
+RUNS="${RUNS:-runs/offline_suite}"
 WORKERS="${WORKERS:-2}"
 OUT=benchmarks/results
 export HF_HUB_OFFLINE=1

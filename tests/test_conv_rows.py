@@ -191,3 +191,27 @@ def test_select_channels_is_index_select_in_the_input_layout(shape):
         (x2.index_select(1, index) * g).sum().backward()
         assert torch.equal(x1.grad, x2.grad)
         assert x1.grad.is_contiguous(memory_format=layout) or not unambiguous
+
+
+@pytest.mark.parametrize("name", ["pointwise", "dense_stride2", "grouped"])
+def test_a_channels_last_layer_turns_a_contiguous_input_channels_last(name):
+    # as a plain convolution with a channels-last weight does: the first layer of a channels-last
+    # model starts the whole network in NHWC even when the images arrive contiguous
+    layer, delta, _, x = _setup(name, [0, 2])
+    delta, layer = delta.to(memory_format=CL), layer.to(memory_format=CL)
+    assert layer(x).is_contiguous(memory_format=CL) and not layer(x).is_contiguous()
+    y = delta(x.requires_grad_(True))
+    assert y.is_contiguous(memory_format=CL) and not y.is_contiguous()
+
+
+def test_the_module_lays_image_batches_out_channels_last_when_asked():
+    from grft_lightning.methods import GRFT
+    from grft_lightning.module import PEFTModule
+
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    for channels_last in (False, True):
+        module = PEFTModule(GRFT(rows_per_matrix=1), backbone="test_efficientnet", num_classes=2, pretrained=False,
+                            image_size=32, channels_last=channels_last)
+        out_images, out_labels = module.on_after_batch_transfer((images, labels), 0)
+        assert out_labels is labels and torch.equal(out_images, images)
+        assert out_images.is_contiguous(memory_format=CL) == channels_last
