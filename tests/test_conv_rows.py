@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from grft_lightning.deltas import ROW, StructuredDelta, _select_channels
+from seeded_layers import seeded_layer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -35,12 +36,7 @@ CONVS = {
 
 
 def _setup(name: str, rows: list[int], seed: int = 0):
-    make, shape = CONVS[name]
-    torch.manual_seed(seed)
-    layer = make()
-    with torch.no_grad():
-        if layer.bias is not None:
-            layer.bias.normal_()
+    layer, x = seeded_layer(*CONVS[name], seed)
     out, fin = layer.weight.shape[0], layer.weight[0].numel()
     index = torch.tensor(rows)
     delta = StructuredDelta(copy.deepcopy(layer), "layer", "row", rows=len(rows))
@@ -50,7 +46,7 @@ def _setup(name: str, rows: list[int], seed: int = 0):
         delta.delta.copy_(values)
     dense = torch.zeros(out, fin)
     dense[index] = values
-    return layer, delta, dense, torch.randn(shape)
+    return layer, delta, dense, x
 
 
 def _reference(layer: nn.Conv2d, dense: torch.Tensor, x: torch.Tensor, weight_grad: bool = True):

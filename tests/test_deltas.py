@@ -16,6 +16,7 @@ from torch import nn
 
 from grft_lightning.deltas import COLUMN, ROW, DeltaLayer, IndexDelta, StructuredDelta, delta_layers, merge
 from grft_lightning.methods import GPS, GRFT
+from seeded_layers import seeded_layer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -32,13 +33,7 @@ LAYERS = {
 
 
 def _layer(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
-    make, shape = LAYERS[name]
-    torch.manual_seed(seed)
-    layer = make()
-    with torch.no_grad():
-        if layer.bias is not None:
-            layer.bias.normal_()
-    return layer, torch.randn(shape)
+    return seeded_layer(*LAYERS[name], seed)
 
 
 def _dense_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
