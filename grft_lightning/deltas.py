@@ -17,14 +17,12 @@ only for a large ``k``). On a linear layer the three kinds share one autograd fu
 (``_DeltaLinear``): rows and columns add a skinny correction to the frozen product in place,
 entries form ``W0 + delta`` as a temporary of the product (again in backward for the input
 gradient), so the layer keeps no weight-sized tensor between forward and backward. On a
-convolution, rows run one convolution with the kernel ``W0 + delta`` (a temporary,
-:class:`_ConvRows`) and form the kernel gradient of the selected output channels only; columns
-are an extra small convolution added in place to the base output. For a grouped or depthwise
-convolution a row is an output channel with its ``in/groups x kh x kw`` weights (its kernel
-gradient gathers that group's input channels); a column is a position of the per-group fan-in and
-is applied to every group through a dense kernel (the kernel gradient is then the size of the
-weight, which for depthwise convolutions is tiny). ``merge`` folds ``W0 + delta`` back into a
-plain layer.
+convolution, rows and columns run one convolution with the kernel ``W0 + delta`` (a temporary,
+:class:`_ConvDelta`) and form the kernel gradient at the selected entries only. For a grouped or
+depthwise convolution a row is an output channel with its ``in/groups x kh x kw`` weights (its
+kernel gradient gathers that group's input channels); a column is a position of the per-group
+fan-in and is applied to every group (its kernel gradient is then the whole kernel's, which for
+depthwise convolutions is tiny). ``merge`` folds ``W0 + delta`` back into a plain layer.
 
 :class:`SelectableLayer` is what every layer a selection fills shares (selection flag, export,
 counts, ``merged_module``); :class:`DeltaLayer` adds the delta. GPS's masked weights
@@ -364,9 +362,11 @@ class StructuredDelta(DeltaLayer):
                 return self._linear(x, self.row_delta(), self.row_index, ROW)
             return self._linear(x, self.column_delta(), self.col_index, COLUMN)
         conv = self.base_layer
-        if self._axis == ROW and not isinstance(conv.padding, str):
-            return _ConvRows.apply(x, self.row_delta(), self.row_index, conv.weight, conv.bias, conv.stride,
-                                   conv.padding, conv.dilation, conv.groups)
+        if not isinstance(conv.padding, str):
+            delta, index = (self.row_delta(), self.row_index) if self._axis == ROW else (self.column_delta(),
+                                                                                         self.col_index)
+            return _ConvDelta.apply(x, delta, index, conv.weight, conv.bias, self._axis, conv.stride, conv.padding,
+                                    conv.dilation, conv.groups)
         y = conv(x)
         # In place on the base output: conv does not need its output for backward, so no
         # second output-sized tensor is kept per layer.
@@ -374,7 +374,7 @@ class StructuredDelta(DeltaLayer):
 
     def _add_rows(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Rows as an extra convolution added to the base output (a ``padding="same"``/``"valid"``
-        layer; every other one takes :class:`_ConvRows`)."""
+        layer; every other one takes :class:`_ConvDelta`)."""
         rows, d = self.row_index, self.row_delta()
         conv = self.base_layer
         kernel = d.view(len(rows), *conv.weight.shape[1:])
@@ -388,6 +388,8 @@ class StructuredDelta(DeltaLayer):
         return y.index_add_(1, rows, extra.to(y.dtype))
 
     def _add_columns(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Columns as an extra convolution added to the base output (a ``padding="same"``/``"valid"``
+        layer; every other one takes :class:`_ConvDelta`)."""
         cols, d = self.col_index, self.column_delta()
         conv = self.base_layer
         kh, kw = conv.kernel_size
@@ -457,85 +459,118 @@ def _select_channels(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).reshape(n * h * w, c).index_select(1, index).view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
-def _row_kernel(weight: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``W0`` with ``delta`` added to its output channels ``rows`` (a temporary, in ``weight``'s
-    layout: out-of-place ``index_add`` would return a contiguous kernel, and a convolution of a
-    contiguous input with it would leave channels-last for every layer after it)."""
-    kernel = weight.clone()  # keeps a channels-last weight channels-last
-    kernel.index_add_(0, rows, delta.view(len(rows), *weight.shape[1:]).to(weight.dtype))
-    return kernel.to(dtype)
+def _conv_kernel(weight: torch.Tensor, delta: torch.Tensor, index: torch.Tensor, axis: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """``W0`` with ``delta`` added to its output channels (``ROW``) or fan-in positions (``COLUMN``):
+    a temporary in ``weight``'s layout (out-of-place ``index_add`` would return a contiguous kernel,
+    and a convolution of a contiguous input with it would leave channels-last for every layer after
+    it)."""
+    if axis == ROW:
+        kernel = weight.clone()  # keeps a channels-last weight channels-last
+        kernel.index_add_(0, index, delta.view(len(index), *weight.shape[1:]).to(weight.dtype))
+        return kernel.to(dtype)
+    columns = delta.new_zeros(weight.shape[0], weight[0].numel()).index_add_(1, index, delta)
+    return (weight + columns.view(weight.shape).to(weight.dtype)).to(dtype)  # ``+`` keeps the first's layout
 
 
-def _row_kernel_grad(grad: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor,
-                     weight_shape: torch.Size, conv: tuple) -> torch.Tensor:
-    """The gradient of the kernel's output channels ``rows`` alone, ``(len(rows), fan_in)``: a
-    convolution's kernel gradient from those channels of ``grad`` (and, for a grouped convolution,
-    the input channels of their groups), or for a 1x1 convolution on channels-last tensors the
-    product of their ``NHW x C`` matrices."""
+def _matrix(t: torch.Tensor) -> torch.Tensor | None:
+    """A channels-last ``N x C x H x W`` tensor as its ``NHW x C`` matrix (a view); None otherwise."""
+    m = t.permute(0, 2, 3, 1)
+    return m.reshape(-1, t.shape[1]) if m.is_contiguous() else None
+
+
+def _delta_kernel_grad(grad: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, index: torch.Tensor, axis: int,
+                       weight_shape: torch.Size, conv: tuple) -> torch.Tensor:
+    """The kernel gradient at the delta's entries alone, in the delta's shape.
+
+    Rows ``(len(rows), fan_in)``: the kernel gradient from those channels of ``grad`` (and, for a
+    grouped convolution, the input channels of their groups). Columns ``(out, len(columns))``: for an
+    ungrouped convolution the kernel gradient of the columns' input channels, read at their kernel
+    positions; for a grouped one (a column applies to every group) the whole kernel gradient, the size
+    of a depthwise kernel. A 1x1 convolution on channels-last tensors takes the product of the
+    ``NHW x C`` matrices instead.
+    """
     stride, padding, dilation, groups = conv
     out, per_group_in, kh, kw = weight_shape
-    g = _select_channels(grad, rows)
     pointwise = (kh, kw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and groups == 1
-    if pointwise and x.permute(0, 2, 3, 1).is_contiguous() and g.permute(0, 2, 3, 1).is_contiguous():
-        return g.permute(0, 2, 3, 1).reshape(-1, len(rows)).t().matmul(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]))
-    if groups == 1:
-        inputs, kernel_groups = x, 1
-    else:  # each selected output channel reads only its own group's input channels
-        first = (rows // (out // groups)) * per_group_in
-        inputs = _select_channels(x, (first[:, None] + torch.arange(per_group_in, device=rows.device)).reshape(-1))
-        kernel_groups = len(rows)
-    kernel = delta.view(len(rows), per_group_in, kh, kw).to(g.dtype)
-    return torch.ops.aten.convolution_backward(g, inputs, kernel, None, stride, padding, dilation, False, (0, 0),
-                                               kernel_groups, (False, True, False))[1].reshape(len(rows), -1)
+    if axis == ROW:
+        g = _select_channels(grad, index)
+        g_matrix, x_matrix = (_matrix(g), _matrix(x)) if pointwise else (None, None)
+        if g_matrix is not None and x_matrix is not None:
+            return g_matrix.t().matmul(x_matrix)
+        if groups == 1:
+            inputs, kernel_groups = x, 1
+        else:  # each selected output channel reads only its own group's input channels
+            first = (index // (out // groups)) * per_group_in
+            inputs = _select_channels(x, (first[:, None] + torch.arange(per_group_in, device=index.device)).reshape(-1))
+            kernel_groups = len(index)
+        kernel = delta.view(len(index), per_group_in, kh, kw).to(g.dtype)
+        return torch.ops.aten.convolution_backward(g, inputs, kernel, None, stride, padding, dilation, False, (0, 0),
+                                                   kernel_groups, (False, True, False))[1].reshape(len(index), -1)
+    if groups != 1:  # every group reads the column: the whole (small) kernel gradient
+        kernel = grad.new_zeros(weight_shape)
+        whole = torch.ops.aten.convolution_backward(grad, x, kernel, None, stride, padding, dilation, False, (0, 0),
+                                                    groups, (False, True, False))[1]
+        return whole.reshape(out, -1).index_select(1, index)
+    channels, position = index // (kh * kw), index % (kh * kw)
+    inputs = _select_channels(x, channels)
+    g_matrix, x_matrix = (_matrix(grad), _matrix(inputs)) if pointwise else (None, None)
+    if g_matrix is not None and x_matrix is not None:
+        return g_matrix.t().matmul(x_matrix)
+    kernel = grad.new_zeros(out, len(index), kh, kw)
+    per_channel = torch.ops.aten.convolution_backward(grad, inputs, kernel, None, stride, padding, dilation, False,
+                                                      (0, 0), 1, (False, True, False))[1]
+    return per_channel.reshape(out, len(index), kh * kw).gather(2, position.view(1, -1, 1).expand(out, -1, 1))[..., 0]
 
 
-class _ConvRows(torch.autograd.Function):
-    """A convolution with ``W0`` plus row deltas: ``conv2d(x, W0 + scatter_R(D))``, bias included.
+class _ConvDelta(torch.autograd.Function):
+    """A convolution with ``W0`` plus row or column deltas: ``conv2d(x, W0 + scatter(D))``, bias
+    included.
 
     Forward is one convolution with the effective kernel (a temporary, rebuilt in backward rather
     than kept), so a layer costs what the frozen convolution costs; backward is one input-gradient
-    convolution with that kernel and the kernel gradient of the ``R`` selected output channels
-    only (:func:`_row_kernel_grad`), never the full weight's (unless ``W0`` itself trains). An
-    extra convolution of the rows added to the frozen output would cost a second input gradient,
-    an output-sized ``index_add`` and, on channels-last tensors, strided gathers (see
-    :func:`_select_channels`). Under autocast the convolution runs in the autocast dtype and the
-    saved input is in it, as for ``F.conv2d``.
+    convolution with that kernel and the kernel gradient at the delta's entries only
+    (:func:`_delta_kernel_grad`), never the full weight's (unless ``W0`` itself trains, or for
+    columns of a grouped convolution, whose kernel is small). An extra convolution of the delta
+    added to the frozen output would cost a second input gradient, an output-sized add and, on
+    channels-last tensors, strided gathers (see :func:`_select_channels`). Under autocast the
+    convolution runs in the autocast dtype and the saved input is in it, as for ``F.conv2d``.
     """
 
     @staticmethod
-    def forward(ctx, x, delta, rows, weight, bias, stride, padding, dilation, groups):
+    def forward(ctx, x, delta, index, weight, bias, axis, stride, padding, dilation, groups):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):
             x = x.to(dtype)
             b = None if bias is None else bias.to(dtype)
-            y = F.conv2d(x, _row_kernel(weight, delta, rows, dtype), b, stride, padding, dilation, groups)
-        ctx.save_for_backward(x, delta, rows, weight)
-        ctx.conv, ctx.dtype = (stride, padding, dilation, groups), dtype
+            y = F.conv2d(x, _conv_kernel(weight, delta, index, axis, dtype), b, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, delta, index, weight)
+        ctx.axis, ctx.conv, ctx.dtype = axis, (stride, padding, dilation, groups), dtype
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, delta, rows, weight = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv
+        x, delta, index, weight = ctx.saved_tensors
+        axis, (stride, padding, dilation, groups) = ctx.axis, ctx.conv
         grad = grad.to(ctx.dtype)
         grad_x = grad_delta = grad_weight = grad_bias = None
         need_x, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
         if need_x or need_weight:
             grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-                grad, x, _row_kernel(weight, delta, rows, ctx.dtype), None, stride, padding, dilation, False, (0, 0),
-                groups, (need_x, need_weight, False))
+                grad, x, _conv_kernel(weight, delta, index, axis, ctx.dtype), None, stride, padding, dilation, False,
+                (0, 0), groups, (need_x, need_weight, False))
         if ctx.needs_input_grad[1]:
-            if grad_weight is not None:  # a trained W0: its gradient holds the rows' already
-                grad_delta = grad_weight.reshape(weight.shape[0], -1).index_select(0, rows)
+            if grad_weight is not None:  # a trained W0: its gradient holds the delta's entries already
+                grad_delta = grad_weight.reshape(weight.shape[0], -1).index_select(0 if axis == ROW else 1, index)
             else:
-                grad_delta = _row_kernel_grad(grad, x, delta, rows, weight.shape, ctx.conv)
+                grad_delta = _delta_kernel_grad(grad, x, delta, index, axis, weight.shape, ctx.conv)
             grad_delta = grad_delta.to(delta.dtype)
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
         if ctx.needs_input_grad[4]:
             grad_bias = grad.float().sum((0, 2, 3))
-        return grad_x, grad_delta, None, grad_weight, grad_bias, None, None, None, None
+        return grad_x, grad_delta, None, grad_weight, grad_bias, None, None, None, None, None
 
 
 # -- recomputing a layer's input in backward ---------------------------------------------------

@@ -1,8 +1,8 @@
-"""Row deltas on convolutions (``_ConvRows``): one convolution with ``W0 + delta``, the kernel
-gradient of the selected output channels only, channels-last kept through forward and backward.
+"""Row and column deltas on convolutions (``_ConvDelta``): one convolution with ``W0 + delta``,
+the kernel gradient at the selected entries only, channels-last kept through forward and backward.
 
 Every check compares with the dense computation: the plain convolution with ``W0 + dense`` where
-``dense`` is built by hand from the rows and values.
+``dense`` is built by hand from the rows or columns and values.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from grft_lightning.deltas import ROW, StructuredDelta, _select_channels
+from grft_lightning.deltas import COLUMN, ROW, StructuredDelta, _select_channels
 from seeded_layers import seeded_layer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -211,3 +211,54 @@ def test_the_module_lays_image_batches_out_channels_last_when_asked():
         out_images, out_labels = module.on_after_batch_transfer((images, labels), 0)
         assert out_labels is labels and torch.equal(out_images, images)
         assert out_images.is_contiguous(memory_format=CL) == channels_last
+
+
+# -- columns ---------------------------------------------------------------------------------------
+def _setup_columns(name: str, columns: list[int], seed: int = 0):
+    layer, x = seeded_layer(*CONVS[name], seed)
+    out, fin = layer.weight.shape[0], layer.weight[0].numel()
+    index = torch.tensor(columns)
+    delta = StructuredDelta(copy.deepcopy(layer), "layer", "column", columns=len(columns))
+    delta.set_selection(COLUMN, index)
+    values = torch.randn(out, len(columns))
+    with torch.no_grad():
+        delta.delta.copy_(values)
+    dense = torch.zeros(out, fin).index_add_(1, index, values)  # a repeated column adds up
+    return layer, delta, dense, x
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("name", list(CONVS))
+def test_columns_equal_dense_in_both_memory_formats(name, channels_last):
+    fin = CONVS[name][0]().weight[0].numel()
+    layer, delta, dense, x = _setup_columns(name, [0, fin // 2, fin - 1, fin // 2])  # one column twice
+    if channels_last:
+        delta, x = delta.to(memory_format=CL), x.contiguous(memory_format=CL)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y = delta(x1)
+    weight, y_ref = _reference(layer, dense, x2)
+    assert (y - y_ref).abs().max() < 1e-5
+    g = torch.randn_like(y_ref)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    expected = weight.grad.reshape(weight.shape[0], -1)[:, delta.col_index]
+    assert (delta.delta.grad - expected).abs().max() < 1e-5
+    assert (x1.grad - x2.grad).abs().max() < 1e-5
+    if layer.bias is not None:
+        assert (delta.base_layer.bias.grad - layer.bias.grad).abs().max() < 1e-5
+    assert delta.base_layer.weight.grad is None
+    if channels_last and x.shape[-1] > 1:
+        assert y.is_contiguous(memory_format=CL) and not y.is_contiguous()
+        assert x1.grad.is_contiguous(memory_format=CL) and not x1.grad.is_contiguous()
+
+
+@pytest.mark.parametrize("name", ["pointwise", "dense_stride2", "dilated"])
+def test_column_backward_of_an_ungrouped_convolution_never_forms_the_full_kernel_gradient(name):
+    layer, delta, _, x = _setup_columns(name, [1, 3])
+    x = x.contiguous(memory_format=CL).requires_grad_(True)
+    y = delta(x)
+    with _ConvBackwardCalls() as calls:
+        y.sum().backward()
+    assert calls.kernel_grads, "backward ran no convolution"
+    assert tuple(layer.weight.shape) not in calls.kernel_grads
+    assert delta.delta.grad is not None and x.grad is not None
