@@ -35,18 +35,21 @@ CONVS = {
 }
 
 
-def _setup(name: str, rows: list[int], seed: int = 0):
+def _setup(name: str, indices: list[int], seed: int = 0, axis: int = ROW):
+    """A layer of ``CONVS``, its delta at ``indices`` (rows or columns) with random values, the same
+    delta as a dense ``out x fan_in`` matrix (a repeated index adds up), and an input."""
     layer, x = seeded_layer(*CONVS[name], seed)
     out, fin = layer.weight.shape[0], layer.weight[0].numel()
-    index = torch.tensor(rows)
-    delta = StructuredDelta(copy.deepcopy(layer), "layer", "row", rows=len(rows))
-    delta.set_selection(ROW, index)
-    values = torch.randn(len(rows), fin)
+    index = torch.tensor(indices)
+    if axis == ROW:
+        delta = StructuredDelta(copy.deepcopy(layer), "layer", "row", rows=len(indices))
+    else:
+        delta = StructuredDelta(copy.deepcopy(layer), "layer", "column", columns=len(indices))
+    delta.set_selection(axis, index)
+    values = torch.randn(*delta.delta.shape)
     with torch.no_grad():
         delta.delta.copy_(values)
-    dense = torch.zeros(out, fin)
-    dense[index] = values
-    return layer, delta, dense, x
+    return layer, delta, torch.zeros(out, fin).index_add_(axis, index, values), x
 
 
 def _reference(layer: nn.Conv2d, dense: torch.Tensor, x: torch.Tensor, weight_grad: bool = True):
@@ -59,6 +62,13 @@ def _reference(layer: nn.Conv2d, dense: torch.Tensor, x: torch.Tensor, weight_gr
 def test_rows_equal_dense_in_both_memory_formats(name, channels_last):
     out = CONVS[name][0]().out_channels
     layer, delta, dense, x = _setup(name, [0, out // 2 + 1, out - 1])  # rows in different groups
+    _check_against_dense(layer, delta, dense, x, channels_last, lambda matrix: matrix[delta.row_index])
+
+
+def _check_against_dense(layer, delta, dense, x, channels_last: bool, tuned_entries) -> None:
+    """Output, input, delta and bias gradients equal the dense convolution's; the base weight gets
+    none; on channels-last tensors the output and the input gradient stay channels-last.
+    ``tuned_entries`` picks the delta's entries from the dense kernel gradient (``out x fan_in``)."""
     if channels_last:
         delta, x = delta.to(memory_format=CL), x.contiguous(memory_format=CL)
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
@@ -68,7 +78,7 @@ def test_rows_equal_dense_in_both_memory_formats(name, channels_last):
     g = torch.randn_like(y_ref)
     (y * g).sum().backward()
     (y_ref * g).sum().backward()
-    assert (delta.delta.grad - weight.grad.reshape(weight.shape[0], -1)[delta.row_index]).abs().max() < 1e-5
+    assert (delta.delta.grad - tuned_entries(weight.grad.reshape(weight.shape[0], -1))).abs().max() < 1e-5
     assert (x1.grad - x2.grad).abs().max() < 1e-5
     if layer.bias is not None:
         assert (delta.base_layer.bias.grad - layer.bias.grad).abs().max() < 1e-5
@@ -126,16 +136,17 @@ class _ConvBackwardCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("name", ["pointwise", "depthwise", "dense_stride2"])
-def test_backward_never_forms_the_full_kernel_gradient(name):
-    layer, delta, _, x = _setup(name, [1, 4])
+# rows of any convolution; columns of an ungrouped one (a grouped one's columns touch every group)
+@pytest.mark.parametrize("axis, name", [("row", "pointwise"), ("row", "depthwise"), ("row", "dense_stride2"),
+                                        ("column", "pointwise"), ("column", "dense_stride2"), ("column", "dilated")])
+def test_backward_never_forms_the_full_kernel_gradient(axis, name):
+    layer, delta, _, x = _setup(name, [1, 4], axis=ROW if axis == "row" else COLUMN)
     x = x.contiguous(memory_format=CL).requires_grad_(True)
     y = delta(x)
     with _ConvBackwardCalls() as calls:
         y.sum().backward()
-    full = tuple(layer.weight.shape)
     assert calls.kernel_grads, "backward ran no convolution"
-    assert full not in calls.kernel_grads
+    assert tuple(layer.weight.shape) not in calls.kernel_grads
     assert delta.delta.grad is not None and x.grad is not None
 
 
@@ -214,51 +225,9 @@ def test_the_module_lays_image_batches_out_channels_last_when_asked():
 
 
 # -- columns ---------------------------------------------------------------------------------------
-def _setup_columns(name: str, columns: list[int], seed: int = 0):
-    layer, x = seeded_layer(*CONVS[name], seed)
-    out, fin = layer.weight.shape[0], layer.weight[0].numel()
-    index = torch.tensor(columns)
-    delta = StructuredDelta(copy.deepcopy(layer), "layer", "column", columns=len(columns))
-    delta.set_selection(COLUMN, index)
-    values = torch.randn(out, len(columns))
-    with torch.no_grad():
-        delta.delta.copy_(values)
-    dense = torch.zeros(out, fin).index_add_(1, index, values)  # a repeated column adds up
-    return layer, delta, dense, x
-
-
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("name", list(CONVS))
 def test_columns_equal_dense_in_both_memory_formats(name, channels_last):
     fin = CONVS[name][0]().weight[0].numel()
-    layer, delta, dense, x = _setup_columns(name, [0, fin // 2, fin - 1, fin // 2])  # one column twice
-    if channels_last:
-        delta, x = delta.to(memory_format=CL), x.contiguous(memory_format=CL)
-    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    y = delta(x1)
-    weight, y_ref = _reference(layer, dense, x2)
-    assert (y - y_ref).abs().max() < 1e-5
-    g = torch.randn_like(y_ref)
-    (y * g).sum().backward()
-    (y_ref * g).sum().backward()
-    expected = weight.grad.reshape(weight.shape[0], -1)[:, delta.col_index]
-    assert (delta.delta.grad - expected).abs().max() < 1e-5
-    assert (x1.grad - x2.grad).abs().max() < 1e-5
-    if layer.bias is not None:
-        assert (delta.base_layer.bias.grad - layer.bias.grad).abs().max() < 1e-5
-    assert delta.base_layer.weight.grad is None
-    if channels_last and x.shape[-1] > 1:
-        assert y.is_contiguous(memory_format=CL) and not y.is_contiguous()
-        assert x1.grad.is_contiguous(memory_format=CL) and not x1.grad.is_contiguous()
-
-
-@pytest.mark.parametrize("name", ["pointwise", "dense_stride2", "dilated"])
-def test_column_backward_of_an_ungrouped_convolution_never_forms_the_full_kernel_gradient(name):
-    layer, delta, _, x = _setup_columns(name, [1, 3])
-    x = x.contiguous(memory_format=CL).requires_grad_(True)
-    y = delta(x)
-    with _ConvBackwardCalls() as calls:
-        y.sum().backward()
-    assert calls.kernel_grads, "backward ran no convolution"
-    assert tuple(layer.weight.shape) not in calls.kernel_grads
-    assert delta.delta.grad is not None and x.grad is not None
+    layer, delta, dense, x = _setup(name, [0, fin // 2, fin - 1, fin // 2], axis=COLUMN)  # one column twice
+    _check_against_dense(layer, delta, dense, x, channels_last, lambda matrix: matrix[:, delta.col_index])
