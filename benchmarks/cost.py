@@ -212,15 +212,16 @@ class Run:
             self.model.train(was_training)
 
     def loss(self):
-        """Forward, cross-entropy plus the method's regularizer, under the run's autocast."""
+        """Forward, cross-entropy plus the method's regularizer, under the run's autocast (the
+        training step's features and logits, ``losses.features_and_logits``)."""
         import torch.nn.functional as F
 
-        from grft_lightning.methods.base import classifier
+        from grft_lightning.losses import features_and_logits
 
         model = self.model
         with self._autocast():
-            features = model.forward_head(model.forward_features(self.images), pre_logits=True)
-            loss = F.cross_entropy(classifier(model)(features).float(), self.labels)
+            features, logits = features_and_logits(model, self.images)
+            loss = F.cross_entropy(logits.float(), self.labels)
             reg = self.method.regularizer(model, self.images, features)
             return loss if reg is None else loss + reg
 
