@@ -446,6 +446,12 @@ def _channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
+def _matrix(t: torch.Tensor) -> torch.Tensor | None:
+    """A channels-last ``N x C x H x W`` tensor as its ``NHW x C`` matrix (a view); None otherwise."""
+    m = t.permute(0, 2, 3, 1)
+    return m.reshape(-1, t.shape[1]) if m.is_contiguous() else None
+
+
 def _select_channels(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``t.index_select(1, index)`` for an ``N x C x H x W`` tensor, in ``t``'s memory format.
 
@@ -455,8 +461,8 @@ def _select_channels(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """
     if not _channels_last(t):
         return t.index_select(1, index)
-    n, c, h, w = t.shape
-    return t.permute(0, 2, 3, 1).reshape(n * h * w, c).index_select(1, index).view(n, h, w, -1).permute(0, 3, 1, 2)
+    n, _, h, w = t.shape
+    return _matrix(t).index_select(1, index).view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
 def _conv_kernel(weight: torch.Tensor, delta: torch.Tensor, index: torch.Tensor, axis: int,
@@ -471,12 +477,6 @@ def _conv_kernel(weight: torch.Tensor, delta: torch.Tensor, index: torch.Tensor,
         return kernel.to(dtype)
     columns = delta.new_zeros(weight.shape[0], weight[0].numel()).index_add_(1, index, delta)
     return (weight + columns.view(weight.shape).to(weight.dtype)).to(dtype)  # ``+`` keeps the first's layout
-
-
-def _matrix(t: torch.Tensor) -> torch.Tensor | None:
-    """A channels-last ``N x C x H x W`` tensor as its ``NHW x C`` matrix (a view); None otherwise."""
-    m = t.permute(0, 2, 3, 1)
-    return m.reshape(-1, t.shape[1]) if m.is_contiguous() else None
 
 
 def _delta_kernel_grad(grad: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, index: torch.Tensor, axis: int,
