@@ -17,6 +17,7 @@ from grft_lightning.accounting import parameter_summary
 from grft_lightning.deltas import selectable_layers
 from grft_lightning.export import method_from_metadata, read_tuned, split_tuned
 from grft_lightning.losses import selection_loss_fn
+from grft_lightning.methods import method_class
 from grft_lightning.plots import save_selection_figure
 from grft_lightning.seeding import run_seed
 from grft_lightning.selection import accumulate_gradients
@@ -156,8 +157,11 @@ class GradientSelection(L.Callback):
 
     def _load(self, pl_module: L.LightningModule) -> None:
         tensors, meta = read_tuned(self.from_file)
-        theirs = method_from_metadata(meta)
+        source = f"selection.from_file: {self.from_file}"
         mine = pl_module.method
+        if method_class(meta.get("method_class"), source) is not type(mine):
+            raise ValueError(f"{source} was selected by {meta.get('method_class')}, this run uses {mine!r}")
+        theirs = method_from_metadata(meta, source)
         if type(theirs) is not type(mine) or theirs.config() != mine.config():
             raise ValueError(f"selection.from_file: {self.from_file} was selected by {theirs!r}, "
                              f"this run uses {mine!r}")

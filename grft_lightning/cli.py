@@ -40,7 +40,6 @@ it happens); ``sys.argv`` is left as it is (a DDP launcher that re-runs the comm
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 import sys
@@ -109,9 +108,10 @@ BUDGET_ARGUMENTS = ("fraction", "rows_per_matrix", "columns_per_matrix", "k")
 
 
 def _method_parameters(class_path: str) -> set[str]:
-    module, _, name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    return set(inspect.signature(cls.__init__).parameters) - {"self"}
+    # Looked up among the registered methods only: nothing a config names is imported here.
+    from grft_lightning.methods import method_class
+
+    return set(inspect.signature(method_class(class_path).__init__).parameters) - {"self"}
 
 
 def apply_task_budget(config) -> dict[str, Any]:

@@ -119,6 +119,35 @@ def from_matrix(layer: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
     return matrix.t() if is_transposed(layer) else matrix.reshape(layer.weight.shape)
 
 
+def checked_index(name: str, index: torch.Tensor, shape: tuple[int, ...], limit: int, what: str) -> torch.Tensor:
+    """``index`` as int64 after checking what a file (tuned file, checkpoint) could get wrong: an
+    integer dtype, the ``shape`` the layer expects, values in ``[0, limit)`` and no value twice
+    (along the last dimension); a ``ValueError`` naming the layer otherwise."""
+    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+        raise ValueError(f"{name}: {what} indices must be integers, got {index.dtype}")
+    if tuple(index.shape) != tuple(shape):
+        raise ValueError(f"{name}: {what} indices of shape {tuple(index.shape)}, this layer expects {tuple(shape)}")
+    index = index.long()
+    if index.numel():
+        low, high = int(index.min()), int(index.max())
+        if low < 0 or high >= limit:
+            raise ValueError(f"{name}: {what} index {low if low < 0 else high} out of range (this layer has "
+                             f"{limit} {what})")
+        ordered = index.sort(dim=-1).values
+        if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+            raise ValueError(f"{name}: the same {what[:-1]} index appears twice")
+    return index
+
+
+def checked_values(name: str, values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Delta values after checking their shape against the layer's; a ``ValueError`` otherwise."""
+    if tuple(values.shape) != tuple(shape):
+        raise ValueError(f"{name}: delta of shape {tuple(values.shape)}, this layer expects {tuple(shape)}")
+    if not values.dtype.is_floating_point:
+        raise ValueError(f"{name}: delta values must be floating point, got {values.dtype}")
+    return values
+
+
 def _sync_after_load(module: SelectableLayer, _incompatible_keys) -> None:
     """``load_state_dict`` post-hook: the Python-side flags follow the loaded buffers."""
     module._sync_flag()
@@ -424,15 +453,24 @@ class StructuredDelta(DeltaLayer):
 
     def import_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         axis = ROW if "rows" in tensors else COLUMN
-        index = tensors["rows" if axis == ROW else "columns"].long()
+        what = "rows" if axis == ROW else "columns"
+        if what not in tensors or "delta" not in tensors:
+            raise ValueError(f"{self.original_name}: expected '{what}' and 'delta', found {sorted(tensors)}")
+        if axis == ROW and self.mode == "column" or axis == COLUMN and self.mode == "row":
+            raise ValueError(f"{self.original_name}: the file holds {what}, this layer tunes {self.mode}s")
+        index = tensors[what]
         expected = self.rows if axis == ROW else self.columns
         if index.numel() != expected:
-            raise ValueError(f"{self.original_name}: file holds {index.numel()} {'rows' if axis == ROW else 'columns'}, "
-                             f"this method's budget is {expected}")
+            raise ValueError(f"{self.original_name}: file holds {index.numel()} {what}, this method's budget is "
+                             f"{expected}")
+        limit = self.out_features if axis == ROW else self.fan_in
+        index = checked_index(self.original_name, index, (expected,), limit, what)
+        shape = (expected, self.fan_in) if axis == ROW else (self.out_features, expected)
+        values = checked_values(self.original_name, tensors["delta"], shape)
         self.set_selection(axis, index.to(self.row_index.device))
         with torch.no_grad():
             target = self.row_delta() if axis == ROW else self.column_delta()
-            target.copy_(tensors["delta"].to(target.dtype))
+            target.copy_(values.to(target.dtype))
 
 
 def _scatter_positions(kernel: torch.Tensor, position: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -788,13 +826,13 @@ class IndexDelta(DeltaLayer):
         return {"index": self.index.int(), "delta": self.delta.detach()}
 
     def import_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        index = tensors["index"].long()
-        if tuple(index.shape) != tuple(self.index.shape):
-            raise ValueError(f"{self.original_name}: file holds indices of shape {tuple(index.shape)}, "
-                             f"this method expects {tuple(self.index.shape)}")
+        if "index" not in tensors or "delta" not in tensors:
+            raise ValueError(f"{self.original_name}: expected 'index' and 'delta', found {sorted(tensors)}")
+        index = checked_index(self.original_name, tensors["index"], tuple(self.index.shape), self.fan_in, "inputs")
+        values = checked_values(self.original_name, tensors["delta"], tuple(self.delta.shape))
         self.set_selection(index.to(self.index.device))
         with torch.no_grad():
-            self.delta.copy_(tensors["delta"].to(self.delta.dtype))
+            self.delta.copy_(values.to(self.delta.dtype))
 
 
 # -- model-level helpers ----------------------------------------------------------------------

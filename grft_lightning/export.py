@@ -10,7 +10,6 @@ the method's ``class_path`` and ``init_args`` and the head it was applied with, 
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from typing import Any
@@ -106,10 +105,16 @@ def split_tuned(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
     return sections
 
 
-def method_from_metadata(meta: dict[str, str]) -> Method:
-    module_name, _, class_name = meta["method_class"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(**json.loads(meta["method_args"]))
+def method_from_metadata(meta: dict[str, str], source: str = "tuned file") -> Method:
+    """The method a tuned file names: only a registered class (``grft_lightning.methods.REGISTRY``)
+    with plain JSON arguments; nothing the file names is imported or called otherwise."""
+    from grft_lightning.methods import method_from_config
+
+    try:
+        args = json.loads(meta.get("method_args", "{}"))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: its method_args metadata is not JSON ({err})") from err
+    return method_from_config(meta.get("method_class"), args, source)
 
 
 def load_tuned(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -121,6 +126,7 @@ def load_tuned(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
     (modified in place) with the method applied and its selection and values loaded.
     """
     tensors, meta = read_tuned(path)
+    method = method_from_metadata(meta, str(path))  # first: the file names a registered method or nothing happens
     head = head_spec(base_model, json.loads(meta.get("head", json.dumps(TIMM_HEAD))))
     classes = int(meta.get("num_classes", 0))
     if classes and num_classes(base_model, head) not in (0, classes):
@@ -128,7 +134,6 @@ def load_tuned(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
             raise ValueError(f"{path}: saved with a head of {classes} outputs, this model's head has "
                              f"{num_classes(base_model, head)}; build the model with {classes} outputs")
         base_model.reset_classifier(classes)
-    method = method_from_metadata(meta)
     method.apply(base_model, head=head)
     layers = dict(selectable_layers(base_model))
     sections = split_tuned(tensors)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from grft_lightning.deltas import SelectableLayer, matrix_shape, selectable_layers
+from grft_lightning.deltas import SelectableLayer, checked_index, matrix_shape, selectable_layers
 from grft_lightning.methods.base import Method, check_count
 from grft_lightning.selection import per_row_top_k
 
@@ -82,11 +82,10 @@ class MaskedWeight(SelectableLayer):
         return {"index": index.view(self.out_features, self.k).int()}
 
     def import_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        index = tensors["index"].long()
-        if tuple(index.shape) != (self.out_features, self.k):
-            raise ValueError(f"{self.original_name}: file holds indices of shape {tuple(index.shape)}, "
-                             f"this method expects {(self.out_features, self.k)}")
-        self.set_selection(index)
+        if "index" not in tensors:
+            raise ValueError(f"{self.original_name}: expected 'index', found {sorted(tensors)}")
+        self.set_selection(checked_index(self.original_name, tensors["index"], (self.out_features, self.k),
+                                         self.fan_in, "inputs"))
 
     # -- restore_unselected: around each optimizer step (GPSMasked's hooks) -------------------------
     def save_weight(self) -> None:
