@@ -124,7 +124,8 @@ def _peak(device) -> int:
 
 # -- one method -------------------------------------------------------------------------------
 class Run:
-    """A method applied to a fresh backbone, its selection filled, its optimizer built."""
+    """A fresh backbone, the method's selection made on it (or read from the select phase), the
+    method applied with it, its optimizer built."""
 
     def __init__(self, name: str, args, selection_dir: str | None, select: bool = False):
         import timm
@@ -144,7 +145,6 @@ class Run:
         kwargs = {"img_size": args.img_size} if args.img_size and not getattr(args, "cnn", False) else {}
         self.model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, **kwargs)
         self.method = build_method(name, getattr(args, "cnn", False))
-        self.method.apply(self.model)
         self.model.to(self.device)
         memory_format = torch.channels_last if getattr(args, "channels_last", False) else torch.contiguous_format
         if memory_format is torch.channels_last:
@@ -156,12 +156,19 @@ class Run:
         self.labels = torch.randint(0, args.num_classes, (args.batch,), generator=gen).to(self.device)
         self.selection_seconds = self.pass_seconds = None
         if self.method.needs_gradients:
+            from grft_lightning.selection import Selection
+
             path = os.path.join(selection_dir, f"{name}.pt")
-            if select:
+            if select:  # on the pre-trained model, before any delta exists
                 self.selection_seconds = self._select()
-                torch.save(_selection_state(self.model), path)
+                torch.save(self.selection.state_dict(), path)
             else:
-                self.model.load_state_dict(torch.load(path, map_location=self.device), strict=False)
+                self.selection = Selection.from_state_dict(torch.load(path, weights_only=True))
+        else:
+            self.selection = self.method.select(self.model)
+        self.method.apply(self.model, self.selection)
+        if memory_format is torch.channels_last:  # the parameters the method added too
+            self.model.to(memory_format=memory_format)
         tuned = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in tuned if p.ndim >= 2]},
                   {"params": [p for p in tuned if p.ndim < 2], "weight_decay": 0.0}]
@@ -189,13 +196,14 @@ class Run:
         grads = self.selection_pass(self.args.selection_batches)
         self._sync()
         self.pass_seconds = clock() - start
-        self.method.select(self.model, grads)
+        self.selection = self.method.select(self.model, grads)
         self._sync()
         return clock() - start
 
     def selection_pass(self, batches: int) -> dict:
         """The selection pass: ``accumulate_gradients`` (cross-entropy, eval mode, the run's
-        autocast) over ``batches`` copies of the run's batch; returns the gradient sums."""
+        autocast) over ``batches`` copies of the run's batch, for the weights the method's
+        selection reads; returns the gradient sums."""
         import torch.nn.functional as F
 
         from grft_lightning import accumulate_gradients
@@ -207,7 +215,8 @@ class Run:
         self.model.eval()
         try:
             with self._autocast():
-                return accumulate_gradients(self.model, [(self.images, self.labels)] * batches, loss_fn)
+                return accumulate_gradients(self.model, [(self.images, self.labels)] * batches, loss_fn,
+                                            names=self.method.gradient_names(self.model))
         finally:
             self.model.train(was_training)
 
@@ -240,12 +249,6 @@ class Run:
         return time.perf_counter() - start, time.process_time() - start_cpu
 
 
-def _selection_state(model) -> dict:
-    from grft_lightning.deltas import delta_layers
-
-    return {f"{path}.{key}": buf for path, layer in delta_layers(model) for key, buf in layer.named_buffers(recurse=False)}
-
-
 # -- the three phases (each runs in a child process unless --small) ---------------------------
 def select_phase(names: list[str], args) -> dict:
     return {name: {"selection_seconds": Run(name, args, args.selection_dir, select=True).selection_seconds}
@@ -267,7 +270,8 @@ def memory_phase(names: list[str], args) -> dict:
                 if torch.is_tensor(t))
     counts = count_parameters(run.model)
     with tempfile.TemporaryDirectory() as tmp:
-        export_bytes = os.path.getsize(save_tuned(run.model, os.path.join(tmp, "tuned.safetensors")))
+        export_bytes = os.path.getsize(save_tuned(run.model, os.path.join(tmp, "tuned.safetensors"), run.method,
+                                                  run.selection))
     return {name: {"peak_memory_bytes": peak, "baseline_memory_bytes": run.baseline, "tuned": int(counts["tuned"]),
                    "tuned_pct": counts["tuned_pct"], "optimizer_state_bytes": int(state), "export_bytes": export_bytes}}
 

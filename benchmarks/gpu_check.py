@@ -16,8 +16,9 @@ Phases, each in its own process with its own time budget (``--budget-*``), all w
    (batch / median synchronised step time, all methods round-robin), ``max_memory_allocated``
    over training steps (reset after the model, selection and optimizer exist), each as a ratio
    to full fine-tuning of the same run.
-2. *selection*: the selection pass (``accumulate_gradients``, cross-entropy, on the GRFT row
-   model before selection) over ``--epoch-images`` images against one full-fine-tuning epoch of
+2. *selection*: the selection pass (``accumulate_gradients``, cross-entropy, on the pre-trained
+   model, for the GRFT row method's weights, before the method is applied) over
+   ``--epoch-images`` images against one full-fine-tuning epoch of
    the same images (training steps back to back, synchronised once), medians of ``--repeats``
    after one warm-up each.
 3. *fit*: ``python train.py fit`` of the backbone under ``--trainer.precision bf16-mixed`` on
@@ -191,7 +192,7 @@ def phase_selection(cfg: dict, work: str, save) -> bool:
         save(out)
         passes, selects, run = [], [], None
         try:
-            for _ in range(1 + cfg["repeats"]):  # a fresh GRFT row model each time: the pass before selection
+            for _ in range(1 + cfg["repeats"]):  # a fresh model each time: the pass before GRFT row is applied
                 run = cost.Run("grft_row", args, selection_dir, select=True)
                 passes.append(run.pass_seconds)
                 selects.append(run.selection_seconds - run.pass_seconds)
@@ -616,7 +617,7 @@ def markdown(result: dict) -> str:
         lines += ["", "## 2. Selection pass against one epoch", "",
                   f"{batches * cfg['batch']} images ({batches} batches of {cfg['batch']}), medians of "
                   f"{cfg['repeats']} after a warm-up. Pass: `accumulate_gradients` (cross-entropy, eval mode) on "
-                  "the GRFT row model before selection; select: GRFT's scoring and top-k; epoch: full "
+                  "the pre-trained model (GRFT row's weights); select: GRFT's scoring and top-k; epoch: full "
                   "fine-tuning's training steps back to back. (The VTAB-1k configs select with SupCon: two views "
                   "per image, about twice this pass.)", "",
                   "| pass (s) | select (s) | full epoch (s) | pass / epoch | (pass + select) / epoch |",

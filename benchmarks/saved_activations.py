@@ -37,7 +37,6 @@ def measure(name: str, model_name: str, batch: int, num_classes: int, seed: int)
     torch.manual_seed(seed)
     model = timm.create_model(model_name, pretrained=False, num_classes=num_classes)
     method = build_method(name)
-    method.apply(model)
     size = model.pretrained_cfg["input_size"][-1]
     gen = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, 3, size, size, generator=gen)
@@ -46,9 +45,11 @@ def measure(name: str, model_name: str, batch: int, num_classes: int, seed: int)
     def loss_fn(m, b):
         return F.cross_entropy(m(b[0]), b[1])
 
-    if method.needs_gradients:
+    grads = None
+    if method.needs_gradients:  # the selection pass, on the pre-trained model
         model.eval()
-        method.select(model, accumulate_gradients(model, [(images, labels)], loss_fn))
+        grads = accumulate_gradients(model, [(images, labels)], loss_fn, names=method.gradient_names(model))
+    method.apply(model, method.select(model, grads))
     model.train()
     loss = loss_fn(model, (images, labels))
     return saved_tensor_bytes(loss, model)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from grft_lightning.backbones import create_backbone  # noqa: E402
 from grft_lightning.data.offline import MNISTDigits  # noqa: E402
-from grft_lightning.selection import accumulate_gradients, as_matrix, default_gradient_targets  # noqa: E402
+from grft_lightning.gradients import accumulate_gradients, as_matrix, default_gradient_targets  # noqa: E402
 from grft_lightning.testbed import NAME, TAG, WEIGHTS  # noqa: E402
 
 TASKS = {"mnist_digit": "digit", "mnist_rotation": "rotation", "mnist_count": "count", "mnistm": "mnistm"}

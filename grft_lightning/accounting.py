@@ -25,8 +25,8 @@ def added_parameter_owners(model: nn.Module) -> dict[int, nn.Module]:
 
 def backbone_parameter_count(model: nn.Module, head=DEFAULT) -> int:
     """``backbone``: the pre-trained parameters outside the head (what a method starts from;
-    parameters a method added are not counted). ``head`` as ``method.apply`` takes it (default: the
-    applied method's, else timm's ``get_classifier()``)."""
+    parameters a method added are not counted). ``head`` as ``heads.head_spec`` takes it (default:
+    timm's ``get_classifier()``)."""
     head_ids = head_parameter_ids(model, head)
     added = added_parameter_owners(model)
     return sum(p.numel() for p in model.parameters() if id(p) not in head_ids and id(p) not in added)
@@ -36,13 +36,13 @@ def _bias_ids(model: nn.Module) -> set[int]:
     return {id(p) for m in model.modules() for n, p in m.named_parameters(recurse=False) if n == "bias"}
 
 
-def count_parameters(model: nn.Module) -> dict[str, float]:
+def count_parameters(model: nn.Module, head=DEFAULT) -> dict[str, float]:
     """Tuned-parameter counts of a model with a method applied.
 
     Definitions (one place; everything else calls this):
 
-    * ``head``: trainable parameters of the classification head (``heads.py``: the head the method
-      was applied with; timm's ``model.get_classifier()`` by default).
+    * ``head``: trainable parameters of the classification head (``heads.py``: ``head`` as the
+      selection records it; timm's ``model.get_classifier()`` by default).
     * ``bias``: trainable pre-trained parameters registered as ``bias`` (of linear, conv and,
       when tuned, norm layers), outside the head.
     * ``selected``: every other tuned entry outside the head -- the active entries of delta
@@ -54,11 +54,11 @@ def count_parameters(model: nn.Module) -> dict[str, float]:
     * ``backbone``: :func:`backbone_parameter_count`.
     * ``tuned_pct = 100 * tuned / backbone`` (head included in the numerator).
     """
-    head_ids = head_parameter_ids(model)
+    head_ids = head_parameter_ids(model, head)
     added = added_parameter_owners(model)
     biases = _bias_ids(model)
     masked = {id(m.base_layer.weight): m.num_tuned() for m in model.modules() if isinstance(m, SelectableLayer)}
-    counts = {"selected": 0, "bias": 0, "head": 0, "backbone": backbone_parameter_count(model)}
+    counts = {"selected": 0, "bias": 0, "head": 0, "backbone": backbone_parameter_count(model, head)}
     for p in model.parameters():
         pid = id(p)
         if not p.requires_grad:
@@ -83,6 +83,6 @@ def format_summary(counts: dict[str, float]) -> str:
             f"tuned%: {counts['tuned_pct']:.4f}")
 
 
-def parameter_summary(model: nn.Module) -> str:
+def parameter_summary(model: nn.Module, head=DEFAULT) -> str:
     """``tuned params: N || backbone params: M || tuned%: P`` (see :func:`count_parameters`)."""
-    return format_summary(count_parameters(model))
+    return format_summary(count_parameters(model, head))

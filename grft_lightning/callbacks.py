@@ -1,4 +1,5 @@
-"""Callbacks: the gradient-selection pass at ``on_fit_start``, per-rank seeding, and run bookkeeping."""
+"""Callbacks: the selection pass at ``setup`` (before the optimizer exists), per-rank seeding, and
+run bookkeeping."""
 
 from __future__ import annotations
 
@@ -14,13 +15,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from grft_lightning.accounting import parameter_summary
-from grft_lightning.deltas import selectable_layers
-from grft_lightning.export import method_from_metadata, read_tuned, split_tuned
+from grft_lightning.export import read_selection, read_tuned
 from grft_lightning.losses import selection_loss_fn
 from grft_lightning.methods import method_class
-from grft_lightning.plots import save_selection_figure
+from grft_lightning.methods.base import BUDGET_ARGUMENTS
 from grft_lightning.seeding import run_seed
-from grft_lightning.selection import accumulate_gradients
+from grft_lightning.gradients import accumulate_gradients
 
 
 def _on_device(loader, device: torch.device) -> Iterator:
@@ -39,7 +39,15 @@ def _norm_statistics(module: torch.nn.Module) -> list[tuple[torch.Tensor, torch.
 
 
 class GradientSelection(L.Callback):
-    """Select what the method tunes, once, before training.
+    """Select what the method tunes, once, before the optimizer is built.
+
+    Runs in the ``setup`` hook, where the data is ready and DDP's process group exists but the
+    optimizer and the DDP wrapper do not: the method's deltas are built from the selection there
+    (``PEFTModule.apply_selection``), with exactly the selected sizes, and the optimizer then sees
+    only them. Where the selection comes from, in order: a checkpoint being resumed
+    (``trainer.ckpt_path``, which the CLI sets; its saved selection is applied and no pass runs),
+    ``from_file``, or the pass below. A run resumed through ``trainer.fit(ckpt_path=...)`` instead
+    runs the pass and the checkpoint's selection must equal it (``PEFTModule.on_load_checkpoint``).
 
     One pass over the training split with its own loader (``supcon``: two augmented views per
     image, GPS's head-free supervised contrastive loss; ``ce``: cross-entropy through the new
@@ -48,7 +56,7 @@ class GradientSelection(L.Callback):
     the batches are shuffled with the run's seed and the last partial batch is dropped
     (:meth:`~grft_lightning.data.ImageClassificationData.selection_dataloader`); the forward pass
     runs under the trainer's autocast, SupCon itself in fp32. The selection lives in the model's
-    buffers and so in every checkpoint: a resumed run never selects again.
+    checkpoints (``checkpoint["selection"]``): a resumed run never selects again.
 
     Args:
         loss: selection loss, ``supcon`` or ``ce``.
@@ -56,7 +64,8 @@ class GradientSelection(L.Callback):
         max_batches: stop the pass after this many batches, counted over all ranks (None: the
             whole split).
         from_file: take the selection from a previous run's ``tuned.safetensors`` instead of
-            computing it (the method and budget must be the same; values start at zero).
+            computing it (the same method; values start at zero). A file made at a larger budget is
+            cut to this run's (``Selection.cut``): one selection pass serves a budget curve.
         progress: show a progress bar.
         mode: the model's mode during the pass. ``train`` is how GPS's public code runs it:
             drop-path and dropout active (random, reproducible from the run's seed and the
@@ -84,36 +93,40 @@ class GradientSelection(L.Callback):
         self.from_file = from_file
         self.progress = progress
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        layers = [layer for _, layer in selectable_layers(pl_module.model)]
-        if not layers:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if pl_module.selection is not None:  # a method that needs no data selected at construction
             return
-        if all(layer.is_selected for layer in layers):
-            rank_zero_info("selection: restored from the checkpoint (not re-selected)")
+        if trainer.ckpt_path:
+            pl_module.apply_selection(pl_module.checkpoint_selection(str(trainer.ckpt_path)))
+            rank_zero_info(f"selection: restored from {trainer.ckpt_path} (not re-selected)")
             return
+        if stage != "fit":
+            raise ValueError(f"{type(pl_module.method).__name__} tunes a selection made while fitting: give the "
+                             "checkpoint of a fitted run (--ckpt_path) to validate, test or predict")
         start = time.perf_counter()
         method = pl_module.method
         if self.from_file:
-            self._load(pl_module)
-        elif not method.needs_gradients:
-            method.select(pl_module.model)
+            selection = self._load(pl_module)
         else:
-            method.select(pl_module.model, self._gradients(trainer, pl_module))
+            pl_module.to(trainer.strategy.root_device)
+            grads = self._gradients(trainer, pl_module)
+            selection = method.select(pl_module.model, grads, seed=run_seed())
+        pl_module.apply_selection(selection)
         pl_module.selection_seconds = time.perf_counter() - start
-        rank_zero_info(f"selection: {method.describe_budget(pl_module.model)} in {pl_module.selection_seconds:.1f} s")
-        rank_zero_info(parameter_summary(pl_module.model))
+        rank_zero_info(f"selection: {selection.describe()} in {pl_module.selection_seconds:.1f} s")
+        rank_zero_info(parameter_summary(pl_module.model, selection.head))
         for logger in trainer.loggers:
             logger.log_metrics({"selection/seconds": pl_module.selection_seconds}, step=0)
-        self._figure(trainer, pl_module)
+        self._figure(trainer, selection)
 
     @staticmethod
-    def _figure(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _figure(trainer: L.Trainer, selection) -> None:
         """``selection.png`` in the run directory, also logged to W&B (rank 0 only)."""
         if not trainer.is_global_zero:
             return
         path = Path(trainer.default_root_dir) / "selection.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        if save_selection_figure(pl_module.model, str(path)) is None:
+        if selection.figure(str(path)) is None:
             return
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
@@ -132,6 +145,7 @@ class GradientSelection(L.Callback):
             mine = len(range(trainer.global_rank, self.max_batches, trainer.world_size))
             batches = (b for i, b in zip(range(mine), batches))
         reduction = pl_module.method.gradient_reduction
+        names = pl_module.method.gradient_names(pl_module.model)
         if reduction == "per_sample_squares" and self.loss == "supcon":
             raise ValueError("model.method.init_args.score: per-sample scores need a loss defined on one image; "
                              "set selection.loss: ce (SupCon contrasts the images of a batch)")
@@ -141,7 +155,7 @@ class GradientSelection(L.Callback):
         pl_module.train(self.mode == "train")
         try:
             with trainer.precision_plugin.forward_context():
-                grads = accumulate_gradients(pl_module.model, batches, loss_fn,
+                grads = accumulate_gradients(pl_module.model, batches, loss_fn, names=names,
                                              progress=self.progress and trainer.is_global_zero,
                                              reduction=reduction)
         finally:
@@ -155,24 +169,24 @@ class GradientSelection(L.Callback):
                 torch.distributed.all_reduce(grad, op=torch.distributed.ReduceOp.SUM)
         return grads
 
-    def _load(self, pl_module: L.LightningModule) -> None:
+    def _load(self, pl_module: L.LightningModule):
+        """The Selection of a previous run's tuned file, for the same method and budget."""
         tensors, meta = read_tuned(self.from_file)
         source = f"selection.from_file: {self.from_file}"
         mine = pl_module.method
         if method_class(meta.get("method_class"), source) is not type(mine):
             raise ValueError(f"{source} was selected by {meta.get('method_class')}, this run uses {mine!r}")
-        theirs = method_from_metadata(meta, source)
-        if type(theirs) is not type(mine) or theirs.config() != mine.config():
-            raise ValueError(f"selection.from_file: {self.from_file} was selected by {theirs!r}, "
-                             f"this run uses {mine!r}")
-        selections = split_tuned(tensors)["delta"]
-        for path, layer in selectable_layers(pl_module.model):
-            if path not in selections:
-                raise ValueError(f"selection.from_file: {self.from_file} has no selection for {path}")
-            layer.import_tensors({k: v.to(pl_module.device) for k, v in selections[path].items()})
-            with torch.no_grad():
-                for p in layer.added_parameters():
-                    p.zero_()
+        theirs, selection = read_selection(self.from_file)
+        if theirs.config() == mine.config():
+            return selection
+        other = {k for k in set(theirs.config()) | set(mine.config()) if theirs.config().get(k) != mine.config().get(k)}
+        if other <= set(BUDGET_ARGUMENTS) and hasattr(mine, "budget"):
+            try:  # the same method at a smaller budget: a cut of the file's selection (no pass)
+                return selection.cut(**mine.budget())
+            except ValueError as err:
+                raise ValueError(f"{source}: {err}") from err
+        raise ValueError(f"{source} was selected by {theirs!r}, this run uses {mine!r} (only the budget may "
+                         "differ, and only downwards)")
 
 
 class RunClock(L.Callback):

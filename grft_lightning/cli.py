@@ -59,6 +59,7 @@ from grft_lightning.data.base import ImageClassificationData
 from grft_lightning.errors import ConfigError, condense_parser_error, debug_enabled, report_user_errors
 from grft_lightning.export import save_tuned
 from grft_lightning.io import make_atomic_checkpoint_io, remove_stale_temporaries
+from grft_lightning.methods.base import BUDGET_ARGUMENTS
 from grft_lightning.module import PEFTModule
 from grft_lightning.results import budget_record, build_results, git_sha, write_results
 
@@ -102,9 +103,6 @@ class TaskBudget:
         self.k = k
 
 
-#: Method arguments that set a budget: a method whose arguments among these are all null takes
-#: the task's budget.
-BUDGET_ARGUMENTS = ("fraction", "rows_per_matrix", "columns_per_matrix", "k")
 
 
 def _method_parameters(class_path: str) -> set[str]:
@@ -302,7 +300,9 @@ class GRFTCLI(LightningCLI):
         found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
         if found:
             newest = max(found, key=lambda p: p.stat().st_mtime)
-            cfg["ckpt_path"] = str(newest)
+            # Lightning's public setter, read by the selection callback in setup: the saved
+            # selection is applied and no selection pass runs (fit(ckpt_path=...) would be read later).
+            self.trainer.ckpt_path = str(newest)
             rank_zero_info(f"resuming from {newest}")
 
     def after_fit(self) -> None:
@@ -311,6 +311,7 @@ class GRFTCLI(LightningCLI):
             return
         val_acc = trainer.callback_metrics.get("val/acc")
         val_acc = None if val_acc is None else float(val_acc)
+        trainer.ckpt_path = None  # test the model as fitted, not the checkpoint the fit resumed from
         tested = trainer.test(model, datamodule=self.datamodule, verbose=False)
         test_acc = tested[0].get("test/acc") if tested else None
         if trainer.is_global_zero:
@@ -337,8 +338,8 @@ class GRFTCLI(LightningCLI):
             backbone=model.hparams.backbone, seed=int(cfg.get("seed_everything") or 0), counts=counts,
             selection_seconds=model.selection_seconds, train_seconds=clock.train_seconds,
             val_acc=val_acc, test_acc=test_acc, peak_memory_bytes=clock.peak_memory_bytes(model.device),
-            budget=budget_record(model.method, model.model, _plain(cfg.get("budget"))), extra=extra)
-        save_tuned(model.model, run_dir / "tuned.safetensors", metadata={
+            budget=budget_record(model.method, model.selection, _plain(cfg.get("budget"))), extra=extra)
+        save_tuned(model.model, run_dir / "tuned.safetensors", model.method, model.selection, metadata={
             "backbone": model.hparams.backbone, "dataset": results["dataset"], "seed": results["seed"],
             "git_sha": results["git_sha"]})
         write_results(run_dir / "results.json", results)

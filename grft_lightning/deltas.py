@@ -2,10 +2,10 @@
 
 A delta layer wraps an ``nn.Linear`` or ``nn.Conv2d``, or a subclass of either, or Hugging Face's
 ``Conv1D`` (GPT-2; its weight is stored ``in x out`` and read transposed, :func:`to_matrix`) -- the
-*base layer*, frozen -- and adds a trainable tensor whose shape is fixed by the budget before
-selection; the selection only fills the index buffers. Every weight is read as an ``out x fan_in``
-matrix, and the *axis* a layer tunes is ``ROW``, ``COLUMN`` or ``ENTRY`` (GRFT's ``mode`` option,
-row, column or auto, says which axes its layers may take). Three kinds (docs/methods.md, "How
+*base layer*, frozen -- and adds a trainable tensor of exactly the size a selection
+(``selection.py``) gave this layer: deltas are built after the selection, from its indices. Every
+weight is read as an ``out x fan_in`` matrix, and the *axis* a layer tunes is ``ROW``, ``COLUMN``
+or ``ENTRY``. Three kinds (docs/methods.md, "How
 tuned parameters are held"):
 
 * rows (output neurons / output channels) ``R``:  ``y = base(x);  y[..., R] += x D^T``
@@ -24,7 +24,7 @@ kernel gradient gathers that group's input channels); a column is a position of 
 fan-in and is applied to every group (its kernel gradient is then the whole kernel's, which for
 depthwise convolutions is tiny). ``merge`` folds ``W0 + delta`` back into a plain layer.
 
-:class:`SelectableLayer` is what every layer a selection fills shares (selection flag, export,
+:class:`SelectableLayer` is what every layer built from a selection shares (export of its values,
 counts, ``merged_module``); :class:`DeltaLayer` adds the delta. GPS's masked weights
 (``methods/masked.py``) are selectable layers without a delta.
 
@@ -41,7 +41,9 @@ layer (and a dense weight gradient in backward), as for GPS's entries on convolu
 from __future__ import annotations
 
 import abc
+import collections
 import copy
+import fnmatch
 import sys
 from typing import Iterator
 
@@ -49,10 +51,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grft_lightning.heads import DEFAULT, head_module_ids
+
 #: The axis a layer tunes: whole rows (output neurons / channels), whole columns (fan-in
-#: positions), or single entries (GPS: per-row indices). The one name of this notion is *axis*.
+#: positions), or single entries (GPS: per-row indices). The one name of this notion is *axis*;
+#: a Selection names it ``"row"``, ``"column"`` or ``"entry"`` (:data:`AXIS_NAMES`).
 ROW, COLUMN, ENTRY = 0, 1, 2
 AXIS_NAMES = {ROW: "row", COLUMN: "column", ENTRY: "entry"}
+AXES = {name: axis for axis, name in AXIS_NAMES.items()}
 
 #: The torch layers a delta can wrap, subclasses included. With Hugging Face's ``Conv1D``
 #: (:func:`transposed_types`) they make the one definition of an eligible layer's type,
@@ -148,19 +154,13 @@ def checked_values(name: str, values: torch.Tensor, shape: tuple[int, ...]) -> t
     return values
 
 
-def _sync_after_load(module: SelectableLayer, _incompatible_keys) -> None:
-    """``load_state_dict`` post-hook: the Python-side flags follow the loaded buffers."""
-    module._sync_flag()
-
-
 class SelectableLayer(nn.Module, metaclass=abc.ABCMeta):
     """A pre-trained layer wrapped so that a selection chooses which of its weight entries train.
 
-    What every method with a selection shares: ``Method.select`` fills it, the selection pass
-    reads the gradient of its ``base_layer.weight`` (named ``<original_name>.weight``), its
-    ``selected`` flag travels in checkpoints, ``save_tuned``/``load_tuned`` go through
-    :meth:`export_tensors`/:meth:`import_tensors`, the counts read :meth:`num_tuned` and ``merge``
-    replaces it by :meth:`merged_module`. Two families: :class:`DeltaLayer` (the pre-trained
+    What every layer built from a selection shares: ``method.apply(model, selection)`` creates it
+    with the selection's indices, ``save_tuned``/``load_tuned`` go through
+    :meth:`export_tensors`/:meth:`import_tensors` (the values; the indices are the Selection's),
+    the counts read :meth:`num_tuned` and ``merge`` replaces it by :meth:`merged_module`. Two families: :class:`DeltaLayer` (the pre-trained
     weight stays frozen and the tuned entries live in a small trainable delta) and the masked
     weights of ``methods/masked.py`` (the weight itself trains, under a mask).
 
@@ -180,11 +180,6 @@ class SelectableLayer(nn.Module, metaclass=abc.ABCMeta):
                             "leave the layer out with the method's `exclude`")
         self.base_layer = base_layer
         self.original_name = original_name
-        self.register_buffer("selected", torch.zeros((), dtype=torch.bool, device=base_layer.weight.device))
-        self._is_selected = False
-        # A module-level function, not a lambda: a model holding deltas must stay picklable
-        # (torch.save(model), spawn-based launchers).
-        self.register_load_state_dict_post_hook(_sync_after_load)
 
     # -- shared helpers -----------------------------------------------------------------------
     @property
@@ -200,11 +195,6 @@ class SelectableLayer(nn.Module, metaclass=abc.ABCMeta):
         return isinstance(self.base_layer, nn.Conv2d)
 
     @property
-    def is_selected(self) -> bool:
-        """Whether a selection (or a loaded one) has filled this layer (read without a device sync)."""
-        return self._is_selected
-
-    @property
     def selected_axis(self) -> int:
         """The axis this layer tunes (``ROW``, ``COLUMN`` or ``ENTRY``)."""
         return ENTRY
@@ -217,35 +207,30 @@ class SelectableLayer(nn.Module, metaclass=abc.ABCMeta):
         """An ``out x fan_in`` matrix in the base weight's layout (:func:`from_matrix`)."""
         return from_matrix(self.base_layer, matrix)
 
-    def _sync_flag(self) -> None:
-        self._is_selected = bool(self.selected)
-
-    def mark_selected(self) -> None:
-        self.selected.fill_(True)
-        self._is_selected = True
-
     def added_parameters(self) -> list[nn.Parameter]:
         """The parameters this layer adds beside the pre-trained ones (a delta's ``D``; none for a
-        masked weight). ``export_tensors`` writes them; a selection taken from a file zeroes them."""
+        masked weight). ``export_tensors`` writes them."""
         return list(self.parameters(recurse=False))
-
-    def index_positions(self) -> torch.Tensor | None:
-        """Positions of the selected indices along :attr:`selected_axis`, scaled to ``[0, 1)``
-        (the selection picture, ``plots.py``); None when there is nothing to draw."""
-        return None
 
     # -- what a kind provides -----------------------------------------------------------------
     @abc.abstractmethod
     def num_tuned(self) -> int:
         """Number of weight entries this layer tunes."""
 
-    @abc.abstractmethod
     def export_tensors(self) -> dict[str, torch.Tensor]:
-        """Only what defines the selection and its values: indices (int32) and active values."""
+        """The tuned values this layer adds (``{"delta": D}``; none for a masked weight)."""
+        return {name: p.detach() for name, p in self.named_parameters(recurse=False)}
 
-    @abc.abstractmethod
     def import_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Restore a selection and its values from :meth:`export_tensors` output."""
+        """Load :meth:`export_tensors` output, checking names and shapes."""
+        own = dict(self.named_parameters(recurse=False))
+        if set(tensors) != set(own):
+            raise ValueError(f"{self.original_name}: expected {sorted(own)}, found {sorted(tensors)}")
+        for name, value in tensors.items():
+            target = own[name]
+            checked_values(self.original_name, value, tuple(target.shape))
+            with torch.no_grad():
+                target.copy_(value.to(target.dtype))
 
     @abc.abstractmethod
     def merged_module(self) -> nn.Module:
@@ -280,10 +265,6 @@ class DeltaLayer(SelectableLayer):
         effective = weight + self.dense_delta().to(weight.dtype)
         return torch.func.functional_call(self.base_layer, {"weight": effective}, (x,))
 
-    def _conv(self, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
-        conv = self.base_layer
-        return F.conv2d(x, weight.to(x.dtype), None, conv.stride, conv.padding, conv.dilation, groups)
-
     def _linear(self, x: torch.Tensor, delta: torch.Tensor, index: torch.Tensor, axis: int) -> torch.Tensor:
         """The linear path of every kind (:class:`_DeltaLinear`), on inputs of any leading shape.
         A row or entry delta whose input a tracked producer made (:class:`Recomputable`) keeps
@@ -294,9 +275,7 @@ class DeltaLayer(SelectableLayer):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The base layer's output with the delta's contribution (none before selection)."""
-        if not self._is_selected:
-            return self.base_layer(x)
+        """The base layer's output with the delta's contribution."""
         if not self.plain_forward:
             return self._own_forward(x)
         return self.delta_forward(x)
@@ -313,170 +292,82 @@ class DeltaLayer(SelectableLayer):
     def l2(self) -> torch.Tensor:
         """``sum ||W - W0||^2`` over the tuned entries (the L2-SP penalty of GRFT)."""
         return sum((p.float().pow(2).sum() for p in self.added_parameters()),
-                   torch.zeros((), device=self.selected.device))
+                   torch.zeros((), device=self.base_layer.weight.device))
 
     def merged_module(self) -> nn.Module:
         """A plain copy of the base layer whose weight is ``W0 + delta``."""
         merged = copy.deepcopy(self.base_layer)
         with torch.no_grad():
-            if self._is_selected:
-                merged.weight.add_(self.dense_delta().to(merged.weight.dtype))
+            merged.weight.add_(self.dense_delta().to(merged.weight.dtype))
         return merged
 
 
 class StructuredDelta(DeltaLayer):
     """GRFT's delta: whole rows or whole columns of one weight matrix.
 
-    ``mode="auto"`` holds a row-shaped delta ``(rows, fan_in)`` and, if the selection picks
-    columns for this matrix, uses its first ``columns * out`` entries as the ``(out, columns)``
-    column delta (``columns = floor(rows * fan_in / out)``: never more entries than the row
-    budget). Unused entries get a zero gradient and stay at zero.
+    Args:
+        base_layer: the frozen pre-trained layer.
+        original_name: its name in the model.
+        axis: ``ROW`` or ``COLUMN``.
+        index: the selected rows (output neurons) or columns (fan-in positions), ascending; the
+            delta is ``(len(index), fan_in)`` for rows and ``(out, len(index))`` for columns.
     """
 
-    def __init__(self, base_layer: nn.Module, original_name: str, mode: str, rows: int = 0, columns: int = 0):
+    def __init__(self, base_layer: nn.Module, original_name: str, axis: int, index: torch.Tensor):
         super().__init__(base_layer, original_name)
+        if axis not in (ROW, COLUMN):
+            raise ValueError(f"{original_name}: a structured delta tunes rows or columns, got axis {axis!r}")
         out, fin = self.out_features, self.fan_in
-        if mode not in ("row", "column", "auto"):
-            raise ValueError(f"{original_name}: mode must be row, column or auto, got {mode!r}")
-        self.mode = mode
-        self.rows = rows if mode in ("row", "auto") else 0
-        self.columns = columns if mode in ("column", "auto") else 0
-        shape = (self.rows, fin) if mode in ("row", "auto") else (out, self.columns)
+        what = "rows" if axis == ROW else "columns"
+        index = checked_index(original_name, index, (len(index),), out if axis == ROW else fin, what)
         w = base_layer.weight
+        self._axis = axis
+        shape = (len(index), fin) if axis == ROW else (out, len(index))
         self.delta = nn.Parameter(torch.zeros(shape, dtype=w.dtype, device=w.device))
-        self.register_buffer("row_index", torch.zeros(self.rows, dtype=torch.long, device=w.device))
-        self.register_buffer("col_index", torch.zeros(self.columns, dtype=torch.long, device=w.device))
-        # The axis tuned, ROW or COLUMN: fixed for row/column modes, chosen per matrix by the auto
-        # selection. Kept in a buffer (checkpoints) and as a Python int (no device sync per forward;
-        # not int(self.axis): no .item() on meta tensors).
-        self.register_buffer("axis", torch.tensor(COLUMN if mode == "column" else ROW, device=w.device))
-        self._axis = COLUMN if mode == "column" else ROW
+        self.register_buffer("index", index.to(w.device))
 
     @property
     def selected_axis(self) -> int:
-        """``ROW`` or ``COLUMN``: the axis this layer tunes (before selection: its mode's, rows for auto)."""
+        """``ROW`` or ``COLUMN``: the axis this layer tunes."""
         return self._axis
 
-    def _sync_flag(self) -> None:
-        super()._sync_flag()
-        self._axis = int(self.axis)
-
-    def set_selection(self, axis: int, index: torch.Tensor) -> None:
-        if axis == ROW:
-            self.row_index.copy_(index)
-        else:
-            self.col_index.copy_(index)
-        self.axis.fill_(axis)
-        self._axis = axis
-        with torch.no_grad():
-            self.delta.zero_()
-        self.mark_selected()
-
-    def row_delta(self) -> torch.Tensor:
-        return self.delta
-
-    def column_delta(self) -> torch.Tensor:
-        if self.mode == "column":
-            return self.delta
-        return self.delta.reshape(-1)[: self.out_features * self.columns].view(self.out_features, self.columns)
-
     def num_tuned(self) -> int:
-        if not self._is_selected and self.mode == "auto":
-            return self.rows * self.fan_in  # the budget; the shape is only chosen by selection
-        return self.rows * self.fan_in if self._axis == ROW else self.columns * self.out_features
+        return self.delta.numel()
 
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_conv:
-            if self._axis == ROW:
-                return self._linear(x, self.row_delta(), self.row_index, ROW)
-            return self._linear(x, self.column_delta(), self.col_index, COLUMN)
+            return self._linear(x, self.delta, self.index, self._axis)
         conv = self.base_layer
-        if not isinstance(conv.padding, str):
-            delta, index = (self.row_delta(), self.row_index) if self._axis == ROW else (self.column_delta(),
-                                                                                         self.col_index)
-            return _ConvDelta.apply(x, delta, index, conv.weight, conv.bias, self._axis, conv.stride, conv.padding,
-                                    conv.dilation, conv.groups)
-        y = conv(x)
-        # In place on the base output: conv does not need its output for backward, so no
-        # second output-sized tensor is kept per layer.
-        return self._add_rows(x, y) if self._axis == ROW else self._add_columns(x, y)
-
-    def _add_rows(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Rows as an extra convolution added to the base output (a ``padding="same"``/``"valid"``
-        layer; every other one takes :class:`_ConvDelta`)."""
-        rows, d = self.row_index, self.row_delta()
-        conv = self.base_layer
-        kernel = d.view(len(rows), *conv.weight.shape[1:])
-        if conv.groups == 1:
-            extra = self._conv(x, kernel, 1)
-        else:  # each selected output channel reads only its own group's input channels
-            per_group_out, per_group_in = conv.out_channels // conv.groups, conv.in_channels // conv.groups
-            first = (rows // per_group_out) * per_group_in
-            channels = (first[:, None] + torch.arange(per_group_in, device=rows.device)).reshape(-1)
-            extra = self._conv(_select_channels(x, channels), kernel, len(rows))
-        return y.index_add_(1, rows, extra.to(y.dtype))
-
-    def _add_columns(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Columns as an extra convolution added to the base output (a ``padding="same"``/``"valid"``
-        layer; every other one takes :class:`_ConvDelta`)."""
-        cols, d = self.col_index, self.column_delta()
-        conv = self.base_layer
-        kh, kw = conv.kernel_size
-        if conv.groups == 1:
-            # One input channel per selected column; a kernel that is zero except at its position.
-            channels, position = cols // (kh * kw), cols % (kh * kw)
-            kernel = d.new_zeros(conv.out_channels, len(cols), kh * kw)
-            kernel = _scatter_positions(kernel, position, d)
-            extra = self._conv(_select_channels(x, channels), kernel.view(conv.out_channels, len(cols), kh, kw), 1)
-        else:
-            kernel = d.new_zeros(conv.out_channels, self.fan_in).index_add(1, cols, d)
-            extra = self._conv(x, kernel.view_as(conv.weight), conv.groups)
-        return y.add_(extra.to(y.dtype))
+        padding = _numeric_padding(conv)
+        if padding is None:  # an even "same" kernel pads asymmetrically: the layer's own conv of W0 + delta
+            return self._own_forward(x)
+        return _ConvDelta.apply(x, self.delta, self.index, conv.weight, conv.bias, self._axis, conv.stride, padding,
+                                conv.dilation, conv.groups)
 
     def dense_delta(self) -> torch.Tensor:
         out, fin = self.out_features, self.fan_in
         flat = torch.zeros(out, fin, dtype=self.delta.dtype, device=self.delta.device)
-        if self._axis == ROW:
-            flat.index_add_(0, self.row_index, self.row_delta())
-        else:
-            flat.index_add_(1, self.col_index, self.column_delta())
+        flat.index_add_(0 if self._axis == ROW else 1, self.index, self.delta)
         return self.from_matrix(flat)
 
-    def index_positions(self) -> torch.Tensor | None:
-        index, size = (self.row_index, self.out_features) if self._axis == ROW else (self.col_index, self.fan_in)
-        return (index.float().cpu() + 0.5) / size
-
-    def export_tensors(self) -> dict[str, torch.Tensor]:
-        if self._axis == ROW:
-            return {"rows": self.row_index.int(), "delta": self.row_delta().detach()}
-        return {"columns": self.col_index.int(), "delta": self.column_delta().detach()}
-
-    def import_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        axis = ROW if "rows" in tensors else COLUMN
-        what = "rows" if axis == ROW else "columns"
-        if what not in tensors or "delta" not in tensors:
-            raise ValueError(f"{self.original_name}: expected '{what}' and 'delta', found {sorted(tensors)}")
-        if axis == ROW and self.mode == "column" or axis == COLUMN and self.mode == "row":
-            raise ValueError(f"{self.original_name}: the file holds {what}, this layer tunes {self.mode}s")
-        index = tensors[what]
-        expected = self.rows if axis == ROW else self.columns
-        if index.numel() != expected:
-            raise ValueError(f"{self.original_name}: file holds {index.numel()} {what}, this method's budget is "
-                             f"{expected}")
-        limit = self.out_features if axis == ROW else self.fan_in
-        index = checked_index(self.original_name, index, (expected,), limit, what)
-        shape = (expected, self.fan_in) if axis == ROW else (self.out_features, expected)
-        values = checked_values(self.original_name, tensors["delta"], shape)
-        self.set_selection(axis, index.to(self.row_index.device))
-        with torch.no_grad():
-            target = self.row_delta() if axis == ROW else self.column_delta()
-            target.copy_(values.to(target.dtype))
 
 
-def _scatter_positions(kernel: torch.Tensor, position: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """kernel[:, j, position[j]] = d[:, j] for every selected column j (out of place)."""
-    onehot = F.one_hot(position, kernel.shape[-1]).to(d.dtype)  # (c, kh*kw)
-    return kernel + d[:, :, None] * onehot[None]
+def _numeric_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """A convolution's padding as numbers: ``"valid"`` is none; ``"same"`` (stride 1, as torch
+    requires) is symmetric where the dilated kernel size is odd. An even ``"same"`` kernel pads
+    asymmetrically, which one convolution with numeric padding cannot express: None (the delta then
+    runs the layer's own convolution of ``W0 + delta``)."""
+    if not isinstance(conv.padding, str):
+        return conv.padding
+    if conv.padding == "valid":
+        return (0, 0)
+    pads = []
+    for k, d in zip(conv.kernel_size, conv.dilation):
+        total = d * (k - 1)
+        if total % 2:
+            return None
+        pads.append(total // 2)
+    return tuple(pads)
 
 
 def _channels_last(t: torch.Tensor) -> bool:
@@ -719,7 +610,7 @@ class _DeltaLinear(torch.autograd.Function):
             b = None if bias is None else bias.to(dtype)
             x_c = x.index_select(1, index) if axis == COLUMN else None
             if axis == ENTRY:
-                y = F.linear(x, _effective_weight(weight, delta, index, axis, dtype), b)
+                y = F.linear(x, _effective_weight(weight, delta, index, dtype), b)
             else:  # the frozen product, then a skinny correction added in place
                 y = F.linear(x, weight.to(dtype), b)
                 if axis == ROW:  # y[:, R] += x D^T
@@ -741,7 +632,7 @@ class _DeltaLinear(torch.autograd.Function):
         grad_x = grad_delta = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             if axis == ENTRY:
-                grad_x = grad.matmul(_effective_weight(weight, delta, index, axis, ctx.dtype))
+                grad_x = grad.matmul(_effective_weight(weight, delta, index, ctx.dtype))
             else:
                 d = delta.to(ctx.dtype)
                 grad_x = grad.matmul(weight.to(ctx.dtype))
@@ -767,14 +658,9 @@ class _DeltaLinear(torch.autograd.Function):
         return grad_x, grad_delta, None, grad_weight, grad_bias, None, None
 
 
-def _effective_weight(weight: torch.Tensor, delta: torch.Tensor, index: torch.Tensor, axis: int,
-                      dtype: torch.dtype) -> torch.Tensor:
-    w, d = weight.clone(), delta.to(weight.dtype)
-    if axis == ENTRY:
-        w.scatter_add_(1, index, d)
-    else:
-        w.index_add_(0 if axis == ROW else 1, index, d)
-    return w.to(dtype)
+def _effective_weight(weight: torch.Tensor, delta: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``W0`` with GPS's per-row entries added (a temporary of one product)."""
+    return weight.clone().scatter_add_(1, index, delta.to(weight.dtype)).to(dtype)
 
 
 #: below ``k * GATHER_FAN_IN_RATIO <= fan_in`` an index delta's gradient is gathered entry by
@@ -792,18 +678,13 @@ class IndexDelta(DeltaLayer):
     effective weight is formed in the forward and its gradient is dense for one step.
     """
 
-    def __init__(self, base_layer: nn.Module, original_name: str, k: int):
+    def __init__(self, base_layer: nn.Module, original_name: str, index: torch.Tensor):
         super().__init__(base_layer, original_name)
         w = base_layer.weight
-        self.k = k
-        self.delta = nn.Parameter(torch.zeros(self.out_features, k, dtype=w.dtype, device=w.device))
-        self.register_buffer("index", torch.zeros(self.out_features, k, dtype=torch.long, device=w.device))
-
-    def set_selection(self, index: torch.Tensor) -> None:
-        self.index.copy_(index)
-        with torch.no_grad():
-            self.delta.zero_()
-        self.mark_selected()
+        index = checked_index(original_name, index, (self.out_features, index.shape[-1]), self.fan_in, "inputs")
+        self.k = index.shape[1]
+        self.delta = nn.Parameter(torch.zeros(self.out_features, self.k, dtype=w.dtype, device=w.device))
+        self.register_buffer("index", index.to(w.device))
 
     def num_tuned(self) -> int:
         return self.out_features * self.k
@@ -812,9 +693,6 @@ class IndexDelta(DeltaLayer):
         flat = torch.zeros(self.out_features, self.fan_in, dtype=self.delta.dtype, device=self.delta.device)
         return self.from_matrix(flat.scatter_add(1, self.index, self.delta))
 
-    def index_positions(self) -> torch.Tensor | None:
-        return (self.index.reshape(-1).float().cpu() + 0.5) / self.fan_in
-
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_conv:
             return self._linear(x, self.delta, self.index, ENTRY)
@@ -822,29 +700,48 @@ class IndexDelta(DeltaLayer):
         weight = base.weight + self.dense_delta()
         return F.conv2d(x, weight, base.bias, base.stride, base.padding, base.dilation, base.groups)
 
-    def export_tensors(self) -> dict[str, torch.Tensor]:
-        return {"index": self.index.int(), "delta": self.delta.detach()}
-
-    def import_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        if "index" not in tensors or "delta" not in tensors:
-            raise ValueError(f"{self.original_name}: expected 'index' and 'delta', found {sorted(tensors)}")
-        index = checked_index(self.original_name, tensors["index"], tuple(self.index.shape), self.fan_in, "inputs")
-        values = checked_values(self.original_name, tensors["delta"], tuple(self.delta.shape))
-        self.set_selection(index.to(self.index.device))
-        with torch.no_grad():
-            self.delta.copy_(values.to(self.delta.dtype))
-
 
 # -- model-level helpers ----------------------------------------------------------------------
+def _shared_weights(model: nn.Module) -> set[int]:
+    """``id()`` of parameters registered in several modules (tied weights: GPT-2's output layer and
+    its token embedding)."""
+    seen = collections.Counter(id(p) for module in model.modules() for p in module.parameters(recurse=False))
+    return {pid for pid, n in seen.items() if n > 1}
+
+
+def eligible_layers(model: nn.Module, targets: list[str] | None = None,
+                    exclude: list[str] | tuple[str, ...] = (), head=DEFAULT) -> list[tuple[str, nn.Module]]:
+    """``(name, layer)`` for every layer a method may select from, in model order.
+
+    Those are the :func:`~grft_lightning.deltas.is_layer` modules (``nn.Linear``/``nn.Conv2d``,
+    subclasses such as timm's ``StdConv2d`` included, and transformers' ``Conv1D``) outside the head
+    (``heads.py``; ``head`` as ``method.apply`` takes it), whose names match one of the ``fnmatch``
+    patterns ``targets`` (all when None) and none of ``exclude``. Left out: the ``out_proj`` of
+    ``nn.MultiheadAttention``, which reads its weight directly and would bypass a delta, and layers
+    whose weight is tied to another module's (GPT-2's output layer shares the token embedding: a
+    delta could not be folded into that weight without changing the embedding).
+    """
+    head_modules = head_module_ids(model, head)
+    bypassed = {id(child) for module in model.modules() if isinstance(module, nn.MultiheadAttention)
+                for child in module.children()}
+    tied = _shared_weights(model)
+    layers = []
+    for name, module in model.named_modules():
+        if not is_layer(module) or id(module) in head_modules or id(module) in bypassed or id(module.weight) in tied:
+            continue
+        if targets is not None and not any(fnmatch.fnmatchcase(name, p) for p in targets):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            continue
+        layers.append((name, module))
+    return layers
+
+
 def selectable_layers(model: nn.Module) -> Iterator[tuple[str, SelectableLayer]]:
     """``(module path, layer)`` for every layer a selection fills (delta layers, masked weights)."""
     for name, module in model.named_modules():
         if isinstance(module, SelectableLayer):
             yield name, module
-
-
-#: The name scripts written before masked weights had their own interface use; the same function.
-delta_layers = selectable_layers
 
 
 def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -865,14 +762,19 @@ def fold_layers(model: nn.Module) -> nn.Module:
 def merge(model: nn.Module) -> nn.Module:
     """Fold every tuned part into the weights, in place; returns the model with plain layers.
 
-    The method applied to the model folds its own parts (``Method.merge``: the selectable layers
-    here, peft's layers for LoRA); parts that cannot be folded (adapters) stay. The merged model no
-    longer holds a method, so ``save_tuned`` refuses it. A model without a method has its
-    selectable layers folded.
+    Structural: every selectable layer becomes its :meth:`~SelectableLayer.merged_module`, and every
+    layer that wraps a ``base_layer`` and can ``merge()`` itself into it (peft's LoRA and DoRA
+    layers) does so and is replaced by its base layer. Parts that cannot be folded (adapters) stay.
     """
-    method = getattr(model, "peft_method", None)
-    if method is None:
-        return fold_layers(model)
-    method.merge(model)
-    model.peft_method = None
-    return model
+    for path, module in [(p, m) for p, m in model.named_modules() if _foldable_wrapper(m)]:
+        module.merge()
+        set_submodule(model, path, module.get_base_layer())
+    return fold_layers(model)
+
+
+def _foldable_wrapper(module: nn.Module) -> bool:
+    """A layer of another library that adds an update to a ``base_layer`` and folds it itself
+    (peft's tuner layers: ``merge()`` and ``get_base_layer()``)."""
+    return (not isinstance(module, SelectableLayer) and callable(getattr(module, "merge", None))
+            and callable(getattr(module, "get_base_layer", None)) and isinstance(getattr(module, "base_layer", None),
+                                                                                nn.Module))

@@ -1,11 +1,13 @@
 """Export and import of the tuned values only (safetensors).
 
-File layout: ``delta/<layer>/<key>`` for each selectable layer (active values and int32
-indices), ``param/<name>`` for every other trainable tensor (biases, head, norms, LoRA/adapter
-weights), ``buffer/<name>`` for BatchNorm running statistics (they change during training and the
-logits depend on them); :func:`split_tuned` is the one reader of these keys. The metadata holds
-the method's ``class_path`` and ``init_args`` and the head it was applied with, so that
-``load_tuned`` can rebuild the deltas on a fresh pre-trained model.
+File layout: ``selection/<layer>/<key>`` for the Selection (indices and the scores they were
+ranked by, ``selection.py``), ``delta/<layer>/<key>`` for each selectable layer's values,
+``param/<name>`` for every other trainable tensor (biases, head, norms, LoRA/adapter weights),
+``buffer/<name>`` for BatchNorm running statistics (they change during training and the logits
+depend on them); :func:`split_tuned` is the one reader of these keys. The metadata holds the
+method's ``class_path`` and ``init_args`` (a registered method only: ``methods.REGISTRY``) and the
+Selection's description, so that ``load_tuned`` can rebuild the deltas on a fresh pre-trained
+model.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from grft_lightning.deltas import selectable_layers
 from grft_lightning.heads import TIMM_HEAD, head_spec, num_classes
 from grft_lightning.io import atomic_path
 from grft_lightning.methods.base import Method
+from grft_lightning.selection import Selection
 
-FORMAT = "grft-lightning/tuned/1"
+FORMAT = "grft-lightning/tuned/2"
 #: the sections of a tuned file's keys (``<section>/...``)
-SECTIONS = ("delta", "param", "buffer")
+SECTIONS = ("selection", "delta", "param", "buffer")
 
 
 def _tuned_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -32,9 +35,8 @@ def _tuned_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     owned: set[int] = set()
     for path, layer in selectable_layers(model):
         owned.update(id(p) for p in layer.added_parameters())
-        if layer.is_selected:
-            for key, value in layer.export_tensors().items():
-                tensors[f"delta/{path}/{key}"] = value
+        for key, value in layer.export_tensors().items():
+            tensors[f"delta/{path}/{key}"] = value
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in owned:
             tensors[f"param/{name}"] = p.detach()
@@ -45,29 +47,40 @@ def _tuned_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
-def save_tuned(model: nn.Module, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> str:
-    """Write only the tuned values, their indices and the head to ``path`` (atomically).
+def save_tuned(model: nn.Module, path: str | os.PathLike, method: Method, selection: Selection,
+               metadata: dict[str, Any] | None = None) -> str:
+    """Write the method's configuration, the Selection and only the tuned values to ``path``
+    (atomically).
 
     Args:
-        model: a model with a method applied (and selected, for gradient methods).
+        model: the model ``method.apply(model, selection)`` returned (trained or not).
         path: target ``.safetensors`` file.
+        method: the method applied.
+        selection: the selection it was applied with.
         metadata: extra facts (backbone tag, dataset, budget, ...), stored as JSON strings.
     """
     from safetensors.torch import save_file
 
-    method: Method | None = getattr(model, "peft_method", None)
-    if method is None:
-        raise ValueError("save_tuned: the model has no method applied (call method.apply(model) first)")
+    held = [layer.original_name for _, layer in selectable_layers(model)]
+    if held != list(selection.active()):
+        missing = [name for name in selection.active() if name not in held]
+        raise ValueError(f"save_tuned: the selection tunes {len(selection.active())} layers, but the model holds "
+                         f"{len(held)} selectable layers"
+                         + (f" (none for {missing[0]})" if missing else "")
+                         + "; save the model method.apply(model, selection) returned, before merge()")
+    state = selection.state_dict()
     meta = {
         "format": FORMAT,
         "method_class": method.class_path(),
         "method_args": json.dumps(method.config()),
-        "num_classes": str(num_classes(model)),
-        "head": json.dumps(method.head),
+        "num_classes": str(num_classes(model, selection.head)),
+        "selection": json.dumps(state["meta"]),
     }
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
+    tensors = _tuned_tensors(model)
+    tensors.update({f"selection/{key}": value for key, value in state["tensors"].items()})
     with atomic_path(path) as tmp:
-        save_file(_tuned_tensors(model), tmp, metadata=meta)
+        save_file(tensors, tmp, metadata=meta)
     return str(path)
 
 
@@ -90,8 +103,9 @@ def read_tuned(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 def split_tuned(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """A tuned file's tensors by section: ``{"delta": {layer path: {key: tensor}}, "param": {name:
-    tensor}, "buffer": {name: tensor}}`` (the key layout in the module docstring)."""
+    """A tuned file's tensors by section: ``{"selection": {key: tensor}, "delta": {layer path: {key:
+    tensor}}, "param": {name: tensor}, "buffer": {name: tensor}}`` (the key layout in the module
+    docstring)."""
     sections: dict[str, dict] = {name: {} for name in SECTIONS}
     for key, value in tensors.items():
         section, _, rest = key.partition("/")
@@ -100,6 +114,8 @@ def split_tuned(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
         if section == "delta":
             layer_path, _, item = rest.rpartition("/")
             sections["delta"].setdefault(layer_path, {})[item] = value
+        elif section == "selection":
+            sections["selection"][rest] = value
         else:
             sections[section][rest] = value
     return sections
@@ -117,24 +133,39 @@ def method_from_metadata(meta: dict[str, str], source: str = "tuned file") -> Me
     return method_from_config(meta.get("method_class"), args, source)
 
 
+def read_selection(path: str | os.PathLike) -> tuple[Method, Selection]:
+    """The method (a registered one: nothing else is built) and the Selection a tuned file holds."""
+    tensors, meta = read_tuned(path)
+    return _method_and_selection(tensors, meta, str(path))
+
+
+def _method_and_selection(tensors: dict[str, torch.Tensor], meta: dict[str, str], source: str) -> tuple[Method, Selection]:
+    method = method_from_metadata(meta, source)  # first: the file names a registered method or nothing happens
+    state = {"meta": meta.get("selection", "{}"), "tensors": split_tuned(tensors)["selection"]}
+    return method, Selection.from_state_dict(state, source)
+
+
 def load_tuned(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Rebuild a tuned model from a fresh pre-trained backbone and a :func:`save_tuned` file.
 
-    The method is applied with the head the file names (files written before the head was
-    recorded: timm's ``get_classifier()``). A timm head is re-created for the file's number of
-    classes when it differs; another model must be built with that many outputs. Returns the model
-    (modified in place) with the method applied and its selection and values loaded.
+    The method the file names is applied with the file's Selection (and its head). A timm head is
+    re-created for the file's number of classes when it differs; another model must be built with
+    that many outputs. Returns the model (modified in place) with the tuned values loaded;
+    :func:`read_selection` gives the method and the Selection.
     """
     tensors, meta = read_tuned(path)
-    method = method_from_metadata(meta, str(path))  # first: the file names a registered method or nothing happens
-    head = head_spec(base_model, json.loads(meta.get("head", json.dumps(TIMM_HEAD))))
+    method, selection = _method_and_selection(tensors, meta, str(path))
+    head = head_spec(base_model, selection.head)
     classes = int(meta.get("num_classes", 0))
     if classes and num_classes(base_model, head) not in (0, classes):
         if head != TIMM_HEAD:
             raise ValueError(f"{path}: saved with a head of {classes} outputs, this model's head has "
                              f"{num_classes(base_model, head)}; build the model with {classes} outputs")
         base_model.reset_classifier(classes)
-    method.apply(base_model, head=head)
+    try:
+        method.apply(base_model, selection)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
     layers = dict(selectable_layers(base_model))
     sections = split_tuned(tensors)
     for section in ("param", "buffer"):
@@ -149,9 +180,13 @@ def load_tuned(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for layer_path, items in sections["delta"].items():
         if layer_path not in layers:
             raise ValueError(f"{path}: delta for {layer_path} but the rebuilt model has no such delta layer")
-        layers[layer_path].import_tensors({k: v.to(layers[layer_path].selected.device) for k, v in items.items()})
-    unselected = [p for p, layer in layers.items() if not layer.is_selected]
-    if unselected:
-        raise ValueError(f"{path}: no selection for {len(unselected)} delta layers (e.g. {unselected[0]}); "
-                         "was the file saved before select()?")
+        try:
+            layers[layer_path].import_tensors(items)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
+    missing = [name for name, layer in layers.items() if layer.added_parameters() and name not in sections["delta"]]
+    if missing:
+        raise ValueError(f"{path}: no delta values for {len(missing)} layer{'s' if len(missing) > 1 else ''} the "
+                         f"selection tunes ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+                         "the file is incomplete")
     return base_model

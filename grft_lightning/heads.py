@@ -2,7 +2,8 @@
 
 A method trains the head in full and counts it apart (``accounting.py``); eligible layers, biases,
 adapters and the loading of backbone weights leave it out. Which modules are the head is said
-once, when the method is applied (``method.apply(model, head=...)``):
+once, when the method selects (``method.select(model, grads, head=...)``), and the Selection
+keeps it:
 
 * an attribute path (``"classifier"`` on Hugging Face's ``BertForSequenceClassification``,
   ``"score"``, ``"head.fc"``), or a list of them;
@@ -13,9 +14,8 @@ once, when the method is applied (``method.apply(model, head=...)``):
   ``get_classifier()`` must name its head. The explicit form of that default is
   ``head=TIMM_HEAD``.
 
-The choice is kept on the applied method (``method.head``), so the functions below called on
-the model afterwards (counts, export, the training step) find the same modules. A model without a
-method falls back to ``get_classifier()`` when it has one, and to no head otherwise.
+Nothing is stored on the model: the functions below take the head (``selection.head``) and, when
+it is left out, fall back to ``get_classifier()`` when the model has one, and to no head otherwise.
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ HeadSpec = Union[str, list, None]
 
 
 class _Default:
-    """The ``head`` argument left out: the head the model's method was applied with, else the
-    model's own ``get_classifier()``."""
+    """The ``head`` argument left out: the model's own ``get_classifier()`` (else no head)."""
 
     def __repr__(self) -> str:
         return "DEFAULT"
@@ -69,19 +68,16 @@ def head_spec(model: nn.Module, head: HeadSpec | _Default = DEFAULT, required: b
     """The head ``model`` is tuned with, as a spec (:data:`TIMM_HEAD`, a list of paths, or None).
 
     ``head`` given: checked against the model and returned (a path as a one-element list).
-    Left out: the head of the method applied to the model, else :data:`TIMM_HEAD` on a model with
-    ``get_classifier()``, else None; with ``required`` (``method.apply``) a model without
-    ``get_classifier()`` is an error that says how to name its head.
+    Left out: :data:`TIMM_HEAD` on a model with ``get_classifier()``, else None; with
+    ``required`` (``method.select``) a model without ``get_classifier()`` is an error that says
+    how to name its head.
     """
     if isinstance(head, _Default):
-        method = getattr(model, "peft_method", None)
-        if method is not None:
-            return method.head
         if hasattr(model, "get_classifier"):
             return TIMM_HEAD
         if required:
             raise ValueError(f"{type(model).__name__} has no get_classifier(), so its classification head is "
-                             "unknown: name it by its attribute path, e.g. method.apply(model, head='classifier'), "
+                             "unknown: name it by its attribute path, e.g. method.select(model, grads, head='classifier'), "
                              "or pass head=None for a model without a new head")
         return None
     if head is None or head == TIMM_HEAD:

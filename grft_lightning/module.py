@@ -1,7 +1,16 @@
-"""The one LightningModule: frozen timm backbone + new head + a method's trainable parts."""
+"""The one LightningModule: frozen timm backbone + new head + a method's trainable parts.
+
+The method's parts are built from a Selection (``selection.py``): at construction for the methods
+that need no data (full, linear, BitFit, LoRA, adapters, the random draws that read no
+gradient), and for the gradient methods in the ``setup`` hook, where the selection callback
+(``callbacks.GradientSelection``) runs the pass, or restores the selection of the checkpoint being
+resumed, before Lightning builds the optimizer and wraps the model for DDP. The selection is
+saved in every checkpoint; a checkpoint whose selection differs from the run's is refused.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from typing import Literal
@@ -15,10 +24,12 @@ from torchmetrics.classification import MulticlassAccuracy
 from grft_lightning.accounting import count_parameters
 from grft_lightning.backbones import WeightsFormat, create_backbone
 from grft_lightning.errors import CheckpointRefused
-from grft_lightning.heads import head_parameter_ids
+from grft_lightning.heads import DEFAULT, head_parameter_ids
 from grft_lightning.losses import features_and_logits
 from grft_lightning.methods.base import Method
 from grft_lightning.schedules import warmup_cosine
+from grft_lightning.seeding import run_seed
+from grft_lightning.selection import Selection
 
 
 class PEFTModule(L.LightningModule):
@@ -92,10 +103,17 @@ class PEFTModule(L.LightningModule):
         self.method = method
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        model = create_backbone(backbone, num_classes, pretrained, weights, weights_format, drop_path_rate, image_size)
-        self.model = method.apply(model)
+        self.model = create_backbone(backbone, num_classes, pretrained, weights, weights_format, drop_path_rate,
+                                     image_size)
         if channels_last:  # convolutions follow their weight's memory format
             self.model.to(memory_format=torch.channels_last)
+        #: what the method tunes (None until the selection callback sets it, for gradient methods)
+        self.selection: Selection | None = None
+        # The feature regulariser's frozen pre-trained copy, held in a tuple so that it is no
+        # submodule: state_dict and checkpoints never see it, and it is never trained.
+        self._reference: tuple[torch.nn.Module, ...] = ()
+        if not method.needs_gradients:
+            self.apply_selection(method.select(self.model, seed=run_seed()))
         # validate_args would check the labels on the host every step (a device sync); the loss
         # already rejects a label out of range, and the evaluation metrics keep the check
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
@@ -109,6 +127,22 @@ class PEFTModule(L.LightningModule):
         self._finite_batches = 0
 
     # -- model ------------------------------------------------------------------------------
+    def apply_selection(self, selection: Selection) -> None:
+        """Build the method's trainable parts from ``selection`` (once; before the optimizer exists)."""
+        if self.selection is not None:
+            raise RuntimeError("PEFTModule: the method was already applied with a selection")
+        if self.method.needs_reference():
+            self._reference = (copy.deepcopy(self.model).eval().requires_grad_(False),)
+        self.method.apply(self.model, selection)
+        if self.hparams.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.selection = selection
+
+    @property
+    def head(self):
+        """The head spec the selection records (timm's ``get_classifier()`` before one exists)."""
+        return DEFAULT if self.selection is None else self.selection.head
+
     def _make_mixup(self, num_classes: int):
         if not (self.hparams.mixup > 0 or self.hparams.cutmix > 0):
             return None
@@ -147,7 +181,7 @@ class PEFTModule(L.LightningModule):
             loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         else:
             loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.hparams.label_smoothing)
-        reg = self.method.regularizer(self.model, images, features)
+        reg = self.method.regularizer(self.model, images, features, self._reference[0] if self._reference else None)
         total = loss if reg is None else loss + reg
         self._check_finite(total)
         self.train_acc(logits.detach(), labels)
@@ -236,7 +270,7 @@ class PEFTModule(L.LightningModule):
     # -- optimizer --------------------------------------------------------------------------
     def parameter_groups(self) -> list[dict]:
         """Only tuned tensors; weight decay on tensors with ndim >= 2 only; the head at head_lr."""
-        head = head_parameter_ids(self.model)
+        head = head_parameter_ids(self.model, self.head)
         groups = {(h, d): [] for h in (False, True) for d in (True, False)}
         for p in self.model.parameters():
             if p.requires_grad:
@@ -311,6 +345,8 @@ class PEFTModule(L.LightningModule):
         if self.ema is not None:
             checkpoint["ema"] = {k: v.cpu() for k, v in self.ema.items()}
         checkpoint["selection_seconds"] = self.selection_seconds
+        if self.selection is not None:
+            checkpoint["selection"] = self.selection.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         trainer = self._trainer
@@ -326,9 +362,33 @@ class PEFTModule(L.LightningModule):
         if saved_backbone is not None and saved_backbone != self.hparams.backbone:
             raise CheckpointRefused(f"{where} is of backbone {saved_backbone!r}, this run uses "
                                     f"{self.hparams.backbone!r}; {fix}")
+        self._restore_selection(checkpoint, where, fix)
         if "ema" in checkpoint:
             self.ema = {k: v.to(self.device) for k, v in checkpoint["ema"].items()}
         self.selection_seconds = float(checkpoint.get("selection_seconds", 0.0))
 
+    def _restore_selection(self, checkpoint: dict, where: str, fix: str) -> None:
+        """The checkpoint's selection: applied when the run has none yet (a model loaded with
+        ``load_from_checkpoint``), else checked against the run's."""
+        if "selection" not in checkpoint:
+            if self.selection is None or self.selection.rule is not None:
+                raise CheckpointRefused(f"{where} holds no selection (written by an older version); {fix}")
+            return
+        saved = Selection.from_state_dict(checkpoint["selection"], where)
+        if self.selection is None:
+            self.apply_selection(saved)
+        elif saved != self.selection:
+            raise CheckpointRefused(f"{where} was trained on another selection ({saved.describe()}; this run: "
+                                    f"{self.selection.describe()}); {fix}")
+
+    @staticmethod
+    def checkpoint_selection(path: str) -> Selection:
+        """The Selection saved in the checkpoint at ``path`` (read weights-only)."""
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if "selection" not in checkpoint:
+            raise CheckpointRefused(f"checkpoint {path} holds no selection (written by an older version); resume "
+                                    "with the version that wrote it, or start a fresh run directory (--run_dir)")
+        return Selection.from_state_dict(checkpoint["selection"], f"checkpoint {path}")
+
     def tuned_counts(self) -> dict[str, float]:
-        return count_parameters(self.model)
+        return count_parameters(self.model, self.head)

@@ -1,34 +1,32 @@
-"""A picture of a selection: per selectable layer, where the tuned rows/columns/entries lie."""
+"""A picture of a Selection: per layer, where the tuned rows/columns/entries lie."""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from grft_lightning.deltas import AXIS_NAMES, selectable_layers
+from grft_lightning.selection import Selection
 
 BINS = 128
 
 
-def selection_map(model: nn.Module) -> tuple[torch.Tensor, list[str]]:
-    """``(layers x BINS)`` density of selected indices along each layer's selected axis, and the
-    row labels (``name [row|column|entry]``). Index positions are scaled to [0, 1)
-    (``SelectableLayer.index_positions``; layers that give none are left out)."""
+def selection_map(selection: Selection) -> tuple[torch.Tensor, list[str]]:
+    """``(layers x BINS)`` density of selected indices along each layer's axis, and the row labels
+    (``name [row|column|entry]``). Index positions are scaled to [0, 1) (the layer's rows, or its
+    fan-in for columns and entries); layers with nothing selected are left out."""
     rows, labels = [], []
-    for _, layer in selectable_layers(model):
-        position = layer.index_positions() if layer.is_selected else None
-        if position is None:
-            continue
+    for name, layer in selection.active().items():
+        size = layer.shape[0] if layer.axis == "row" else layer.shape[1]
+        position = (layer.index.reshape(-1).float() + 0.5) / size
         hist = torch.histc(position, bins=BINS, min=0.0, max=1.0)
         rows.append(hist / max(1.0, float(hist.max())))
-        labels.append(f"{layer.original_name} [{AXIS_NAMES[layer.selected_axis]}]")
+        labels.append(f"{name} [{layer.axis}]")
     if not rows:
         return torch.zeros(0, BINS), labels
     return torch.stack(rows), labels
 
 
-def save_selection_figure(model: nn.Module, path: str):
-    """Write the selection map as a PNG; returns the matplotlib figure (or None: no deltas).
+def save_selection_figure(selection: Selection, path: str):
+    """Write the selection map as a PNG; returns the matplotlib figure (or None: nothing selected).
 
     The figure is drawn on its own Agg canvas: the process's matplotlib backend (``pyplot``'s) is
     neither read nor changed.
@@ -36,7 +34,7 @@ def save_selection_figure(model: nn.Module, path: str):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    density, labels = selection_map(model)
+    density, labels = selection_map(selection)
     if not labels:
         return None
     height = max(2.0, 0.18 * len(labels) + 1.0)

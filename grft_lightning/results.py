@@ -33,17 +33,17 @@ def _fraction(value: Any) -> float | None:
 BUDGET_KEYS = ("mode", "fraction", "allocation", "rows_per_matrix", "columns_per_matrix", "k", "r", "bottleneck")
 
 
-def budget_record(method: Any, model: Any, task_budget: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The run's budget for ``results.json``: the method's one-line description, its budget
-    arguments as resolved, the per-matrix counts (GRFT and the random ablations: ``[rows,
-    columns]`` per matrix, as the budget fixed them before selection) and the task's ``budget``
-    section the run was given (``task``)."""
+def budget_record(method: Any, selection: Any, task_budget: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's budget for ``results.json``: the selection's one-line description, the method's
+    budget arguments as resolved, the per-matrix counts that came out of the selection
+    (``per_matrix``: ``{layer: [axis, count]}``, rows or columns per matrix, entries per row for GPS)
+    and the task's ``budget`` section the run was given (``task``)."""
     config = method.config() if hasattr(method, "config") else {}
-    record: dict[str, Any] = {"description": method.describe_budget(model) if hasattr(method, "describe_budget") else ""}
+    record: dict[str, Any] = {"description": selection.describe() if selection is not None else ""}
     record.update({key: config[key] for key in BUDGET_KEYS if key in config})
-    per_matrix = getattr(method, "budget", None)
-    if isinstance(per_matrix, dict) and per_matrix:
-        record["per_matrix"] = {name: [int(rows), int(columns)] for name, (rows, columns) in per_matrix.items()}
+    if selection is not None and selection.layers:
+        record["per_matrix"] = selection.counts()
+        record["entries"] = selection.entries()
     record["task"] = {k: v for k, v in (task_budget or {}).items() if v is not None}
     return record
 

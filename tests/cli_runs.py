@@ -86,7 +86,7 @@ def saved_selection(run_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     tensors = load_file(str(run_dir / "tuned.safetensors"))
-    return {k: v for k, v in tensors.items() if k.endswith(("/rows", "/columns", "/index"))}
+    return {k: v for k, v in tensors.items() if k.startswith("selection/") and k.endswith("/index")}
 
 
 def tuned_values(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-SELECTION_KEYS = ("row_index", "col_index", "axis", ".index", "selected")
+SELECTION_KEYS = (".index",)
 
 
 class RankProbe(L.Callback):

@@ -15,9 +15,10 @@ import copy
 import pytest
 import torch
 
-from grft_lightning import accumulate_gradients, count_parameters, load_tuned, merge, save_tuned
+from grft_lightning import accumulate_gradients, count_parameters, load_tuned, merge, read_selection, save_tuned
 from grft_lightning.deltas import COLUMN, ENTRY, ROW, SelectableLayer, selectable_layers
 from grft_lightning.methods import GPS, GRFT, BitFit, GPSMasked, RandomRows
+from tuning import random_grads
 
 transformers = pytest.importorskip("transformers")
 
@@ -81,9 +82,9 @@ def _selected_mask(layer: SelectableLayer) -> torch.Tensor:
     """The selected entries of a layer's weight, in the weight's own layout, from its indices."""
     mask = torch.zeros(layer.out_features, layer.fan_in, dtype=torch.bool)
     if layer.selected_axis == ROW:
-        mask[layer.row_index] = True
+        mask[layer.index] = True
     elif layer.selected_axis == COLUMN:
-        mask[:, layer.col_index] = True
+        mask[:, layer.index] = True
     else:
         return layer.mask.clone() if hasattr(layer, "mask") else layer.from_matrix(mask.scatter(1, layer.index, True))
     return layer.from_matrix(mask)
@@ -98,13 +99,18 @@ def test_adamw_moves_only_the_selected_entries_and_merge_keeps_the_logits(model_
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     head_names = {f"{head}.weight", f"{head}.bias"} if head else set()
     method = METHODS[method_name]()
-    method.apply(model, head=head)
     batches = _batches(model_kind)
-    grads = accumulate_gradients(model, batches, loss_fn)
-    method.select(model, grads)
+    grads = None
+    if method.needs_gradients:
+        grads = accumulate_gradients(model, batches, loss_fn, names=method.gradient_names(model, head))
+    selection = method.select(model, grads, head=head)
+    assert selection.head == ([head] if head else None)
+    method.apply(model, selection)
     layers = dict(selectable_layers(model))
     if method_name != "bitfit":
-        assert layers and all(layer.is_selected for layer in layers.values())
+        assert layers and list(layers) == list(selection.active())
+        for name, layer in layers.items():
+            assert layer.num_tuned() == selection.layers[name].entries
     tuned_biases = {name for name, p in model.named_parameters() if p.requires_grad and name.endswith("bias")}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     model.train()
@@ -149,9 +155,10 @@ def test_adamw_moves_only_the_selected_entries_and_merge_keeps_the_logits(model_
 def test_heads_counts_and_eligible_layers(model_kind):
     build, head = MODELS[model_kind]
     model = build()
-    GRFT(rows_per_matrix=2).apply(model, head=head)
+    method = GRFT(rows_per_matrix=2)
+    method.apply(model, method.select(model, random_grads(model, method, head), head=head))
     names = [layer.original_name for _, layer in selectable_layers(model)]
-    counts = count_parameters(model)
+    counts = count_parameters(model, head=head)
     if model_kind == "bert":
         assert "classifier" not in names and "bert.pooler.dense" in names and len(names) == 13
         assert counts["head"] == 32 * 3 + 3
@@ -168,18 +175,23 @@ def test_heads_counts_and_eligible_layers(model_kind):
 
 def test_a_model_without_get_classifier_must_name_its_head():
     with pytest.raises(ValueError, match=r"head='classifier'"):
-        GRFT().apply(_bert())
+        GRFT().gradient_names(_bert())
+    with pytest.raises(ValueError, match=r"head='classifier'"):
+        GRFT().select(_bert(), {})
+    with pytest.raises(ValueError, match=r"head='classifier'"):
+        BitFit().apply(_bert())  # no selection given: the one it makes needs the head too
     with pytest.raises(ValueError, match=r"no submodule 'clasifier'"):
-        GRFT().apply(_bert(), head="clasifier")
+        GRFT().select(_bert(), {}, head="clasifier")
 
 
 def test_gradients_keep_each_weight_layout():
     model = _gpt2()
     method = GPS(k=1)
-    method.apply(model, head=None)
-    grads = accumulate_gradients(model, _batches("gpt2", 1), loss_fn)
+    grads = accumulate_gradients(model, _batches("gpt2", 1), loss_fn, names=method.gradient_names(model, head=None))
     assert grads["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)  # Conv1D: in x out, as stored
-    method.select(model, grads)
+    selection = method.select(model, grads, head=None)
+    assert selection.layers["transformer.h.0.attn.c_attn"].shape == (96, 32)  # read as out x fan_in
+    method.apply(model, selection)
     layer = dict(selectable_layers(model))["transformer.h.0.attn.c_attn"]
     assert layer.selected_axis == ENTRY and layer.index.shape == (96, 1)
     # the selected entry of output 0 is the largest |gradient| in column 0 of the stored weight
@@ -189,15 +201,17 @@ def test_gradients_keep_each_weight_layout():
 def test_save_and_load_tuned_on_bert_keeps_the_head(tmp_path):
     model = _bert()
     method = GRFT(mode="column", columns_per_matrix=2)
-    method.apply(model, head="classifier")
-    method.select(model, accumulate_gradients(model, _batches("bert", 1), loss_fn))
+    grads = accumulate_gradients(model, _batches("bert", 1), loss_fn, names=method.gradient_names(model, "classifier"))
+    selection = method.select(model, grads, head="classifier")
+    method.apply(model, selection)
     with torch.no_grad():
         for _, layer in selectable_layers(model):
             layer.delta.normal_()
         model.classifier.weight.normal_()
-    path = save_tuned(model, tmp_path / "tuned.safetensors")
+    path = save_tuned(model, tmp_path / "tuned.safetensors", method, selection)
     fresh = load_tuned(_bert(), path)
-    assert fresh.peft_method.head == ["classifier"]
+    assert read_selection(path)[1].head == ["classifier"] and read_selection(path)[1] == selection
+    assert count_parameters(fresh, head="classifier") == count_parameters(model, head="classifier")
     inputs = {k: v for k, v in _batches("bert", 1)[0].items() if k != "labels"}
     model.eval(), fresh.eval()
     with torch.no_grad():

@@ -18,11 +18,12 @@ from torch import nn
 from grft_lightning import accumulate_gradients, load_tuned, merge, save_tuned
 from grft_lightning.accounting import count_parameters
 from grft_lightning.losses import features_and_logits
-from grft_lightning.deltas import StructuredDelta, delta_layers, has_plain_forward, is_layer
+from grft_lightning.deltas import ROW, StructuredDelta, eligible_layers, has_plain_forward, is_layer, selectable_layers
+from grft_lightning.gradients import default_gradient_targets
+from grft_lightning.heads import TIMM_HEAD, HeadGroup, classifier
 from grft_lightning.methods import GPS, GRFT, BitFit, GPSMasked, Linear, LoRA, RandomRows
 from grft_lightning.methods import base as methods_base
-from grft_lightning.methods.base import HeadGroup, classifier, eligible_layers
-from grft_lightning.selection import default_gradient_targets
+from tuning import tune, zero_grads
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -75,9 +76,9 @@ def standardised(weight: torch.Tensor, eps: float) -> torch.Tensor:
 # -- one definition of the eligible layers -------------------------------------------------------
 def test_layer_types_have_one_definition():
     assert methods_base.is_layer is is_layer
-    selection_source = (REPO / "grft_lightning" / "selection.py").read_text()
     base_source = (REPO / "grft_lightning" / "methods" / "base.py").read_text()
-    assert "nn.Linear, nn.Conv2d)" not in selection_source
+    for module in ("selection.py", "gradients.py"):
+        assert "nn.Linear, nn.Conv2d)" not in (REPO / "grft_lightning" / module).read_text()
     assert "LAYER_TYPES = " not in base_source
 
 
@@ -117,11 +118,11 @@ def test_bit_layers_are_found_and_scored_without_a_method():
 @pytest.mark.parametrize("method", [GRFT(rows_per_matrix=2), GRFT(mode="column", columns_per_matrix=3),
                                     GPS(k=2), RandomRows(rows_per_matrix=2)], ids=lambda m: m.name)
 def test_bit_deltas_go_through_the_weight_standardisation(method):
-    model = method.apply(tiny_bit())
-    layers = [layer for _, layer in delta_layers(model)]
+    model = tiny_bit()
+    tune(model, method, [batch()], ce, seed=0)
+    layers = [layer for _, layer in selectable_layers(model)]
     assert layers and all(type(layer.base_layer).__name__ == "StdConv2d" for layer in layers)
     assert not any(layer.plain_forward for layer in layers)
-    method.select(model, accumulate_gradients(model, [batch()], ce) if method.needs_gradients else None)
     torch.manual_seed(2)
     with torch.no_grad():
         for layer in layers:
@@ -141,15 +142,14 @@ def test_bit_deltas_go_through_the_weight_standardisation(method):
     # The whole model equals its merge (plain StdConv2d layers holding W0 + delta).
     out = model(x)
     merged = merge(copy.deepcopy(model))
-    assert not list(delta_layers(merged))
+    assert not list(selectable_layers(merged))
     assert torch.allclose(merged(x), out, atol=1e-5)
 
 
 def test_bit_deltas_train_and_the_pretrained_weights_do_not_move():
     model = tiny_bit()
     method = GRFT(rows_per_matrix=2)
-    method.apply(model)
-    method.select(model, accumulate_gradients(model, [batch()], ce))
+    tune(model, method, [batch()], ce)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     tuned = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -173,7 +173,7 @@ def test_a_parametrized_weight_is_refused():
 
     conv = weight_norm(nn.Conv2d(3, 4, 3))
     with pytest.raises(TypeError, match=r"blk: the weight of this .* is computed .* `exclude`"):
-        StructuredDelta(conv, "blk", "row", rows=1)
+        StructuredDelta(conv, "blk", ROW, torch.tensor([0]))
 
 
 # -- DeiT distilled: two heads ---------------------------------------------------------------------
@@ -184,17 +184,22 @@ def test_distilled_heads_are_both_trained_and_counted_as_head():
     assert head.out_features == 5
     per_head = 32 * 5 + 5
     for method in (Linear(), GRFT(rows_per_matrix=1), GPS(k=1)):
-        m = method.apply(tiny_deit())
+        m = tiny_deit()
+        selection = tune(m, method)
+        assert selection.head == TIMM_HEAD  # recorded: timm's get_classifier(), both heads
         names = {n for n, p in m.named_parameters() if p.requires_grad and n.startswith("head")}
         assert names == {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"}
         counts = count_parameters(m)
         assert counts["head"] == 2 * per_head
         assert counts["backbone"] == sum(p.numel() for p in tiny_deit().parameters()) - 2 * per_head
-        assert not any(layer.original_name.startswith("head") for _, layer in delta_layers(m))
+        assert not any(layer.original_name.startswith("head") for _, layer in selectable_layers(m))
+        assert not any(name.startswith("head") for name in selection.layers)
 
 
 def test_training_logits_of_distilled_heads_are_those_of_the_models_forward():
-    model = GRFT(rows_per_matrix=1).apply(tiny_deit()).train()
+    model = tiny_deit()
+    tune(model, GRFT(rows_per_matrix=1))
+    model.train()
     images, _ = batch()
     features, logits = features_and_logits(model, images)
     tokens = model.forward_features(images)
@@ -203,7 +208,8 @@ def test_training_logits_of_distilled_heads_are_those_of_the_models_forward():
     assert torch.allclose(logits, model(images), atol=1e-6)
     assert torch.allclose(logits, (model.head(tokens[:, 0]) + model.head_dist(tokens[:, 1])) / 2, atol=1e-6)
     assert not torch.allclose(logits, classifier(model)(features), atol=1e-3)
-    vit = GRFT(rows_per_matrix=1).apply(timm.create_model("test_vit", pretrained=False, num_classes=5, img_size=32))
+    vit = timm.create_model("test_vit", pretrained=False, num_classes=5, img_size=32)
+    tune(vit, GRFT(rows_per_matrix=1))
     features, logits = features_and_logits(vit, images)
     assert torch.equal(logits, vit.head(features))
 
@@ -211,8 +217,7 @@ def test_training_logits_of_distilled_heads_are_those_of_the_models_forward():
 def test_distilled_heads_move_in_training_and_round_trip_through_export(tmp_path):
     model = tiny_deit()
     method = GRFT(rows_per_matrix=1)
-    method.apply(model)
-    method.select(model, accumulate_gradients(model, [batch()], ce))
+    selection = tune(model, method, [batch()], ce)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("head")}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     images, labels = batch()
@@ -224,7 +229,7 @@ def test_distilled_heads_move_in_training_and_round_trip_through_export(tmp_path
     params = dict(model.named_parameters())
     assert all(not torch.equal(params[n], v) for n, v in before.items())
     model.eval()
-    path = save_tuned(model, tmp_path / "tuned.safetensors")
+    path = save_tuned(model, tmp_path / "tuned.safetensors", method, selection)
     loaded = load_tuned(tiny_deit(), path).eval()
     assert torch.allclose(loaded(images), model(images), atol=1e-5)
 
@@ -233,7 +238,8 @@ def test_distilled_heads_move_in_training_and_round_trip_through_export(tmp_path
 def test_swin_tables_and_convnext_layer_scales_are_frozen_by_default():
     for build, pattern in ((tiny_swin, "relative_position_bias_table"), (tiny_convnext, "gamma")):
         for method in (GRFT(rows_per_matrix=1), GPS(k=1), BitFit()):
-            model = method.apply(build())
+            model = build()
+            tune(model, method)
             extra = [p for n, p in model.named_parameters() if n.endswith(pattern)]
             assert extra and not any(p.requires_grad for p in extra)
 
@@ -248,9 +254,12 @@ def test_swin_tables_and_convnext_layer_scales_are_frozen_by_default():
 def test_tune_params_trains_them_in_full_and_counts_them(build, pattern, make):
     plain = make(pattern)
     plain.tune_params = None
-    reference = count_parameters(plain.apply(build()))
+    plain_model = build()
+    tune(plain_model, plain, seed=0)
+    reference = count_parameters(plain_model)
     method = make(pattern)
-    model = method.apply(build())
+    model = build()
+    tune(model, method, seed=0)
     extra = {n: p for n, p in model.named_parameters() if n.endswith(pattern[2:])}
     assert extra and all(p.requires_grad for p in extra.values())
     counts = count_parameters(model)
@@ -262,19 +271,18 @@ def test_tune_params_trains_them_in_full_and_counts_them(build, pattern, make):
 
 def test_tune_params_errors_name_the_option():
     with pytest.raises(ValueError, match=r"GPS\.tune_params: '\*\.gamma' matched no parameter"):
-        GPS(tune_params=["*.gamma"]).apply(tiny_swin())
+        tune(tiny_swin(), GPS(tune_params=["*.gamma"]))
     with pytest.raises(ValueError, match=r"GRFT\.tune_params: .*mlp\.fc1\.weight is the weight of a layer"):
-        GRFT(rows_per_matrix=1, tune_params=["*.mlp.fc1.weight"]).apply(tiny_convnext())
+        tune(tiny_convnext(), GRFT(rows_per_matrix=1, tune_params=["*.mlp.fc1.weight"]))
 
 
 @pytest.mark.parametrize("build", [tiny_swin, tiny_convnext], ids=["swin", "convnext"])
 def test_swin_and_convnext_select_train_and_merge(build):
     model = build()
     method = GRFT(rows_per_matrix=1)
-    method.apply(model)
-    method.select(model, accumulate_gradients(model, [batch()], ce))
+    tune(model, method, [batch()], ce)
     with torch.no_grad():
-        for _, layer in delta_layers(model):
+        for _, layer in selectable_layers(model):
             layer.delta.normal_(0, 0.05)
     model.eval()
     x = batch()[0]
@@ -308,5 +316,5 @@ def test_backbone_configs_compose_and_their_documented_counts_hold(name):
 
     assert sum(p.numel() for n, p in model.named_parameters() if fnmatch.fnmatchcase(n, pattern)) == extra
     method = GRFT(fraction=0.003)
-    method.apply(model)
-    assert set(method.budget.values()) == {(rows, 0)} and len(method.budget) == matrices
+    selection = method.select(model, zero_grads(model, method))
+    assert {tuple(c) for c in selection.counts().values()} == {("row", rows)} and len(selection.layers) == matrices

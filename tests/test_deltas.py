@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grft_lightning.deltas import COLUMN, ROW, DeltaLayer, IndexDelta, StructuredDelta, delta_layers, merge
+from grft_lightning.deltas import COLUMN, ENTRY, ROW, DeltaLayer, IndexDelta, StructuredDelta, merge, selectable_layers
 from grft_lightning.methods import GPS, GRFT
 from seeded_layers import seeded_layer
+from tuning import random_grads
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -48,24 +49,24 @@ def _make_delta(kind: str, layer: nn.Module):
     gen = torch.Generator().manual_seed(1)
     if kind == "row":
         rows = torch.tensor(sorted({0, out // 2 + 1, out - 1}))  # rows in different groups for grouped convs
-        delta = StructuredDelta(layer, "layer", "row", rows=len(rows))
-        delta.set_selection(ROW, rows)
+        delta = StructuredDelta(layer, "layer", ROW, rows)
+        assert delta.delta.shape == (len(rows), fin)
         values = torch.randn(len(rows), fin, generator=gen)
         dense = torch.zeros(out, fin)
         dense[rows] = values
     elif kind == "column":
         # 0 and 1 share an input channel (different kernel positions) in a conv with kh*kw > 1
         cols = torch.tensor(sorted({0, 1, fin - 1}))
-        delta = StructuredDelta(layer, "layer", "column", columns=len(cols))
-        delta.set_selection(COLUMN, cols)
+        delta = StructuredDelta(layer, "layer", COLUMN, cols)
+        assert delta.delta.shape == (out, len(cols))
         values = torch.randn(out, len(cols), generator=gen)
         dense = torch.zeros(out, fin)
         dense[:, cols] = values
     else:  # gps
         k = 2
         index = torch.stack([torch.randperm(fin, generator=gen)[:k] for _ in range(out)])
-        delta = IndexDelta(layer, "layer", k)
-        delta.set_selection(index)
+        delta = IndexDelta(layer, "layer", index)
+        assert delta.delta.shape == (out, k)
         values = torch.randn(out, k, generator=gen)
         dense = torch.zeros(out, fin)
         for i in range(out):
@@ -79,9 +80,9 @@ def _make_delta(kind: str, layer: nn.Module):
 def _gather(kind: str, delta: DeltaLayer, grad_w: torch.Tensor) -> torch.Tensor:
     g = grad_w.reshape(grad_w.shape[0], -1)
     if kind == "row":
-        return g[delta.row_index]
+        return g[delta.index]
     if kind == "column":
-        return g[:, delta.col_index]
+        return g[:, delta.index]
     return g.gather(1, delta.index)
 
 
@@ -118,55 +119,49 @@ def test_delta_forward_and_gradient_equal_dense(kind, layer_name):
 
 
 @pytest.mark.parametrize("kind", ["row", "column", "gps"])
-def test_unselected_delta_is_the_base_layer(kind):
+def test_a_new_delta_is_the_base_layer(kind):
     layer, x = _layer("conv_grouped")
-    delta = {"row": lambda: StructuredDelta(layer, "l", "row", rows=2),
-             "column": lambda: StructuredDelta(layer, "l", "column", columns=2),
-             "gps": lambda: IndexDelta(layer, "l", 2)}[kind]()
-    with torch.no_grad():
-        delta.delta.normal_()  # values without a selection must not be used
+    delta = {"row": lambda: StructuredDelta(layer, "l", ROW, torch.tensor([1, 4])),
+             "column": lambda: StructuredDelta(layer, "l", COLUMN, torch.tensor([0, 17])),
+             "gps": lambda: IndexDelta(layer, "l", torch.tensor([[0, 3]] * 6))}[kind]()
+    assert torch.count_nonzero(delta.delta) == 0  # deltas start at zero: the pre-trained layer
     assert torch.equal(delta(x), layer(x))
     assert torch.equal(delta.merged_module().weight, layer.weight)
+    assert delta.num_tuned() == {"row": 2 * 18, "column": 6 * 2, "gps": 6 * 2}[kind]
 
 
-def test_auto_delta_uses_leading_entries_for_columns():
-    layer, x = _layer("linear")  # out 5, fan_in 6
-    delta = StructuredDelta(layer, "l", "auto", rows=2, columns=2)  # 12 entries hold a 5 x 2 column delta
-    assert delta.delta.shape == (2, 6)
-    assert delta.num_tuned() == 12  # the row budget until a selection is made
-    cols = torch.tensor([1, 4])
-    delta.set_selection(COLUMN, cols)
-    assert delta.num_tuned() == 10
-    values = torch.randn(5, 2)
-    with torch.no_grad():
-        delta.delta.view(-1)[:10].copy_(values.reshape(-1))
-        delta.delta.view(-1)[10:].fill_(100.0)  # unused tail: must not reach the output
-    dense = torch.zeros(5, 6)
-    dense[:, cols] = values
-    assert (delta(x) - F.linear(x, layer.weight + dense, layer.bias)).abs().max() < 1e-5
-    delta(x).sum().backward()
-    assert torch.equal(delta.delta.grad.view(-1)[10:], torch.zeros(2))
-
-
-def test_set_selection_resets_values_and_state_dict_restores_selection():
-    layer, x = _layer("conv")
-    delta = StructuredDelta(layer, "l", "auto", rows=2, columns=4)
-    delta.set_selection(COLUMN, torch.tensor([0, 5, 9, 30]))
+@pytest.mark.parametrize("kind", ["row", "column", "gps"])
+def test_state_dict_restores_values_and_indices(kind):
+    layer, x = _layer("conv")  # out 6, fan_in 36
+    index = {"row": torch.tensor([1, 4]), "column": torch.tensor([0, 5, 9, 30]),
+             "gps": torch.tensor([[0, 35]] * 3 + [[2, 7]] * 3)}[kind]
+    make = {"row": lambda l, i: StructuredDelta(l, "l", ROW, i),
+            "column": lambda l, i: StructuredDelta(l, "l", COLUMN, i),
+            "gps": lambda l, i: IndexDelta(l, "l", i)}[kind]
+    delta = make(layer, index)
     with torch.no_grad():
         delta.delta.normal_()
-    fresh = StructuredDelta(copy.deepcopy(layer), "l", "auto", rows=2, columns=4)
+    assert set(delta.state_dict()) == {"delta", "index", "base_layer.weight", "base_layer.bias"}
+    assert torch.equal(delta.export_tensors()["delta"], delta.delta) and list(delta.export_tensors()) == ["delta"]
+    fresh = make(copy.deepcopy(layer), index)  # a checkpoint restore: built from the same selection
     fresh.load_state_dict(delta.state_dict())
-    assert fresh.is_selected and fresh.selected_axis == COLUMN
-    assert torch.equal(fresh(x), delta(x))
-    delta.set_selection(ROW, torch.tensor([1, 2]))
-    assert torch.count_nonzero(delta.delta) == 0 and delta.selected_axis == ROW
+    assert torch.equal(fresh(x), delta(x)) and not torch.equal(fresh(x), layer(x))
+    imported = make(copy.deepcopy(layer), index)
+    imported.import_tensors(delta.export_tensors())
+    assert torch.equal(imported(x), delta(x))
+    with pytest.raises(ValueError, match=r"l: delta of shape"):
+        make(copy.deepcopy(layer), index[..., :1]).import_tensors(delta.export_tensors())
 
 
-@pytest.mark.parametrize("kind", ["row", "column", "auto", "gps"])
+@pytest.mark.parametrize("kind", ["row", "column", "gps"])
 def test_delta_tensors_live_on_the_base_weight_device(kind):
     with torch.device("meta"):  # a device other than the default one; no .item() may be needed
         layer = nn.Conv2d(4, 6, 3)
-    delta = IndexDelta(layer, "l", 2) if kind == "gps" else StructuredDelta(layer, "l", kind, rows=2, columns=3)
+    if kind == "gps":
+        delta = IndexDelta(layer, "l", torch.tensor([[0, 1]] * 6))
+    else:
+        index = torch.tensor([0, 1] if kind == "row" else [0, 1, 2])
+        delta = StructuredDelta(layer, "l", ROW if kind == "row" else COLUMN, index)
     tensors = list(delta.parameters()) + list(delta.buffers())
     assert {t.device.type for t in tensors} == {"meta"}
     assert delta.num_tuned() == (6 * 3 if kind == "column" else 2 * 36 if kind != "gps" else 6 * 2)
@@ -174,20 +169,39 @@ def test_delta_tensors_live_on_the_base_weight_device(kind):
 
 def test_unsupported_layers_are_rejected():
     with pytest.raises(TypeError, match=r"blk\.conv: deltas support nn\.Linear, nn\.Conv2d .*got Conv1d"):
-        StructuredDelta(nn.Conv1d(2, 3, 3), "blk.conv", "row", rows=1)
+        StructuredDelta(nn.Conv1d(2, 3, 3), "blk.conv", ROW, torch.tensor([0]))
     with pytest.raises(TypeError, match=r"blk\.conv: padding_mode='reflect' is not supported"):
-        IndexDelta(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), "blk.conv", 1)
-    with pytest.raises(ValueError, match=r"blk\.fc: mode must be row, column or auto, got 'rows'"):
-        StructuredDelta(nn.Linear(2, 3), "blk.fc", "rows", rows=1)
+        IndexDelta(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), "blk.conv",
+                   torch.zeros(3, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"blk\.fc: a structured delta tunes rows or columns, got axis 2"):
+        StructuredDelta(nn.Linear(2, 3), "blk.fc", ENTRY, torch.tensor([0]))
 
 
-def _random_selection(model: nn.Module, method) -> None:
-    grads = {f"{layer.original_name}.weight": torch.randn_like(layer.base_layer.weight)
-             for _, layer in delta_layers(model)}
-    method.select(model, grads)
+def test_bad_indices_are_rejected():
+    layer = nn.Linear(6, 5)
+    with pytest.raises(ValueError, match=r"fc: rows index 5 out of range \(this layer has 5 rows\)"):
+        StructuredDelta(layer, "fc", ROW, torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match=r"fc: the same column index appears twice"):
+        StructuredDelta(layer, "fc", COLUMN, torch.tensor([2, 2]))
+    with pytest.raises(ValueError, match=r"fc: rows indices must be integers, got torch.float32"):
+        StructuredDelta(layer, "fc", ROW, torch.tensor([0.0]))
+    with pytest.raises(ValueError, match=r"fc: inputs indices of shape \(4, 1\), this layer expects \(5, 1\)"):
+        IndexDelta(layer, "fc", torch.zeros(4, 1, dtype=torch.long))
+
+
+def _random_selection(model: nn.Module, method, edit=None):
+    """Select on random gradients (``edit`` may change them), apply, and fill the deltas with
+    random values; returns the selection."""
+    torch.manual_seed(0)
+    grads = random_grads(model, method)
+    if edit is not None:
+        edit(grads)
+    selection = method.select(model, grads)
+    method.apply(model, selection)
     with torch.no_grad():
-        for _, layer in delta_layers(model):
+        for _, layer in selectable_layers(model):
             layer.delta.normal_(std=0.05)
+    return selection
 
 
 METHODS = {"row": lambda: GRFT(mode="row"), "column": lambda: GRFT(mode="column"),
@@ -198,8 +212,7 @@ METHODS = {"row": lambda: GRFT(mode="row"), "column": lambda: GRFT(mode="column"
 @pytest.mark.parametrize("kind", ["row", "column", "gps"])
 def test_bf16_autocast_forward_backward(request, model_name, kind):
     method = METHODS[kind]()
-    model = method.apply(request.getfixturevalue(model_name).eval())
-    torch.manual_seed(0)
+    model = request.getfixturevalue(model_name).eval()
     _random_selection(model, method)
     x = torch.randn(2, 3, 32, 32)
     ref = model(x)
@@ -210,7 +223,7 @@ def test_bf16_autocast_forward_backward(request, model_name, kind):
     assert y.dtype == torch.bfloat16
     scale = ref.abs().max()
     assert (y.float() - ref).abs().max() < 0.05 * scale  # bf16 has 8 mantissa bits; 6 blocks
-    for _, layer in delta_layers(model):
+    for _, layer in selectable_layers(model):
         assert layer.delta.grad is not None and layer.delta.grad.dtype == torch.float32
         assert torch.isfinite(layer.delta.grad).all() and layer.delta.grad.abs().sum() > 0
 
@@ -218,18 +231,18 @@ def test_bf16_autocast_forward_backward(request, model_name, kind):
 @pytest.mark.slow
 def test_torch_compile_matches_eager(tiny_vit):
     method = GRFT(mode="row")
-    model = method.apply(tiny_vit)
+    model = tiny_vit
     _random_selection(model, method)
     x = torch.randn(2, 3, 32, 32)
     eager_out = model(x)
     eager_out.square().sum().backward()
-    eager_grads = [layer.delta.grad.clone() for _, layer in delta_layers(model)]
+    eager_grads = [layer.delta.grad.clone() for _, layer in selectable_layers(model)]
     model.zero_grad()
     compiled = torch.compile(model)
     out = compiled(x)
     out.square().sum().backward()
     assert (out - eager_out).abs().max() < 1e-4
-    for (_, layer), ref in zip(delta_layers(model), eager_grads):
+    for (_, layer), ref in zip(selectable_layers(model), eager_grads):
         assert torch.allclose(layer.delta.grad, ref, atol=1e-4, rtol=1e-3)
 
 
@@ -238,7 +251,7 @@ def test_torch_compile_matches_eager(tiny_vit):
 @pytest.mark.parametrize("kind", list(METHODS))
 def test_deltas_trace_in_one_graph(request, model_name, kind):
     method = METHODS[kind]()
-    model = method.apply(request.getfixturevalue(model_name))
+    model = request.getfixturevalue(model_name)
     _random_selection(model, method)
     x = torch.randn(2, 3, 32, 32)
     ref = model(x)
@@ -246,18 +259,21 @@ def test_deltas_trace_in_one_graph(request, model_name, kind):
     out = torch.compile(model, backend="aot_eager", fullgraph=True)(x)  # fullgraph: a graph break is an error
     out.sum().backward()
     assert (out - ref).abs().max() < 1e-5
-    assert all(layer.delta.grad is not None for _, layer in delta_layers(model))
+    assert all(layer.delta.grad is not None for _, layer in selectable_layers(model))
 
 
 def test_model_with_deltas_pickles_and_restores_from_a_state_dict(tiny_vit, tmp_path):
     pre = copy.deepcopy(tiny_vit)
     method = GRFT(mode="auto", rows_per_matrix=2)
-    model = method.apply(tiny_vit)
-    _random_selection(model, method)
+    model = tiny_vit
+
+    def column_shaped(grads):  # one matrix with columns
+        grads["blocks.0.attn.proj.weight"] = torch.zeros(64, 64)
+        grads["blocks.0.attn.proj.weight"][:, [3, 9]] = 1.0
+
+    selection = _random_selection(model, method, column_shaped)
     proj = model.blocks[0].attn.proj
-    proj.set_selection(COLUMN, torch.tensor([3, 9]))  # one matrix with columns
-    with torch.no_grad():
-        proj.delta.normal_(std=0.05)
+    assert proj.selected_axis == COLUMN and proj.index.tolist() == [3, 9]
     x = torch.randn(2, 3, 32, 32)
     ref = model(x)
 
@@ -265,18 +281,17 @@ def test_model_with_deltas_pickles_and_restores_from_a_state_dict(tiny_vit, tmp_
     loaded = torch.load(tmp_path / "model.pt", weights_only=False)
     assert torch.equal(loaded(x), ref)
 
-    # a checkpoint restore: same method on a fresh backbone, then load_state_dict
-    fresh = GRFT(mode="auto", rows_per_matrix=2).apply(pre)
+    # a checkpoint restore: the saved selection applied to a fresh backbone, then load_state_dict
+    fresh = GRFT(mode="auto", rows_per_matrix=2).apply(pre, selection)
     fresh.load_state_dict(model.state_dict())
     assert fresh.blocks[0].attn.proj.selected_axis == COLUMN
-    assert all(layer.is_selected for _, layer in delta_layers(fresh))
+    assert [layer.original_name for _, layer in selectable_layers(fresh)] == list(selection.active())
     assert torch.equal(fresh(x), ref)
 
 
 def test_merge_replaces_every_delta_and_keeps_outputs(tiny_cnn):
     model = tiny_cnn.eval()
     method = GRFT(mode="column", columns_per_matrix=2)
-    method.apply(model)
     _random_selection(model, method)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -65,7 +65,7 @@ def _run(run_dir: Path, seed: int = 0) -> dict:
     with open(run_dir / "metrics.csv") as handle:
         losses = [row["train/loss"] for row in csv.DictReader(handle) if row.get("train/loss")]
     return {
-        "selection": {k: v.clone() for k, v in cli.model.model.state_dict().items() if k.endswith("row_index")},
+        "selection": {k: v.clone() for k, v in cli.model.model.state_dict().items() if k.endswith(".index")},
         "tuned": load_file(str(run_dir / "tuned.safetensors")),
         "results": json.loads((run_dir / "results.json").read_text()),
         "losses": losses,

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grft_lightning.deltas import delta_layers
+from grft_lightning.deltas import selectable_layers
 from grft_lightning.methods import GPS, GRFT, RandomRows
+from tuning import tune
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -20,15 +21,9 @@ SELECTED = {
 
 def _selected(model, kind):
     method = SELECTED[kind]()
-    method.apply(model)
-    if method.needs_gradients:
-        grads = {f"{layer.original_name}.weight": torch.randn_like(layer.base_layer.weight)
-                 for _, layer in delta_layers(model)}
-        method.select(model, grads)
-    else:
-        method.select(model)
+    tune(model, method)  # GPS: random gradients
     with torch.no_grad():
-        for _, layer in delta_layers(model):
+        for _, layer in selectable_layers(model):
             layer.delta.normal_(0, 0.05)
     return model
 
@@ -37,14 +32,13 @@ def _selected(model, kind):
 def test_selection_buffers_move_with_the_module_and_keep_integer_dtypes(tiny_vit, kind):
     model = _selected(tiny_vit, kind)
     names = {name for name, _ in model.named_buffers()}
-    for path, layer in delta_layers(model):
-        for buffer in ("selected", "row_index", "col_index", "axis", "index"):
-            if hasattr(layer, buffer):
-                assert f"{path}.{buffer}" in names  # a buffer: in state_dict, moved by .to(), broadcast by DDP
+    for path, layer in selectable_layers(model):
+        assert f"{path}.index" in names  # a buffer: in state_dict, moved by .to(), broadcast by DDP
+        assert layer.index.dtype == torch.int64
     x = torch.randn(2, 3, 32, 32)
     expected = model(x)
     model.to(torch.float64)
-    for _, layer in delta_layers(model):
+    for _, layer in selectable_layers(model):
         assert layer.delta.dtype == torch.float64
         for name, buffer in layer.named_buffers(recurse=False):
             assert not buffer.is_floating_point(), name  # indices stay integers, flags stay bool
@@ -67,7 +61,7 @@ def test_delta_layers_under_bf16_autocast(tiny_vit, kind):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(x).float().logsumexp(-1).mean()
     loss.backward()
-    for _, layer in delta_layers(model):
+    for _, layer in selectable_layers(model):
         assert layer.delta.grad is not None and layer.delta.grad.dtype == layer.delta.dtype == torch.float32
 
 
@@ -76,10 +70,11 @@ def test_a_resumed_ema_follows_the_module_to_its_device():
     device; the EMA, a plain dict, must follow at fit start."""
     from grft_lightning.module import PEFTModule
 
-    module = PEFTModule(GRFT(rows_per_matrix=1), backbone="test_vit", num_classes=3, pretrained=False,
+    module = PEFTModule(RandomRows(rows_per_matrix=1), backbone="test_vit", num_classes=3, pretrained=False,
                         image_size=32, ema_decay=0.9)
     ema = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
-    module.on_load_checkpoint({"ema": ema, "hyper_parameters": dict(module.hparams)})
+    module.on_load_checkpoint({"ema": ema, "hyper_parameters": dict(module.hparams),
+                               "selection": module.selection.state_dict()})
     module.to("meta")  # stands for the accelerator: a device the checkpoint's tensors are not on
     module.on_fit_start()
     assert module.ema.keys() == ema.keys()

@@ -28,7 +28,7 @@ def _row_overlap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 
 
 def _index_buffers(selection: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in selection.items() if k.endswith("row_index")}
+    return {k: v for k, v in selection.items() if k.endswith(".index")}
 
 
 def test_two_processes_select_train_and_evaluate_like_one(tmp_path):
@@ -50,8 +50,8 @@ def test_two_processes_select_train_and_evaluate_like_one(tmp_path):
         assert torch.equal(rank0["selection"][key], rank1["selection"][key]), key
     saved = saved_selection(ddp_dir)
     for key, rows in _index_buffers(rank0["selection"]).items():
-        layer = key.removesuffix(".row_index")
-        assert torch.equal(saved[f"delta/{layer}/rows"].long(), rows), layer
+        layer = key.removesuffix(".index")
+        assert torch.equal(saved[f"selection/{layer}/index"].long(), rows), layer
 
     # (b) the same indices as one process on the same data (the gradient sums differ only in
     # the order of float additions: two per-rank partial sums, then the all-reduce)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grft_lightning import count_parameters, load_tuned, merge, save_tuned
+from grft_lightning import count_parameters, load_tuned, merge, read_selection, save_tuned
 from grft_lightning.methods.dora import DoRA
 
 pytest.importorskip("peft")
@@ -63,11 +63,13 @@ def test_dora_trains_merges_and_reloads_with_the_same_logits(tiny_vit, tmp_path,
     tiny_vit.eval()
     with torch.no_grad():
         logits = tiny_vit(images)
-    path = save_tuned(tiny_vit, tmp_path / "tuned.safetensors")
+    path = save_tuned(tiny_vit, tmp_path / "tuned.safetensors", method, method.select(pretrained))
     reloaded = load_tuned(pretrained, path).eval()
-    assert type(reloaded.peft_method) is DoRA
+    saved_method, selection = read_selection(path)
+    assert type(saved_method) is DoRA and saved_method.config() == method.config() and selection.rule is None
+    assert len(_lora_layers(reloaded)) == 4 * 6
     merged = merge(copy.deepcopy(tiny_vit)).eval()
-    assert not _lora_layers(merged) and merged.peft_method is None
+    assert not _lora_layers(merged) and not hasattr(merged, "peft_method")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(images), logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(merged(images), logits, atol=1e-5, rtol=1e-5)

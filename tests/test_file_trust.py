@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from grft_lightning import load_tuned, save_tuned
 from grft_lightning.export import read_tuned
 from grft_lightning.methods import GPS, GRFT, REGISTRY, GPSMasked, method_from_config
-from grft_lightning.selection import accumulate_gradients
+from grft_lightning.gradients import accumulate_gradients
 from test_errors import _error_line, _synthetic_args
 from test_export import _batch, _ce
 from conftest import _tiny_vit
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _hostile_file(path: Path, marker: Path, class_path: str = "subprocess.Popen") -> Path:
     """A tuned file whose metadata asks for a shell command that would create ``marker``."""
-    meta = {"format": "grft-lightning/tuned/1", "method_class": class_path,
+    meta = {"format": "grft-lightning/tuned/2", "method_class": class_path,
             "method_args": json.dumps({"args": ["touch", str(marker)]}), "num_classes": "5",
             "head": json.dumps("get_classifier()")}
     save_file({"param/head.weight": torch.zeros(5, 32)}, str(path), metadata=meta)
@@ -65,15 +65,15 @@ def test_saved_arguments_must_be_the_methods_own_and_plain():
 
 def _saved(tmp_path, method) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     model = _tiny_vit()
-    method.apply(model)
-    method.select(model, accumulate_gradients(model, [_batch(1)], _ce))
-    path = save_tuned(model, tmp_path / "good.safetensors")
+    selection = method.select(model, accumulate_gradients(model, [_batch(1)], _ce))
+    method.apply(model, selection)
+    path = save_tuned(model, tmp_path / "good.safetensors", method, selection)
     return read_tuned(path)
 
 
 def _load_edited(tmp_path, method_factory, key_suffix: str, edit) -> str:
     tensors, meta = _saved(tmp_path, method_factory())
-    key = next(k for k in tensors if k.endswith(key_suffix))
+    key = next(k for k in tensors if k.endswith(key_suffix) and k.startswith(("selection/", "delta/")))
     tensors[key] = edit(tensors[key])
     path = tmp_path / "edited.safetensors"
     save_file(tensors, str(path), metadata=meta)
@@ -90,14 +90,14 @@ def _set(position, value):
     return edit
 
 
-@pytest.mark.parametrize("factory, suffix", [(lambda: GRFT(rows_per_matrix=2), "/rows"),
-                                             (lambda: GRFT(mode="column", columns_per_matrix=2), "/columns"),
-                                             (lambda: GPS(k=2), "/index"),
-                                             (lambda: GPSMasked(k=2), "/index")])
-def test_indices_are_checked_on_load(tmp_path, factory, suffix):
+@pytest.mark.parametrize("factory", [lambda: GRFT(rows_per_matrix=2), lambda: GRFT(mode="column", columns_per_matrix=2),
+                                     lambda: GPS(k=2), lambda: GPSMasked(k=2)],
+                         ids=["rows", "columns", "gps", "gps_masked"])
+def test_indices_are_checked_on_load(tmp_path, factory):
+    suffix = "/index"  # selection/<layer>/index: the Selection's indices, whatever the axis
     assert "out of range" in _load_edited(tmp_path, factory, suffix, _set(0, 10_000))
     assert "out of range" in _load_edited(tmp_path, factory, suffix, _set(0, -1))
-    assert "appears twice" in _load_edited(tmp_path, factory, suffix, lambda t: torch.zeros_like(t))
+    assert "ascending without repeats" in _load_edited(tmp_path, factory, suffix, lambda t: torch.zeros_like(t))
     assert "must be integers" in _load_edited(tmp_path, factory, suffix, lambda t: t.float())
 
 

@@ -47,9 +47,9 @@ def _half_then_fail(real_write):
 
 def _tuned_model(tiny_vit, seed=0):
     method = RandomRows(rows_per_matrix=1, seed=seed)
-    method.apply(tiny_vit)
-    method.select(tiny_vit)
-    return tiny_vit
+    selection = method.select(tiny_vit)
+    method.apply(tiny_vit, selection)
+    return tiny_vit, method, selection
 
 
 # -- a crash during a save ------------------------------------------------------------------
@@ -69,15 +69,15 @@ def test_crash_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
 def test_crash_while_saving_tuned_values_keeps_the_previous_file(tiny_vit, tmp_path, monkeypatch):
     import safetensors.torch
 
-    model = _tuned_model(tiny_vit)
+    model, method, selection = _tuned_model(tiny_vit)
     target = tmp_path / "tuned.safetensors"
-    save_tuned(model, target)
+    save_tuned(model, target, method, selection)
     before = target.read_bytes()
     with torch.no_grad():
         model.head.bias.add_(1.0)
     monkeypatch.setattr(safetensors.torch, "save_file", _half_then_fail(safetensors.torch.save_file))
     with pytest.raises(OSError, match="simulated"):
-        save_tuned(model, target)
+        save_tuned(model, target, method, selection)
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["tuned.safetensors"] and target.read_bytes() == before
     tensors, _ = read_tuned(target)

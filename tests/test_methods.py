@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grft_lightning import accumulate_gradients, count_parameters, merge, parameter_summary
-from grft_lightning.deltas import COLUMN, ROW, IndexDelta, StructuredDelta, delta_layers
+from grft_lightning import count_parameters, merge, parameter_summary
+from grft_lightning.deltas import COLUMN, ROW, IndexDelta, StructuredDelta, matrix_shape, selectable_layers
 from grft_lightning.methods import GPS, GRFT, BitFit, Full, Linear, RandomRows
+from tuning import random_grads, tune
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -66,14 +67,14 @@ def _tuned_masks(model: nn.Module, pre: nn.Module, method) -> dict[str, torch.Te
                 masks[key][...] = True
             elif pname == "bias" and isinstance(module, (nn.Linear, nn.Conv2d)) and method.tune_bias:
                 masks[key][...] = True
-    for _, layer in delta_layers(model):
+    for _, layer in selectable_layers(model):
         m = masks[f"{layer.original_name}.weight"].view(layer.out_features, -1)
         if isinstance(layer, IndexDelta):
             m.scatter_(1, layer.index, True)
         elif layer.selected_axis == ROW:
-            m[layer.row_index] = True
+            m[layer.index] = True
         else:
-            m[:, layer.col_index] = True
+            m[:, layer.index] = True
     return masks
 
 
@@ -87,18 +88,21 @@ def test_three_adamw_steps_move_only_tuned_entries(request, model_name, method_n
         size = 64  # at 32x32 the last depthwise conv sees a 2x2 map: 5 of its 9 taps only read padding
     pre = copy.deepcopy(model)
     method = METHODS[method_name]()
-    method.apply(model)
-    if method.needs_gradients:
-        grads = accumulate_gradients(model, _batches(1, seed=1, size=size), _ce)
-        if method_name == "grft_auto":  # make sure both shapes of the auto delta take part
-            layer = next(l for _, l in delta_layers(model) if l.columns > 0)
-            grads[f"{layer.original_name}.weight"] = torch.zeros_like(grads[f"{layer.original_name}.weight"])
-            grads[f"{layer.original_name}.weight"].view(layer.out_features, -1)[:, 1] = 1.0
-        method.select(model, grads)
-        if method_name == "grft_auto":
-            assert {l.selected_axis for _, l in delta_layers(model)} == {ROW, COLUMN}
-    else:
-        method.select(model)
+
+    def column_shaped(grads):  # make sure both axes of the auto mode take part
+        if method_name != "grft_auto":
+            return
+        # the first matrix where 2 rows buy at least one column (floor(2 * fan_in / out) > 0)
+        name = next(n for n, l in method.eligible_layers(model) if 2 * matrix_shape(l)[1] // matrix_shape(l)[0] > 0)
+        grads[f"{name}.weight"] = torch.zeros_like(grads[f"{name}.weight"])
+        grads[f"{name}.weight"].view(matrix_shape(model.get_submodule(name))[0], -1)[:, 1] = 1.0
+
+    batches = _batches(1, seed=1, size=size) if method.needs_gradients else None
+    selection = tune(model, method, batches, _ce, edit=column_shaped if method.needs_gradients else None)
+    if method_name == "grft_auto":
+        assert {l.selected_axis for _, l in selectable_layers(model)} == {ROW, COLUMN}
+    if method.needs_gradients or isinstance(method, RandomRows):
+        assert [l.original_name for _, l in selectable_layers(model)] == list(selection.active())
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.5)
     for batch in _batches(3, seed=2, size=size):
@@ -133,18 +137,26 @@ def test_three_adamw_steps_move_only_tuned_entries(request, model_name, method_n
 
 def test_grft_auto_picks_each_matrix_s_axis_on_the_tiny_vit(tiny_vit):
     method = GRFT(mode="auto", rows_per_matrix=2)
-    method.apply(tiny_vit)
-    grads = accumulate_gradients(tiny_vit, _batches(1, seed=1), _ce)
-    grads["blocks.0.attn.proj.weight"] = torch.zeros(D, D)
-    grads["blocks.0.attn.proj.weight"][:, 5] = 1.0  # a column-shaped gradient
-    grads["blocks.1.mlp.fc2.weight"] = torch.zeros(D, HIDDEN)
-    grads["blocks.1.mlp.fc2.weight"][7] = 1.0  # a row-shaped gradient
-    method.select(tiny_vit, grads)
-    layers = {layer.original_name: layer for _, layer in delta_layers(tiny_vit)}
+
+    def shaped(grads):
+        grads["blocks.0.attn.proj.weight"] = torch.zeros(D, D)
+        grads["blocks.0.attn.proj.weight"][:, 5] = 1.0  # a column-shaped gradient
+        grads["blocks.1.mlp.fc2.weight"] = torch.zeros(D, HIDDEN)
+        grads["blocks.1.mlp.fc2.weight"][7] = 1.0  # a row-shaped gradient
+        grads["blocks.2.mlp.fc2.weight"] = torch.zeros(D, HIDDEN)
+        grads["blocks.2.mlp.fc2.weight"][:, 9] = 1.0  # column-shaped again, on a wide matrix
+
+    selection = tune(tiny_vit, method, _batches(1, seed=1), _ce, edit=shaped)
+    counts = selection.counts()
+    # columns at the rows' parameter budget: floor(2 * fan_in / out)
+    assert counts["blocks.0.attn.proj"] == ["column", 2] and counts["blocks.2.mlp.fc2"] == ["column", 6]
+    assert counts["blocks.1.mlp.fc2"] == ["row", 2] and counts["blocks.0.attn.qkv"] == ["row", 2]
+    layers = {layer.original_name: layer for _, layer in selectable_layers(tiny_vit)}
     proj, fc2, qkv = layers["blocks.0.attn.proj"], layers["blocks.1.mlp.fc2"], layers["blocks.0.attn.qkv"]
-    assert (proj.columns, fc2.columns, qkv.columns) == (2, 6, 0)  # floor(2 * fan_in / out)
-    assert proj.selected_axis == COLUMN and proj.col_index.tolist() == [0, 5]
-    assert fc2.selected_axis == ROW and fc2.row_index.tolist() == [0, 7]
+    assert proj.selected_axis == COLUMN and proj.index.tolist() == [0, 5] and proj.delta.shape == (D, 2)
+    assert fc2.selected_axis == ROW and fc2.index.tolist() == [0, 7] and fc2.delta.shape == (2, HIDDEN)
+    wide = layers["blocks.2.mlp.fc2"]
+    assert wide.selected_axis == COLUMN and wide.index.tolist() == [0, 1, 2, 3, 4, 9] and wide.delta.shape == (D, 6)
     assert qkv.selected_axis == ROW  # 2 rows of 64 buy no column of 192
 
 
@@ -168,23 +180,28 @@ def test_grft_auto_picks_each_matrix_s_axis_on_the_tiny_vit(tiny_vit):
         "gps_k1", "gps_k3", "full", "linear", "bitfit"])
 def test_tiny_vit_counts_equal_hand_computed(tiny_vit, method, selected, bias, head):
     assert BACKBONE == 300_096
-    method.apply(tiny_vit)
+    selection = None
+    if method.needs_gradients or isinstance(method, RandomRows):
+        # a row-shaped gradient (row 0 of every matrix): rows capture more per parameter in auto mode
+        grads = {n: torch.zeros_like(p) for n, p in tiny_vit.named_parameters() if n in method.gradient_names(tiny_vit)}
+        for g in grads.values():
+            g.view(g.shape[0], -1)[0] = 1.0
+        selection = tune(tiny_vit, method, grads=grads)
+    else:
+        method.apply(tiny_vit)
     counts = count_parameters(tiny_vit)
     assert set(counts) == {"selected", "bias", "head", "backbone", "tuned", "tuned_pct"}
     assert (counts["selected"], counts["bias"], counts["head"], counts["backbone"]) == (selected, bias, head, BACKBONE)
     assert counts["tuned"] == selected + bias + head
     assert counts["tuned_pct"] == pytest.approx(100 * (selected + bias + head) / BACKBONE)
-    if method.needs_gradients or isinstance(method, RandomRows):  # a selection does not change the counts
-        grads = {f"{l.original_name}.weight": torch.randn_like(l.base_layer.weight) for _, l in delta_layers(tiny_vit)}
-        method.select(tiny_vit, grads)
-        after = count_parameters(tiny_vit)
-        assert after["selected"] <= selected and after["tuned"] == after["selected"] + bias + head
-        if not (isinstance(method, GRFT) and method.mode == "auto"):
-            assert after == counts
+    if selection is not None:  # the deltas hold exactly the selected entries
+        norms = (2 * DEPTH + 1) * D if method.tune_norm else 0  # norm scales count as selected too
+        assert selection.entries() == selected - norms
+        assert sum(l.num_tuned() for _, l in selectable_layers(tiny_vit)) == selected - norms
 
 
 def test_parameter_summary_line(tiny_vit):
-    GRFT(rows_per_matrix=4).apply(tiny_vit)
+    tune(tiny_vit, GRFT(rows_per_matrix=4))
     tuned = DEPTH * 4 * sum(ROW_WIDTHS) + LINEAR_BIASES + HEAD  # 9,216 + 3,136 + 325
     line = parameter_summary(tiny_vit)
     assert line == f"tuned params: {tuned:,} || backbone params: {BACKBONE:,} || tuned%: {100 * tuned / BACKBONE:.4f}"
@@ -215,18 +232,24 @@ def test_vit_b16_counts(method, selected):
     model = _vit_b16()
     assert VB_BACKBONE == 85_798_656
     assert 12 * 4 * VB_ROW == 258_048 and 12 * 3 * VB_COL == 248_832 and 12 * VB_COL + VB_D == 83_712
-    method.apply(model)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    # zero gradients without memory (a stride-0 view): the counts do not depend on the values
+    grads = {n: torch.zeros(()).expand(shapes[n]) for n in method.gradient_names(model)}
+    selection = method.select(model, grads)
+    method.apply(model, selection)
     assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
     counts = count_parameters(model)
     assert counts["selected"] == selected
     assert counts["bias"] == VB_DEPTH * VB_COL + VB_D == 83_712  # every Linear/Conv2d bias, the patch embedding's too
     assert counts["head"] == 10 * VB_D + 10
     assert counts["backbone"] == VB_BACKBONE
+    assert selection.entries() == selected
     if isinstance(method, GRFT):
-        assert len(method.budget) == 48 and "patch_embed.proj" not in method.budget
+        assert len(selection.layers) == 48 and "patch_embed.proj" not in selection.layers
         if method.fraction is not None:  # 0.003 * 85,798,656 / (12 * 5,376) = 3.99 -> 4 rows per matrix
-            assert set(method.budget.values()) == {(4, 0)}
-            assert method.describe_budget(model) == "GRFT row: rows per matrix [4] in 48 matrices = 258,048 weight entries"
+            assert {tuple(c) for c in selection.counts().values()} == {("row", 4)}
+            assert selection.describe() == ("row (uniform): 192 rows in 48 of 48 matrices = 258,048 weight entries "
+                                            "(0.301 % of the backbone)")
 
 
 @pytest.mark.parametrize("mode", ["row", "column"])
@@ -234,32 +257,35 @@ def test_vit_b16_counts(method, selected):
 def test_fraction_lands_near_its_target_on_the_cnn(tiny_cnn, mode, allocation):
     backbone = sum(p.numel() for n, p in tiny_cnn.named_parameters() if not n.startswith("classifier."))
     method = GRFT(mode=mode, fraction=0.05, allocation=allocation)
-    method.apply(tiny_cnn)
+    selection = tune(tiny_cnn, method)
     selected = count_parameters(tiny_cnn)["selected"]
-    assert len(method.budget) == 17  # every Conv2d of test_efficientnet
+    assert len(selection.layers) == 17  # every Conv2d of test_efficientnet
     assert abs(selected - 0.05 * backbone) < 0.1 * 0.05 * backbone
-    counts = {rows or cols for rows, cols in method.budget.values()}
+    assert {axis for axis, _ in selection.counts().values()} == {mode}
+    counts = {n for _, n in selection.counts().values()}
     assert (len(counts) == 1) == (allocation == "uniform")
 
 
 # -- errors ---------------------------------------------------------------------------------------
 def test_budget_larger_than_a_matrix_names_the_layer(tiny_vit):
+    grads = random_grads(tiny_vit, GPS(), seed=0)  # every eligible weight, the patch embedding's too
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.proj: 65 rows requested, but this matrix has 64 rows"):
-        GRFT(rows_per_matrix=65).apply(copy.deepcopy(tiny_vit))
+        GRFT(rows_per_matrix=65).select(tiny_vit, grads)
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv: 65 columns requested, but this matrix has 64 columns"):
-        GRFT(mode="column", columns_per_matrix=65).apply(copy.deepcopy(tiny_vit))
+        GRFT(mode="column", columns_per_matrix=65).select(tiny_vit, grads)
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv: 65 input connections per row requested, "
                                          r"but this matrix has 64"):
-        GPS(k=65).apply(copy.deepcopy(tiny_vit))
+        GPS(k=65).select(tiny_vit, grads)
     # fraction 1 asks round(300,096 / 2,304) = 130 rows of every matrix
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.proj: 130 rows requested, but this matrix has 64 rows"):
-        GRFT(fraction=1.0).apply(copy.deepcopy(tiny_vit))
+        GRFT(fraction=1.0).select(tiny_vit, grads)
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv: 0 rows requested, but this matrix has 192 rows "
                                          r"\(the budget must be between 1 and 192\)"):
-        GRFT(rows_per_matrix=0).apply(tiny_vit)
-    # the budget is checked before any layer is replaced: no half-inserted deltas, no method recorded
-    assert not list(delta_layers(tiny_vit)) and getattr(tiny_vit, "peft_method", None) is None
-    GRFT(rows_per_matrix=64).apply(tiny_vit)  # the largest budget every matrix allows
+        GRFT(rows_per_matrix=0).select(tiny_vit, grads)
+    # the budget is checked by the selection, before any layer is replaced: the model is untouched
+    assert not list(selectable_layers(tiny_vit)) and all(p.requires_grad for p in tiny_vit.parameters())
+    tune(tiny_vit, GRFT(rows_per_matrix=64), grads=grads)  # the largest budget every matrix allows
+    assert count_parameters(tiny_vit)["selected"] == DEPTH * 64 * sum(ROW_WIDTHS)
 
 
 @pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
@@ -284,48 +310,62 @@ def test_bad_configurations():
 def test_no_eligible_layer(tiny_vit):
     with pytest.raises(ValueError, match=re.escape("GRFT: no eligible layer matched targets=['decoder.*'], "
                                                    "exclude=['patch_embed.*']")):
-        GRFT(targets=["decoder.*"]).apply(tiny_vit)
+        GRFT(targets=["decoder.*"]).select(tiny_vit, {})
     with pytest.raises(ValueError, match=r"GPS: no eligible layer matched targets=None, exclude=\['\*'\]"):
-        GPS(exclude=["*"]).apply(tiny_vit)
+        GPS(exclude=["*"]).gradient_names(tiny_vit)
+    with pytest.raises(ValueError, match=r"GPS: no eligible layer matched targets=None, exclude=\['\*'\]"):
+        GPS(exclude=["*"]).select(tiny_vit, {})
+    assert not list(selectable_layers(tiny_vit))
 
 
 def test_targets_and_exclude_patterns(tiny_vit):
     method = GRFT(rows_per_matrix=1, targets=["blocks.*.mlp.*"], exclude=["blocks.5.*"])
-    method.apply(tiny_vit)
-    names = [layer.original_name for _, layer in delta_layers(tiny_vit)]
-    assert names == [f"blocks.{i}.mlp.{fc}" for i in range(5) for fc in ("fc1", "fc2")]
+    expected = [f"blocks.{i}.mlp.{fc}" for i in range(5) for fc in ("fc1", "fc2")]
+    assert method.gradient_names(tiny_vit) == [f"{name}.weight" for name in expected]
+    selection = tune(tiny_vit, method)
+    assert list(selection.layers) == expected
+    names = [layer.original_name for _, layer in selectable_layers(tiny_vit)]
+    assert names == expected
     assert isinstance(tiny_vit.blocks[0].attn.qkv, nn.Linear)
 
 
 def test_apply_twice(tiny_vit):
-    GRFT().apply(tiny_vit)
-    with pytest.raises(RuntimeError, match=r"a method \(GRFT\(mode='row'.*\) was already applied to this model"):
-        GRFT().apply(tiny_vit)
+    selection = tune(tiny_vit, GRFT())
+    with pytest.raises(RuntimeError,
+                       match=r"a method was already applied to this model \(it holds selectable layers\)"):
+        GRFT().apply(tiny_vit, selection)
     with pytest.raises(RuntimeError, match="was already applied"):
         BitFit().apply(tiny_vit)
 
 
-def test_deltas_match_the_budget_before_selection(tiny_cnn):
+def test_deltas_have_the_selected_sizes(tiny_cnn):
     method = GRFT(mode="auto", rows_per_matrix=4)
-    method.apply(tiny_cnn)
-    for _, layer in delta_layers(tiny_cnn):
-        assert isinstance(layer, StructuredDelta) and not layer.is_selected
+    selection = tune(tiny_cnn, method)
+    layers = dict(selectable_layers(tiny_cnn))
+    assert list(layers) == list(selection.layers) and len(layers) == 17
+    axes = set()
+    for name, layer in layers.items():
+        assert isinstance(layer, StructuredDelta)
         out, fin = layer.out_features, layer.fan_in
-        assert layer.delta.shape == (4, fin)
-        assert layer.columns == min(fin, 4 * fin // out)
+        axis, count = selection.counts()[name]
+        axes.add(axis)
+        assert (axis, count) in {("row", 4), ("column", min(fin, 4 * fin // out))}
+        assert layer.delta.shape == ((4, fin) if axis == "row" else (out, count))
+        assert layer.index.tolist() == selection.layers[name].index.tolist()
+    assert axes == {"row", "column"}
     dw = tiny_cnn.blocks[3][0].conv_dw
-    assert dw.fan_in == 9 and dw.out_features == 128 and dw.columns == 0  # 4 rows of 9 buy no column of 128
+    assert dw.fan_in == 9 and dw.out_features == 128
+    assert dw.selected_axis == ROW and dw.delta.shape == (4, 9)  # 4 rows of 9 buy no column of 128
 
 
 # -- regularizers ---------------------------------------------------------------------------------
 def test_l2sp_regularizer_is_lambda_times_sum_of_squared_deltas(tiny_vit):
     method = GRFT(rows_per_matrix=2, regularization="l2sp", reg_lambda=0.5)
-    method.apply(tiny_vit)
-    method.select(tiny_vit, {f"{l.original_name}.weight": torch.randn_like(l.base_layer.weight)
-                             for _, l in delta_layers(tiny_vit)})
+    tune(tiny_vit, method)
+    assert not method.needs_reference()
     assert float(method.regularizer(tiny_vit, None, None)) == 0.0
     with torch.no_grad():
-        for _, layer in delta_layers(tiny_vit):
+        for _, layer in selectable_layers(tiny_vit):
             layer.delta.fill_(0.1)
     expected = 0.5 * 0.01 * DEPTH * 2 * sum(ROW_WIDTHS)
     assert float(method.regularizer(tiny_vit, None, None)) == pytest.approx(expected, rel=1e-5)
@@ -334,11 +374,17 @@ def test_l2sp_regularizer_is_lambda_times_sum_of_squared_deltas(tiny_vit):
 
 def test_feature_regularizer_is_zero_before_training(tiny_vit):
     method = GRFT(rows_per_matrix=1, regularization="feature", reg_lambda=1.0)
-    model = method.apply(tiny_vit).eval()
+    assert method.needs_reference() and not GRFT(regularization="feature", reg_lambda=0.0).needs_reference()
+    reference = copy.deepcopy(tiny_vit).eval()  # the caller holds the frozen pre-trained copy
+    tune(tiny_vit, method)
+    model = tiny_vit.eval()
     x = torch.randn(2, 3, 32, 32)
     feats = model.forward_head(model.forward_features(x), pre_logits=True)
-    assert float(method.regularizer(model, x, feats)) == pytest.approx(0.0, abs=1e-10)
-    assert float(method.regularizer(model, x, feats + 1.0)) == pytest.approx(D, rel=1e-5)  # mean over batch of sum over D
+    assert float(method.regularizer(model, x, feats, reference=reference)) == pytest.approx(0.0, abs=1e-10)
+    # mean over batch of sum over D
+    assert float(method.regularizer(model, x, feats + 1.0, reference=reference)) == pytest.approx(D, rel=1e-5)
+    with pytest.raises(ValueError, match="compares with the frozen pre-trained model"):
+        method.regularizer(model, x, feats)
 
 
 def test_config_round_trips_through_the_constructor():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grft_lightning import accumulate_gradients, count_parameters, load_tuned, merge, save_tuned
-from grft_lightning.deltas import delta_layers
+from grft_lightning.deltas import selectable_layers
 from grft_lightning.methods import Adapter, GPSMasked, LoRA
 from grft_lightning.methods.adapter import BottleneckAdapter
 from grft_lightning.methods.masked import MaskedWeight
@@ -60,13 +60,19 @@ def _original(name: str) -> str:
     return name.replace(".base_layer", "")  # wrappers (peft's, ours) keep the layer as base_layer
 
 
-def _train(model, method, size=32, weight_decay=0.5):
-    """Select (GPSMasked) and take 3 AdamW steps in a plain loop, calling the method's hooks around
-    each step; returns the gradients used for the selection."""
+def _prepare(model, method, size=32):
+    """Select (GPSMasked: on gradients of the pre-trained model) and apply; returns the gradients
+    used for the selection (None for methods without one) and the selection."""
     grads = None
     if method.needs_gradients:
-        grads = accumulate_gradients(model, _batches(1, seed=1, size=size), _ce)
-        method.select(model, grads)
+        grads = accumulate_gradients(model, _batches(1, seed=1, size=size), _ce, names=method.gradient_names(model))
+    selection = method.select(model, grads)
+    method.apply(model, selection)
+    return grads, selection
+
+
+def _train(model, method, size=32, weight_decay=0.5):
+    """Take 3 AdamW steps in a plain loop, calling the method's hooks around each step."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=weight_decay)
     for batch in _batches(3, seed=2, size=size):
         opt.zero_grad()
@@ -74,12 +80,11 @@ def _train(model, method, size=32, weight_decay=0.5):
         method.on_before_optimizer_step(model)
         opt.step()
         method.on_after_optimizer_step(model)
-    return grads
 
 
 def _expected_masks(pre: nn.Module, method, grads) -> dict[str, torch.Tensor]:
     """Original name -> entries the method may move, from its definition: the head, biases when
-    tuned, GPS's top-k per row of |gradient| (torch.topk here, not selection.py)."""
+    tuned, GPS's top-k per row of |gradient| (torch.topk here, not gradients.py)."""
     head = pre.get_classifier()
     masks = {}
     for mname, module in pre.named_modules():
@@ -111,8 +116,8 @@ def _check_only_tuned_moved(model, pre, method, grads):
             assert moved.sum() >= 0.9 * mask.sum(), f"{key}: only {int(moved.sum())}/{int(mask.sum())} tuned entries moved"
     assert added > 0 or isinstance(method, GPSMasked)
     # Buffers by name: the pre-trained model's (BatchNorm statistics) are all there, unchanged; the
-    # only others are the selection a method adds (GPSMasked's mask and selected flag).
-    own = {_original(n): b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] not in ("mask", "selected")}
+    # only others are the selection a method adds (GPSMasked's mask).
+    own = {_original(n): b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] != "mask"}
     pre_buffers = dict(pre.named_buffers())
     assert own.keys() == pre_buffers.keys()
     for name, old in pre_buffers.items():
@@ -123,12 +128,14 @@ def _check_only_tuned_moved(model, pre, method, grads):
 def test_three_adamw_steps_move_only_tuned_entries_vit(tiny_vit, method_name):
     pre = copy.deepcopy(tiny_vit)
     method = METHODS[method_name]()
-    method.apply(tiny_vit)
-    grads = _train(tiny_vit, method)
+    grads, selection = _prepare(tiny_vit, method)
+    assert (selection.rule is None) == (not isinstance(method, GPSMasked))
+    _train(tiny_vit, method)
     _check_only_tuned_moved(tiny_vit, pre, method, grads)
     if isinstance(method, GPSMasked):
         masks = _expected_masks(pre, method, grads)
-        for _, layer in delta_layers(tiny_vit):
+        assert [layer.original_name for _, layer in selectable_layers(tiny_vit)] == list(selection.layers)
+        for _, layer in selectable_layers(tiny_vit):
             assert torch.equal(layer.mask, masks[f"{layer.original_name}.weight"])
         for name in ("pos_embed", "cls_token", "norm.weight", "blocks.0.norm1.bias"):
             assert not dict(tiny_vit.named_parameters())[name].requires_grad
@@ -139,8 +146,8 @@ def test_three_adamw_steps_move_only_tuned_entries_cnn(tiny_cnn, method_name):
     tiny_cnn.eval()  # BatchNorm running statistics must not move: only parameters are compared
     pre = copy.deepcopy(tiny_cnn)
     method = CNN_METHODS[method_name]()
-    method.apply(tiny_cnn)
-    grads = _train(tiny_cnn, method, size=64)
+    grads, _ = _prepare(tiny_cnn, method, size=64)
+    _train(tiny_cnn, method, size=64)
     _check_only_tuned_moved(tiny_cnn, pre, method, grads)
 
 
@@ -149,7 +156,7 @@ def test_gps_masked_weight_decay_moves_unselected_entries_unless_restored(tiny_v
     results = {}
     for restore, decay in ((False, 0.5), (False, 0.0), (True, 0.5)):
         model, method = copy.deepcopy(tiny_vit), GPSMasked(k=1, restore_unselected=restore)
-        method.apply(model)
+        _prepare(model, method)
         _train(model, method, weight_decay=decay)
         layer = model.blocks[0].attn.qkv
         old = tiny_vit.blocks[0].attn.qkv.weight
@@ -163,8 +170,7 @@ def test_gps_masked_weight_decay_moves_unselected_entries_unless_restored(tiny_v
 ], ids=["adamw", "sgd_momentum"])
 def test_gps_masked_restore_is_exact_from_the_first_step_in_a_plain_loop(tiny_vit, make_optimizer):
     model, method = copy.deepcopy(tiny_vit), GPSMasked(k=1, restore_unselected=True)
-    method.apply(model)
-    method.select(model, accumulate_gradients(model, _batches(1, seed=1), _ce))
+    method.apply(model, method.select(model, accumulate_gradients(model, _batches(1, seed=1), _ce)))
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad])
     before = {name: p.detach().clone() for name, p in tiny_vit.named_parameters()}
     for step, batch in enumerate(_batches(3, seed=2)):
@@ -173,7 +179,7 @@ def test_gps_masked_restore_is_exact_from_the_first_step_in_a_plain_loop(tiny_vi
         method.on_before_optimizer_step(model)
         opt.step()
         method.on_after_optimizer_step(model)
-        for _, layer in delta_layers(model):
+        for _, layer in selectable_layers(model):
             weight, old = layer.base_layer.weight.detach(), before[f"{layer.original_name}.weight"]
             assert torch.equal(weight[~layer.mask], old[~layer.mask]), f"step {step}: {layer.original_name}"
             assert bool((weight != old)[layer.mask].all()), f"step {step}: {layer.original_name}"
@@ -182,8 +188,10 @@ def test_gps_masked_restore_is_exact_from_the_first_step_in_a_plain_loop(tiny_vi
 
 def test_gps_masked_after_step_hook_needs_the_before_step_hook(tiny_vit):
     plain, method = GPSMasked(k=1), GPSMasked(k=1, restore_unselected=True)
-    plain.on_after_optimizer_step(plain.apply(copy.deepcopy(tiny_vit)))  # nothing to restore: a no-op
-    method.apply(tiny_vit)
+    model = copy.deepcopy(tiny_vit)
+    _prepare(model, plain)
+    plain.on_after_optimizer_step(model)  # nothing to restore: a no-op
+    _prepare(tiny_vit, method)
     with pytest.raises(RuntimeError, match=r"on_before_optimizer_step\(model\) after backward\(\)"):
         method.on_after_optimizer_step(tiny_vit)
 
@@ -206,14 +214,18 @@ GPS_K1 = DEPTH * sum(OUTS) + D  # one entry per row of every Linear and of the p
 ], ids=repr)
 def test_tiny_vit_counts_equal_hand_computed(tiny_vit, method, selected, bias):
     assert LORA_R4 == 21_504 and ADAPTER_B8 == 13_152 and GPS_K1 == 3_136
-    method.apply(tiny_vit)
+    grads = None
+    if method.needs_gradients:
+        grads = {n: torch.randn_like(p) for n, p in tiny_vit.named_parameters() if n in method.gradient_names(tiny_vit)}
+    selection = method.select(tiny_vit, grads)
+    method.apply(tiny_vit, selection)
     counts = count_parameters(tiny_vit)
     assert (counts["selected"], counts["bias"], counts["head"], counts["backbone"]) == (selected, bias, HEAD, BACKBONE)
     assert counts["tuned"] == selected + bias + HEAD
-    if method.needs_gradients:  # a selection does not change the count
-        method.select(tiny_vit, {f"{l.original_name}.weight": torch.randn_like(l.base_layer.weight)
-                                 for _, l in delta_layers(tiny_vit)})
-        assert count_parameters(tiny_vit) == counts
+    if method.needs_gradients:  # the masked weights count exactly the selected entries
+        assert selection.entries() == selected
+    else:
+        assert selection.rule is None and selection.entries() == 0
 
 
 def test_lora_on_cnn_convs_counts_and_wraps_exactly_the_targets(tiny_cnn):
@@ -238,16 +250,16 @@ def test_export_and_merge_round_trip(request, tmp_path, model_name, method_name)
     size = 64 if model_name == "tiny_cnn" else 32
     pristine = copy.deepcopy(model)
     method = (CNN_METHODS if model_name == "tiny_cnn" else METHODS)[method_name]()
-    method.apply(model)
+    _, selection = _prepare(model, method, size=size)
     _train(model, method, size=size)
     model.eval()
     x = _batches(1, seed=3, size=size)[0][0]
     with torch.no_grad():
         logits = model(x)
-        path = save_tuned(model, tmp_path / "tuned.safetensors")
+        path = save_tuned(model, tmp_path / "tuned.safetensors", method, selection)
         reloaded = load_tuned(copy.deepcopy(pristine), path).eval()
         assert (reloaded(x) - logits).abs().max() < 1e-5
-        for (_, mine), (_, theirs) in zip(delta_layers(model), delta_layers(reloaded), strict=True):
+        for (_, mine), (_, theirs) in zip(selectable_layers(model), selectable_layers(reloaded), strict=True):
             assert torch.equal(mine.mask, theirs.mask)  # GPSMasked: the selection travels with the file
         merge(model)
         assert (model(x) - logits).abs().max() < 1e-5
@@ -288,11 +300,14 @@ def test_peer_errors(tiny_vit):
         Adapter(placement="parallel", targets=["*.mlp.fc1"]).apply(copy.deepcopy(tiny_vit))
     with pytest.raises(ValueError, match="Adapter: no sub-module matched"):
         Adapter(targets=["*.decoder"]).apply(copy.deepcopy(tiny_vit))
+    names = GPSMasked().gradient_names(tiny_vit)
+    grads = {n: torch.randn_like(p) for n, p in tiny_vit.named_parameters() if n in names}
     with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv: 65 input connections per row requested"):
-        GPSMasked(k=65).apply(copy.deepcopy(tiny_vit))
+        GPSMasked(k=65).select(tiny_vit, grads)
     with pytest.raises(ValueError, match="GPSMasked.select needs accumulated gradients"):
-        method = GPSMasked()
-        method.select(method.apply(copy.deepcopy(tiny_vit)))
+        GPSMasked().select(tiny_vit)
+    with pytest.raises(ValueError, match="GPSMasked.select needs accumulated gradients"):
+        GPSMasked().apply(copy.deepcopy(tiny_vit))  # no selection: the method cannot make one without gradients
 
 
 def test_config_round_trips_through_the_constructor():
@@ -311,8 +326,8 @@ def test_index_delta_linear_equals_dense_weight(k, autocast):
     layer = nn.Linear(64, 7)
     gen = torch.Generator().manual_seed(1)
     index = torch.stack([torch.randperm(64, generator=gen)[:k] for _ in range(7)])
-    delta = IndexDelta(copy.deepcopy(layer), "l", k)
-    delta.set_selection(index)
+    delta = IndexDelta(copy.deepcopy(layer), "l", index)
+    assert delta.delta.shape == (7, k)
     delta.base_layer.bias.requires_grad_(True)
     with torch.no_grad():
         delta.delta.normal_()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grft_lightning.methods import GRFT
-from grft_lightning.selection import accumulate_gradients
+from grft_lightning.gradients import accumulate_gradients
 
 REPO = Path(__file__).resolve().parent.parent
 DOMINANT = {"fc1": [3, 17, 40], "fc2": [5, 22, 33]}  # the rows the construction makes win
@@ -53,11 +53,13 @@ def _ce(model, batch):
 def _select(bf16: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     model = TwoLayers()
     method = GRFT(mode="row", rows_per_matrix=3, exclude=[])
-    method.apply(model)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         grads = accumulate_gradients(model, _batches(), _ce)
-    method.select(model, grads)
-    return grads, {name: model.get_submodule(name).row_index.clone() for name in DOMINANT}
+    selection = method.select(model, grads)
+    method.apply(model, selection)
+    rows = {name: model.get_submodule(name).index.clone() for name in DOMINANT}
+    assert {n: r.tolist() for n, r in rows.items()} == {n: selection.layers[n].index.tolist() for n in DOMINANT}
+    return grads, rows
 
 
 def test_selection_under_bf16_autocast_sums_in_fp32_and_picks_the_fp32_rows():

@@ -32,8 +32,7 @@ def _saved(mode: str) -> dict[str, int]:
     model = MLP()
     kwargs = {"rows_per_matrix": 2} if mode == "row" else {"columns_per_matrix": 2}
     method = RandomRows(mode=mode, exclude=[], tune_bias=False, seed=0, **kwargs)
-    method.apply(model)
-    method.select(model)
+    method.apply(model, method.select(model))
     loss = F.cross_entropy(model(torch.randn(N, 8)), torch.zeros(N, dtype=torch.long))
     return saved_tensor_bytes(loss, model)
 

@@ -23,10 +23,11 @@ METHODS = {"grft_row": lambda: GRFT(mode="row", rows_per_matrix=2), "gps": lambd
 def _selected(model: nn.Module, method) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     from grft_lightning import accumulate_gradients
 
-    method.apply(model)
     gen = torch.Generator().manual_seed(0)
     x, labels = torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 5, (4,), generator=gen)
-    method.select(model, accumulate_gradients(model, [(x, labels)], lambda m, b: F.cross_entropy(m(b[0]), b[1])))
+    grads = accumulate_gradients(model, [(x, labels)], lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+                                 names=method.gradient_names(model))
+    method.apply(model, method.select(model, grads))
     with torch.no_grad():  # non-zero deltas: the delta term matters in every product
         for p in model.parameters():
             if p.requires_grad:
@@ -84,8 +85,7 @@ def test_an_output_changed_in_place_is_kept_not_recomputed(one_torch_thread):
 
     torch.manual_seed(0)
     norm, linear = nn.LayerNorm(8), nn.Linear(8, 6)
-    delta = StructuredDelta(linear, "linear", "row", rows=2)
-    delta.set_selection(ROW, torch.tensor([1, 4]))
+    delta = StructuredDelta(linear, "linear", ROW, torch.tensor([1, 4]))
     with torch.no_grad():
         delta.delta.normal_()
     model = nn.Sequential(norm, Double(), delta)

@@ -132,7 +132,7 @@ def test_selection_max_batches_caps_the_whole_pass_not_each_rank(monkeypatch, wo
 
     seen: list[int] = []
 
-    def count(model, batches, loss_fn, progress=False, reduction="sum"):
+    def count(model, batches, loss_fn, names=None, progress=False, reduction="sum"):
         seen.extend(int(x[0]) for x, _ in batches)  # first sample of each batch read
         return {}
 
@@ -146,6 +146,6 @@ def test_selection_max_batches_caps_the_whole_pass_not_each_rank(monkeypatch, wo
                                   precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext))
         module = torch.nn.Module()
         module.model, module.device = torch.nn.Identity(), torch.device("cpu")
-        module.method = SimpleNamespace(gradient_reduction="sum")
+        module.method = SimpleNamespace(gradient_reduction="sum", gradient_names=lambda model: [])
         callbacks.GradientSelection(loss="ce", max_batches=5, progress=False)._gradients(trainer, module)
     assert sorted(seen) == [0, 8, 16, 24, 32]  # the first 5 single-process batches, once each

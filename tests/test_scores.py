@@ -4,9 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from grft_lightning.deltas import ROW
 from grft_lightning.methods import GRFT
-from grft_lightning.selection import accumulate_gradients
+from grft_lightning.gradients import accumulate_gradients
 
 
 def _setup():
@@ -64,27 +63,29 @@ def test_score_option_ranks_rows_by_its_statistic():
     # an accumulated tensor whose rows rank differently squared (gradient) and summed (Fisher):
     # row 0 = [3, -3] (sum of squares 18, plain sum 0), row 1 = [2, 2] (8 and 4), row 2 = [0, 5] (25 and 5)
     accumulated = torch.tensor([[3.0, -3.0], [2.0, 2.0], [0.0, 5.0]])
-    torch.testing.assert_close(GRFT()._scores(accumulated, ROW), torch.tensor([18.0, 8.0, 25.0]))
-    torch.testing.assert_close(GRFT(score="fisher_batch")._scores(accumulated, ROW), torch.tensor([0.0, 4.0, 5.0]))
+    torch.testing.assert_close(GRFT()._scores(accumulated, "row"), torch.tensor([18.0, 8.0, 25.0]))
+    torch.testing.assert_close(GRFT(score="fisher_batch")._scores(accumulated, "row"), torch.tensor([0.0, 4.0, 5.0]))
 
 
 @pytest.mark.parametrize("score", ["gradient", "fisher_batch"])
 def test_select_uses_the_score(score):
     import timm
 
-    from grft_lightning.deltas import delta_layers
-    from grft_lightning.selection import default_gradient_targets
+    from grft_lightning.deltas import selectable_layers
+    from grft_lightning.gradients import default_gradient_targets
 
     model = timm.create_model("test_vit", pretrained=False, num_classes=3, img_size=32)
     method = GRFT(mode="row", rows_per_matrix=1, score=score)
-    method.apply(model)
     torch.manual_seed(1)
     grads = {name: torch.randn(w.shape) for name, w in default_gradient_targets(model).items()}
-    method.select(model, grads)
-    for _, layer in delta_layers(model):
+    selection = method.select(model, grads)
+    method.apply(model, selection)
+    assert len(list(selectable_layers(model))) == 4 * 6  # test_vit: depth 6
+    for _, layer in selectable_layers(model):
         g = grads[f"{layer.original_name}.weight"]
         statistic = g.pow(2).sum(1) if score == "gradient" else g.sum(1)
-        assert layer.row_index.tolist() == [int(statistic.argmax())]
+        assert layer.index.tolist() == [int(statistic.argmax())]
+        torch.testing.assert_close(selection.layers[layer.original_name].scores["row"], statistic)
 
 
 def test_score_reaches_the_selection_pass(tmp_path, monkeypatch, one_torch_thread):

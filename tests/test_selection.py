@@ -9,15 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grft_lightning.deltas import COLUMN, ROW, delta_layers
-from grft_lightning.methods import GPS, GRFT, RandomRows
-from grft_lightning.selection import (
+from grft_lightning.deltas import COLUMN, ROW, selectable_layers
+from grft_lightning.gradients import (
     accumulate_gradients,
     column_scores,
     per_row_top_k,
     row_scores,
     top_k,
 )
+from grft_lightning.methods import GPS, GRFT, RandomRows
+from tuning import tune
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -46,7 +47,15 @@ def _grads(fc: torch.Tensor, conv: torch.Tensor, dw: torch.Tensor) -> dict[str, 
 
 
 def _layers(model):
-    return {layer.original_name: layer for _, layer in delta_layers(model)}
+    return {layer.original_name: layer for _, layer in selectable_layers(model)}
+
+
+def _tuned(method, grads=None, model=None):
+    """A fresh Toy (or ``model``) with ``method`` selected on ``grads`` and applied."""
+    model = Toy() if model is None else model
+    selection = method.select(model, grads)
+    method.apply(model, selection)
+    return model, selection
 
 
 # -- scoring primitives ------------------------------------------------------------------------
@@ -71,7 +80,6 @@ def test_scores_read_convolutions_as_out_by_fan_in():
 
 # -- GRFT --------------------------------------------------------------------------------------
 def test_grft_rows_with_ties():
-    model = GRFT(rows_per_matrix=2, exclude=[]).apply(Toy())
     fc = torch.zeros(4, 6)
     fc[1, 0], fc[2, 5], fc[3, 3] = 2.0, -2.0, 2.0  # rows 1, 2, 3 tie: lowest indices win
     conv = torch.zeros(3, 8)
@@ -79,16 +87,19 @@ def test_grft_rows_with_ties():
     conv[0, 7] = 3.0  # energy 9
     dw = torch.zeros(3, 9)
     dw[1] = 0.5  # energy 2.25; rows 0 and 2 tie at 0 -> row 0
-    model.peft_method.select(model, _grads(fc, conv, dw))
+    model, selection = _tuned(GRFT(rows_per_matrix=2, exclude=[]), _grads(fc, conv, dw))
     layers = _layers(model)
-    assert layers["fc"].row_index.tolist() == [1, 2]
-    assert layers["conv"].row_index.tolist() == [0, 2]
-    assert layers["dw"].row_index.tolist() == [0, 1]
-    assert all(layer.selected_axis == ROW and layer.is_selected for layer in layers.values())
+    assert layers["fc"].index.tolist() == [1, 2]
+    assert layers["conv"].index.tolist() == [0, 2]
+    assert layers["dw"].index.tolist() == [0, 1]
+    assert all(layer.selected_axis == ROW for layer in layers.values())
+    assert selection.counts() == {"fc": ["row", 2], "conv": ["row", 2], "dw": ["row", 2]}
+    assert {name: layer.index.tolist() for name, layer in selection.layers.items()} == {
+        "fc": [1, 2], "conv": [0, 2], "dw": [0, 1]}
+    assert selection.layers["conv"].scores["row"].tolist() == [9.0, 0.0, 8.0]
 
 
 def test_grft_columns():
-    model = GRFT(mode="column", columns_per_matrix=2, exclude=[]).apply(Toy())
     fc = torch.zeros(4, 6)
     fc[:, 4] = 1.0  # 4
     fc[0, 1] = 3.0  # 9
@@ -98,36 +109,40 @@ def test_grft_columns():
     conv[2, 3] = -5.0  # channel 0, kernel position (1, 1)
     dw = torch.zeros(3, 9)
     dw[:, 8] = 1.0
-    model.peft_method.select(model, _grads(fc, conv, dw))
+    model, selection = _tuned(GRFT(mode="column", columns_per_matrix=2, exclude=[]), _grads(fc, conv, dw))
     layers = _layers(model)
-    assert layers["fc"].col_index.tolist() == [1, 2]
-    assert layers["conv"].col_index.tolist() == [3, 6]
-    assert layers["dw"].col_index.tolist() == [0, 8]  # column 8, then the all-zero tie -> 0
+    assert layers["fc"].index.tolist() == [1, 2]
+    assert layers["conv"].index.tolist() == [3, 6]
+    assert layers["dw"].index.tolist() == [0, 8]  # column 8, then the all-zero tie -> 0
+    assert selection.counts() == {"fc": ["column", 2], "conv": ["column", 2], "dw": ["column", 2]}
     assert all(layer.selected_axis == COLUMN for layer in layers.values())
 
 
 def test_grft_auto_chooses_per_matrix_by_energy_per_parameter():
     method = GRFT(mode="auto", rows_per_matrix=1, exclude=[])
-    model = method.apply(Toy())
-    layers = _layers(model)
-    # columns at the same budget: floor(rows * fan_in / out)
-    assert (layers["fc"].columns, layers["conv"].columns, layers["dw"].columns) == (1, 2, 3)
+    # columns at the same budget: floor(rows * fan_in / out): 1, 2, 3; column-shaped gradients
+    # everywhere show them
+    columns, _ = _tuned(method, _grads(torch.ones(4, 6) * torch.arange(6), torch.ones(3, 8) * torch.arange(8),
+                                       torch.ones(3, 9) * torch.arange(9)))
+    assert {name: (layer.selected_axis, layer.index.tolist()) for name, layer in _layers(columns).items()} == {
+        "fc": (COLUMN, [5]), "conv": (COLUMN, [6, 7]), "dw": (COLUMN, [6, 7, 8])}
     fc = torch.zeros(4, 6)
     fc[:, 2] = 1.0  # best column: 4 / 4 per parameter; best row: 1 / 6 -> columns
     conv = torch.zeros(3, 8)
     conv[0, :] = 1.0  # best row: 8 / 8; best two columns: 2 / 6 -> rows
     dw = torch.ones(3, 9)  # equal energy per parameter: rows (columns must do strictly better)
-    method.select(model, _grads(fc, conv, dw))
-    assert layers["fc"].selected_axis == COLUMN and layers["fc"].col_index.tolist() == [2]
-    assert layers["conv"].selected_axis == ROW and layers["conv"].row_index.tolist() == [0]
-    assert layers["dw"].selected_axis == ROW and layers["dw"].row_index.tolist() == [0]
+    model, selection = _tuned(method, _grads(fc, conv, dw))
+    layers = _layers(model)
+    assert selection.counts() == {"fc": ["column", 1], "conv": ["row", 1], "dw": ["row", 1]}
+    assert layers["fc"].selected_axis == COLUMN and layers["fc"].index.tolist() == [2]
+    assert layers["conv"].selected_axis == ROW and layers["conv"].index.tolist() == [0]
+    assert layers["dw"].selected_axis == ROW and layers["dw"].index.tolist() == [0]
     assert layers["fc"].num_tuned() == 4 and layers["conv"].num_tuned() == 8
 
 
 # -- GPS ---------------------------------------------------------------------------------------
 def test_gps_per_row_top_k():
     method = GPS(k=2)
-    model = method.apply(Toy())
     fc = torch.tensor([[0.0, -3.0, 1.0, 3.0, 0.0, 0.0],
                        [1.0, 1.0, 1.0, 1.0, 1.0, 1.0],  # all tied: 0, 1
                        [0.0, 0.0, 0.0, 0.0, -0.5, 0.2],
@@ -136,8 +151,9 @@ def test_gps_per_row_top_k():
     conv[0, 7], conv[0, 2] = 1.0, -1.0
     conv[1, 5] = 1.0  # then the first zero: 0
     dw = torch.arange(27, dtype=torch.float32).view(3, 9) * torch.tensor([1.0, -1.0, 1.0])[:, None]
-    method.select(model, _grads(fc, conv, dw))
+    model, selection = _tuned(method, _grads(fc, conv, dw))
     layers = _layers(model)
+    assert selection.counts() == {"fc": ["entry", 2], "conv": ["entry", 2], "dw": ["entry", 2]}
     assert layers["fc"].index.tolist() == [[1, 3], [0, 1], [4, 5], [0, 4]]
     assert layers["conv"].index.tolist() == [[2, 7], [0, 5], [0, 1]]
     assert layers["dw"].index.tolist() == [[7, 8]] * 3
@@ -165,19 +181,13 @@ def test_grouped_conv_rows_columns_and_entries():
     g[:, 0, 0, 2] = 1.5  # every row, position 2
     grads = {"conv.weight": g}
 
-    rows = GRFT(rows_per_matrix=2, exclude=[])
-    model = rows.apply(GroupedToy())
-    rows.select(model, grads)
-    assert model.conv.row_index.tolist() == [1, 4]  # energies 10.25 and 27.25 vs 2.25
+    model, _ = _tuned(GRFT(rows_per_matrix=2, exclude=[]), grads, GroupedToy())
+    assert model.conv.selected_axis == ROW and model.conv.index.tolist() == [1, 4]  # energies 10.25, 27.25 vs 2.25
 
-    cols = GRFT(mode="column", columns_per_matrix=2, exclude=[])
-    model = cols.apply(GroupedToy())
-    cols.select(model, grads)
-    assert model.conv.col_index.tolist() == [2, 15]  # 13.5 and 25 vs 4 for 4 and 13
+    model, _ = _tuned(GRFT(mode="column", columns_per_matrix=2, exclude=[]), grads, GroupedToy())
+    assert model.conv.selected_axis == COLUMN and model.conv.index.tolist() == [2, 15]  # 13.5, 25 vs 4 (4, 13)
 
-    gps = GPS(k=1)
-    model = gps.apply(GroupedToy())
-    gps.select(model, grads)
+    model, _ = _tuned(GPS(k=1), grads, GroupedToy())
     assert model.conv.index.tolist() == [[2], [4], [2], [2], [15], [2]]  # row 1: 2.0 > 1.5, tie 4/13 -> 4
 
 
@@ -189,7 +199,7 @@ def _toy_grads():
 
 @pytest.mark.parametrize("method", [GRFT(rows_per_matrix=1, exclude=[]), GPS(k=1)], ids=["grft", "gps"])
 def test_select_rejects_missing_and_misshaped_gradients(method):
-    model = method.apply(Toy())
+    model = Toy()
     grads = _toy_grads()
     with pytest.raises(ValueError, match=r"select needs accumulated gradients \(got None\)"):
         method.select(model, None)
@@ -199,33 +209,32 @@ def test_select_rejects_missing_and_misshaped_gradients(method):
     bad = dict(grads, **{"dw.weight": torch.zeros(3, 9)})
     with pytest.raises(ValueError, match=r"gradient for dw\.weight has shape \(3, 9\), expected \(3, 1, 3, 3\)"):
         method.select(model, bad)
-    assert not any(layer.is_selected for layer in _layers(model).values())  # nothing half-done
+    assert not _layers(model) and all(p.requires_grad for p in model.parameters())  # nothing half-done
 
 
-@pytest.mark.parametrize("method", [GRFT(rows_per_matrix=1, exclude=[]), GPS(k=1), RandomRows(rows_per_matrix=1, exclude=[])],
-                         ids=["grft", "gps", "random"])
-def test_select_twice_needs_reselect_which_resets_deltas(method):
-    model = method.apply(Toy())
-    method.select(model, _toy_grads())
-    with torch.no_grad():
-        for layer in _layers(model).values():
-            layer.delta.fill_(1.0)
-    with pytest.raises(RuntimeError, match=r"select\(\) was already called on this model \(3 layers selected, e\.g\. fc\); "
-                                           r"pass reselect=True"):
-        method.select(model, _toy_grads())
-    assert all(torch.all(layer.delta == 1.0) for layer in _layers(model).values())
-    method.select(model, _toy_grads(), reselect=True)
-    assert all(layer.is_selected and torch.count_nonzero(layer.delta) == 0 for layer in _layers(model).values())
+@pytest.mark.parametrize("method", [GRFT(rows_per_matrix=1, exclude=[]), GPS(k=1),
+                                    RandomRows(rows_per_matrix=1, exclude=[], seed=0)], ids=["grft", "gps", "random"])
+def test_select_leaves_the_model_alone_and_is_repeatable(method):
+    model = Toy()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    first = method.select(model, _toy_grads())
+    assert method.select(model, _toy_grads()) == first  # a pure function of the gradients (or the seed)
+    assert not _layers(model) and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    method.apply(model, first)
+    assert list(_layers(model)) == ["fc", "conv", "dw"]
+    assert all(torch.count_nonzero(layer.delta) == 0 for layer in _layers(model).values())
 
 
 def test_random_rows_is_seeded_and_within_budget():
     def pick(seed, mode="row"):
         kwargs = {"rows_per_matrix": 2} if mode == "row" else {"columns_per_matrix": 2}
         method = RandomRows(mode=mode, exclude=[], seed=seed, **kwargs)
-        model = method.apply(Toy())
-        method.select(model)
-        attr = "row_index" if mode == "row" else "col_index"
-        return {name: getattr(layer, attr).tolist() for name, layer in _layers(model).items()}
+        assert not method.needs_gradients
+        model, selection = _tuned(method)
+        assert {layer.selected_axis for layer in _layers(model).values()} == {ROW if mode == "row" else COLUMN}
+        assert selection.counts() == dict.fromkeys(["fc", "conv", "dw"], [mode, 2])
+        return {name: layer.index.tolist() for name, layer in _layers(model).items()}
 
     assert pick(0) == pick(0)
     assert pick(0, "column") == pick(0, "column")
@@ -241,9 +250,8 @@ def test_random_rows_follows_the_run_seed_by_default(monkeypatch):
     def pick(run_seed, seed=None):
         monkeypatch.setenv("PL_GLOBAL_SEED", str(run_seed))
         method = RandomRows(rows_per_matrix=2, exclude=[], seed=seed)
-        model = method.apply(Toy())
-        method.select(model)
-        return {name: layer.row_index.tolist() for name, layer in _layers(model).items()}
+        model, _ = _tuned(method)
+        return {name: layer.index.tolist() for name, layer in _layers(model).items()}
 
     assert pick(3) == pick(3) == pick(0, seed=3)  # no seed: the run's seed
     assert any(pick(s) != pick(0) for s in range(1, 5))
@@ -291,10 +299,10 @@ def test_accumulate_sums_over_batches_without_a_method(tiny_vit):
 def test_accumulate_returns_original_names_after_apply(tiny_vit, method):
     batches = _batches()
     ref = _reference(tiny_vit, batches)
-    method.apply(tiny_vit)
+    tune(tiny_vit, method)
     flags = _flags(tiny_vit)
     grads = accumulate_gradients(tiny_vit, batches, _ce)
-    expected = {f"{layer.original_name}.weight" for _, layer in delta_layers(tiny_vit)}
+    expected = {f"{layer.original_name}.weight" for _, layer in selectable_layers(tiny_vit)}
     assert set(grads) == expected and "blocks.0.attn.qkv.weight" in grads
     assert ("patch_embed.proj.weight" in grads) == isinstance(method, GPS)  # GRFT excludes the patch embedding
     for name, g in grads.items():
@@ -308,7 +316,7 @@ def test_accumulate_returns_original_names_after_apply(tiny_vit, method):
 
 
 def test_accumulate_restores_flags_when_the_loss_raises(tiny_vit):
-    GRFT().apply(tiny_vit)
+    tune(tiny_vit, GRFT())
     flags = _flags(tiny_vit)
     calls = []
 
@@ -327,7 +335,7 @@ def test_accumulate_restores_flags_when_the_loss_raises(tiny_vit):
 def test_accumulate_under_bf16_autocast_sums_in_fp32(tiny_vit):
     batches = _batches()
     ref = _reference(tiny_vit, batches)
-    GRFT().apply(tiny_vit)
+    tune(tiny_vit, GRFT())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         grads = accumulate_gradients(tiny_vit, batches, _ce)
     for name, g in grads.items():

@@ -16,7 +16,7 @@ from grft_lightning.data.base import SelectionBatches
 from grft_lightning.losses import selection_loss_fn, supcon_loss
 from grft_lightning.methods import GRFT
 from grft_lightning.module import PEFTModule
-from grft_lightning.selection import row_scores, top_k
+from grft_lightning.gradients import row_scores, top_k
 
 
 # -- batches -------------------------------------------------------------------------------

@@ -61,21 +61,41 @@ def resolve(*configs: Path, extra: tuple[str, ...] = ()) -> dict:
     return cfg.fit.as_dict()
 
 
+def _gradients(model, method, shape: str) -> dict[str, torch.Tensor] | None:
+    """Stand-in gradients without memory (stride-0 views; the counts do not depend on the values
+    but for mode auto): ``zero`` (auto keeps the rows: columns must do strictly better) or
+    ``column`` (every row's gradient in its first fan-in position: auto takes the columns)."""
+    if not method.needs_gradients:
+        return None
+    grads = {}
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    for name in method.gradient_names(model):
+        out, fan_in = shapes[name][0], shapes[name][1:].numel()
+        row = torch.zeros(fan_in)
+        if shape == "column":
+            row[0] = 1.0
+        grads[name] = row.expand(out, fan_in).reshape(shapes[name])
+    return grads
+
+
 @functools.lru_cache(maxsize=None)
-def _applied(backbone: str, class_path: str, init_args_json: str) -> tuple[dict, int]:
-    """(per-matrix budget or {}, selected entries) of a method applied to ``backbone`` on meta."""
+def _applied(backbone: str, class_path: str, init_args_json: str, shape: str = "zero") -> tuple[dict, int]:
+    """(per-matrix ``(axis, count)`` or {}, selected entries) of a method selected and applied on
+    ``backbone`` on meta."""
     module, _, name = class_path.rpartition(".")
     method = getattr(importlib.import_module(module), name)(**json.loads(init_args_json))
     with torch.device("meta"):
         model = timm.create_model(backbone, pretrained=False, num_classes=10)
-    method.apply(model)
-    return dict(getattr(method, "budget", {}) or {}), count_parameters(model)["selected"]
+    selection = method.select(model, _gradients(model, method, shape), seed=0)
+    method.apply(model, selection)
+    counts = {name: tuple(count) for name, count in selection.counts().items()}
+    return counts, count_parameters(model)["selected"]
 
 
-def applied(cfg: dict) -> tuple[dict, int]:
+def applied(cfg: dict, shape: str = "zero") -> tuple[dict, int]:
     method = cfg["model"]["method"]
     return _applied(cfg["model"]["backbone"], method["class_path"],
-                    json.dumps(method.get("init_args") or {}, sort_keys=True))
+                    json.dumps(method.get("init_args") or {}, sort_keys=True), shape)
 
 
 @pytest.mark.parametrize("task", TASKS, ids=lambda p: f"{family(p)}-{p.stem}")
@@ -103,8 +123,8 @@ def test_every_method_gets_the_task_budget(task):
     grft_row, grft_col = applied(resolved["grft"]), applied(resolved["grft_column"])
     assert applied(resolved["random_rows"]) == grft_row
     assert applied(resolved["random_columns"]) == grft_col
-    assert {r for r, c in grft_row[0].values()} != {0} and {c for r, c in grft_row[0].values()} == {0}
-    assert {r for r, c in grft_col[0].values()} == {0} and {c for r, c in grft_col[0].values()} != {0}
+    assert {axis for axis, n in grft_row[0].values()} == {"row"} and 0 not in {n for _, n in grft_row[0].values()}
+    assert {axis for axis, n in grft_col[0].values()} == {"column"} and 0 not in {n for _, n in grft_col[0].values()}
     for name in ("grft", "grft_column", "grft_auto", "random_rows", "random_columns"):
         for key in ("allocation", "targets", "exclude", "tune_bias", "tune_norm"):
             assert resolved[name]["model"]["method"]["init_args"][key] == \
@@ -113,9 +133,14 @@ def test_every_method_gets_the_task_budget(task):
     if vit:  # exact selected-entry counts on ViT-B/16
         assert grft_row[1] == VIT_SELECTED[fam, "row"] and grft_col[1] == VIT_SELECTED[fam, "column"]
         assert len(grft_row[0]) == 48
-        auto_budget, auto_selected = applied(resolved["grft_auto"])
-        assert auto_budget == {f"blocks.{i}.{m}": rc for i in range(DEPTH) for m, rc in VIT_AUTO[fam].items()}
-        assert auto_selected == VIT_SELECTED[fam, "row"]  # before selection: the row budget
+        auto_rows, auto_selected = applied(resolved["grft_auto"])  # zero gradients: the rows
+        assert auto_rows == {f"blocks.{i}.{m}": ("row", r) for i in range(DEPTH) for m, (r, _) in VIT_AUTO[fam].items()}
+        assert auto_selected == VIT_SELECTED[fam, "row"]
+        auto_columns, auto_selected = applied(resolved["grft_auto"], "column")  # column-shaped: the columns
+        assert auto_columns == {f"blocks.{i}.{m}": ("column", c) for i in range(DEPTH)
+                                for m, (_, c) in VIT_AUTO[fam].items()}
+        outs = (3 * D, D, 4 * D, D)  # qkv, proj, fc1, fc2
+        assert auto_selected == DEPTH * sum(c * out for (_, c), out in zip(VIT_AUTO[fam].values(), outs))
         k = GPS_K.get(task.stem, 1)
         assert applied(resolved["gps"])[1] == k * (DEPTH * COL + D) == k * 83_712
         # GRFT's published percentages of the backbone (85,798,656 parameters without the head)
@@ -187,8 +212,10 @@ def test_results_json_records_the_budget(tmp_path, one_torch_thread):
     # 0.05 * 300,096 / (6 * 384) = 6.5 -> 7 rows per matrix
     assert budget["fraction"] == 0.05 and budget["mode"] == "row" and budget["allocation"] == "uniform"
     assert budget["rows_per_matrix"] is None and "k" not in budget
-    assert len(budget["per_matrix"]) == 24 and set(map(tuple, budget["per_matrix"].values())) == {(7, 0)}
-    assert budget["description"] == "GRFT row: rows per matrix [7] in 24 matrices = 16,128 weight entries"
+    assert len(budget["per_matrix"]) == 24 and set(map(tuple, budget["per_matrix"].values())) == {("row", 7)}
+    assert budget["description"] == ("row (uniform): 168 rows in 24 of 24 matrices = 16,128 weight entries "
+                                     "(5.374 % of the backbone)")
+    assert budget["entries"] == 16_128
     assert grft["counts"]["selected"] == 7 * 6 * 384 == 16_128
     assert budget["task"] == {"fraction": 0.05, "k": 3}
     assert grft["selection"]["mode"] == "eval" and grft["selection"]["loss"] == "ce"
@@ -196,9 +223,11 @@ def test_results_json_records_the_budget(tmp_path, one_torch_thread):
     gps = _tiny_fit(tmp_path / "gps", {"class_path": "grft_lightning.methods.GPS"}, "--budget.k", "3",
                     "--selection.mode", "train")
     budget = gps["budget"]
-    assert budget["k"] == 3 and budget["task"] == {"k": 3} and "per_matrix" not in budget
+    assert budget["k"] == 3 and budget["task"] == {"k": 3}
+    assert set(map(tuple, budget["per_matrix"].values())) == {("entry", 3)}
     # 25 matrices: the 24 above (out 192, 64, 192, 64 per block) and the patch embedding (out 64)
-    assert budget["description"] == "GPS: top-3 input connections per output neuron in 25 matrices = 9,408 weight entries"
+    assert budget["description"] == ("entry (per_row): the top 3 entries of every row in 25 of 25 matrices = 9,408 "
+                                     "weight entries (3.135 % of the backbone)")
     assert gps["counts"]["selected"] == 3 * (6 * 512 + 64) == 9_408
     assert gps["selection"]["mode"] == "train"
     saved = (tmp_path / "gps" / "config.yaml").read_text()

@@ -49,7 +49,11 @@ def test_weights_load_through_model_weights(tmp_path):
 
 def test_sparse_methods_choose_among_the_block_matrices():
     model = timm.create_model(NAME, num_classes=10)
-    GRFT(mode="row", rows_per_matrix=1).apply(model)
+    method = GRFT(mode="row", rows_per_matrix=1)
+    grads = {n: torch.randn(p.shape) for n, p in model.named_parameters() if n in method.gradient_names(model)}
+    selection = method.select(model, grads)
+    assert len(selection.layers) == 24 and not any(n.startswith("patch_embed") for n in selection.layers)
+    method.apply(model, selection)
     chosen = [n for n, m in model.named_modules() if type(m).__name__ == "StructuredDelta"]
     assert len(chosen) == 24 and not any(n.startswith("patch_embed") for n in chosen)
 

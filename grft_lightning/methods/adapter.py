@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from grft_lightning.deltas import set_submodule
-from grft_lightning.heads import head_module_ids
+from grft_lightning.heads import DEFAULT, head_module_ids
+from grft_lightning.selection import Selection
 from grft_lightning.methods.base import Method
 
 #: the attention and MLP sub-blocks of every timm ViT block.
@@ -114,9 +115,9 @@ class Adapter(Method):
         self.scale = scale
         self.placement = placement
 
-    def sites(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+    def sites(self, model: nn.Module, head=DEFAULT) -> list[tuple[str, nn.Module]]:
         """The sub-modules to wrap: names matching ``targets`` and not ``exclude``, outside the head."""
-        head = head_module_ids(model, self.head)
+        head = head_module_ids(model, head)
         found = [
             (name, module) for name, module in model.named_modules()
             if name and id(module) not in head
@@ -129,14 +130,10 @@ class Adapter(Method):
         names = [name for name, _ in found]
         return [(n, m) for n, m in found if not any(n.startswith(f"{other}.") for other in names)]
 
-    def inject(self, model: nn.Module) -> None:
-        for name, module in self.sites(model):
+    def inject(self, model: nn.Module, selection: Selection) -> None:
+        for name, module in self.sites(model, selection.head):
             width_in, width_out = _io_width(name, module)
             if self.placement == "parallel" and width_in != width_out:
                 raise ValueError(f"Adapter: {name} maps {width_in} -> {width_out} features; a parallel adapter "
                                  "needs equal widths (use placement='sequential')")
             set_submodule(model, name, BottleneckAdapter(module, width_out, self.bottleneck, self.scale, self.placement))
-
-    def describe_budget(self, model: nn.Module) -> str:
-        count = sum(1 for m in model.modules() if isinstance(m, BottleneckAdapter))
-        return f"Adapter: {count} {self.placement} bottlenecks of width {self.bottleneck}, scale {self.scale:g}"

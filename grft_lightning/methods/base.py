@@ -1,27 +1,29 @@
-"""What every method shares: freezing, eligible layers, the select() contract.
+"""What every method shares: the two stages, select then apply, and structural freezing.
 
-A method is a small typed config (its ``__init__`` arguments, which LightningCLI turns into
-``--help`` text and YAML under ``class_path``) plus:
+A method is configuration only: its ``__init__`` arguments (which LightningCLI turns into
+``--help`` text and YAML under ``class_path``), stored under their own names, and no run-time
+state. It provides:
 
-* ``apply(model, head=...)``: freeze the pre-trained weights, insert trainable deltas whose
-  shapes are fixed by the budget (index buffers not yet filled), mark biases/head trainable;
-  returns model.
-* ``select(model, grads)``: fill the index buffers from accumulated gradients (or a seed).
-* ``regularizer(model, images, features)``: an extra loss term, or ``None``.
+* ``select(model, grads=None, head=..., seed=...) -> Selection``: which weight entries to tune,
+  from the pre-trained model and the accumulated gradients (or a seed, for the random draws).
+  Methods without a selection (full, linear, BitFit, LoRA, adapters) return an empty one that
+  records the head.
+* ``apply(model, selection) -> model``: freeze the pre-trained weights, build the trainable parts
+  from the selection (deltas of exactly its sizes), mark biases/head trainable. Nothing is stored
+  on the model except the replaced layers.
+* ``regularizer(model, images, features, reference)``: an extra loss term, or ``None``.
 * ``on_before_optimizer_step`` / ``on_after_optimizer_step``: hooks around every optimizer step.
-* ``merge(model)``: fold the method's parts into the weights (``grft_lightning.merge``).
 
-Freezing is structural: the head is the module ``apply`` is told (``heads.py``: timm's
+Freezing is structural: the head is the module the selection records (``heads.py``: timm's
 ``model.get_classifier()`` by default, every module of it when it returns several, as DeiT's
 distilled models do), biases are those of the eligible layers' types, norms are normalisation
-modules -- never a name substring. The one exception is opt-in:
-``tune_params`` names further pre-trained tensors to train in full (e.g. layer scales, Swin's
-relative-position bias tables, which GPS's public code trains because of their names).
+modules -- never a name substring. The one exception is opt-in: ``tune_params`` names further
+pre-trained tensors to train in full (e.g. layer scales, Swin's relative-position bias tables,
+which GPS's public code trains because of their names).
 """
 
 from __future__ import annotations
 
-import collections
 import fnmatch
 import inspect
 from typing import Any, ClassVar
@@ -29,51 +31,19 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-# What a delta can wrap (is_layer: nn.Linear, nn.Conv2d and their subclasses, transformers' Conv1D)
-# is defined where deltas are: it is what a method may select from.
-from grft_lightning.deltas import (DeltaLayer, SelectableLayer, fold_layers, is_layer, selectable_layers,
-                                   set_submodule, track_layer_inputs)
-# The head is defined in heads.py; these names are re-exported for scripts that import them from here.
-from grft_lightning.heads import DEFAULT, HeadGroup, classifier, head_module_ids, head_parameter_ids, head_spec
+from grft_lightning.accounting import backbone_parameter_count
+from grft_lightning.deltas import (DeltaLayer, SelectableLayer, eligible_layers, is_layer, matrix_shape,
+                                   selectable_layers, set_submodule, track_layer_inputs)
+from grft_lightning.heads import DEFAULT, classifier, head_parameter_ids, head_spec
+from grft_lightning.selection import Selection
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
-__all__ = ["Method", "eligible_layers", "check_count", "NORM_TYPES", "HeadGroup", "classifier", "head_parameter_ids"]
+#: The method arguments that set a budget, in one place: a method whose arguments among these are
+#: all None takes the task's budget (the ``budget`` section of a task config).
+BUDGET_ARGUMENTS = ("fraction", "rows_per_matrix", "columns_per_matrix", "k")
 
-
-def _shared_weights(model: nn.Module) -> set[int]:
-    """``id()`` of parameters registered in several modules (tied weights: GPT-2's output layer and
-    its token embedding)."""
-    seen = collections.Counter(id(p) for module in model.modules() for p in module.parameters(recurse=False))
-    return {pid for pid, n in seen.items() if n > 1}
-
-
-def eligible_layers(model: nn.Module, targets: list[str] | None = None,
-                    exclude: list[str] | tuple[str, ...] = (), head=DEFAULT) -> list[tuple[str, nn.Module]]:
-    """``(name, layer)`` for every layer a method may select from, in model order.
-
-    Those are the :func:`~grft_lightning.deltas.is_layer` modules (``nn.Linear``/``nn.Conv2d``,
-    subclasses such as timm's ``StdConv2d`` included, and transformers' ``Conv1D``) outside the head
-    (``heads.py``; ``head`` as ``method.apply`` takes it), whose names match one of the ``fnmatch``
-    patterns ``targets`` (all when None) and none of ``exclude``. Left out: the ``out_proj`` of
-    ``nn.MultiheadAttention``, which reads its weight directly and would bypass a delta, and layers
-    whose weight is tied to another module's (GPT-2's output layer shares the token embedding: a
-    delta could not be folded into that weight without changing the embedding).
-    """
-    head_modules = head_module_ids(model, head)
-    bypassed = {id(child) for module in model.modules() if isinstance(module, nn.MultiheadAttention)
-                for child in module.children()}
-    tied = _shared_weights(model)
-    layers = []
-    for name, module in model.named_modules():
-        if not is_layer(module) or id(module) in head_modules or id(module) in bypassed or id(module.weight) in tied:
-            continue
-        if targets is not None and not any(fnmatch.fnmatchcase(name, p) for p in targets):
-            continue
-        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
-            continue
-        layers.append((name, module))
-    return layers
+__all__ = ["Method", "BUDGET_ARGUMENTS", "NORM_TYPES"]
 
 
 class Method:
@@ -91,12 +61,11 @@ class Method:
             Every pattern must match a parameter outside the head that no delta covers.
     """
 
+    #: the selection pass needs accumulated gradients (a data pass before training)
     needs_gradients: ClassVar[bool] = False
-    #: the head the method was applied with (``heads.head_spec``; set by :meth:`apply`)
-    head: Any = None
     #: what the selection pass sums (``accumulate_gradients``' ``reduction``); GRFT's ``score`` changes it
     gradient_reduction: str = "sum"
-    #: short name written to results.json and run directories
+    #: the method's name: results.json ``method``, run directories, report rows
     tag: ClassVar[str] = "method"
 
     def __init__(
@@ -119,11 +88,18 @@ class Method:
         return self.tag
 
     def config(self) -> dict[str, Any]:
-        """The ``__init__`` arguments, as they would appear under ``init_args`` in YAML."""
-        params = inspect.signature(type(self).__init__).parameters
-        config = {k: getattr(self, k) for k in params if k != "self" and hasattr(self, k)}
-        # Unset, tune_params is left out: a checkpoint or tuned file written before the option
-        # existed then holds the same method config as a run of today (resume compares them).
+        """The ``__init__`` arguments, as they would appear under ``init_args`` in YAML.
+
+        Every argument is stored under its own name (a method that stored one elsewhere would
+        lose it from checkpoints; that is refused here rather than dropped).
+        """
+        params = [k for k in inspect.signature(type(self).__init__).parameters if k != "self"]
+        missing = [k for k in params if not hasattr(self, k)]
+        if missing:
+            raise TypeError(f"{type(self).__name__} keeps no attribute for its argument(s) {missing}: a method stores "
+                            "every __init__ argument under its own name")
+        config = {k: getattr(self, k) for k in params}
+        # Unset, tune_params is left out: a run's config then reads as before the option existed.
         if config.get("tune_params", ()) is None:
             del config["tune_params"]
         return config
@@ -136,29 +112,95 @@ class Method:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"
 
-    # -- apply ------------------------------------------------------------------------------
-    def eligible_layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        """This method's layers: :func:`eligible_layers` with its ``targets``, ``exclude`` and head."""
-        return eligible_layers(model, self.targets, self.exclude, self.head)
+    def with_budget(self, budget: dict[str, Any]) -> Method:
+        """A copy with the task's ``budget`` (``{"fraction": f, "k": k}``) given to the budget
+        arguments this method has, when it leaves all of them None; else itself."""
+        params = inspect.signature(type(self).__init__).parameters
+        config = self.config()
+        own = [name for name in BUDGET_ARGUMENTS if name in params]
+        if not own or any(config.get(name) is not None for name in own):
+            return self
+        given = {name: value for name, value in budget.items() if name in own and value is not None}
+        if not given:
+            return self
+        return type(self)(**{**config, **given})
 
-    def apply(self, model: nn.Module, head=DEFAULT) -> nn.Module:
-        """Freeze the pre-trained model and insert this method's trainable parts; returns it.
+    # -- select -----------------------------------------------------------------------------
+    def eligible_layers(self, model: nn.Module, head=DEFAULT) -> list[tuple[str, nn.Module]]:
+        """This method's layers: :func:`~grft_lightning.deltas.eligible_layers` with its
+        ``targets``, ``exclude`` and the head."""
+        return eligible_layers(model, self.targets, self.exclude, head)
+
+    def required_layers(self, model: nn.Module, head=DEFAULT) -> list[tuple[str, nn.Module]]:
+        """The eligible layers; an error naming the patterns when there is none."""
+        layers = self.eligible_layers(model, head)
+        if not layers:
+            raise ValueError(
+                f"{type(self).__name__}: no eligible layer matched targets={self.targets}, exclude={self.exclude} "
+                f"(eligible layers are nn.Linear/nn.Conv2d modules, subclasses included, and transformers' Conv1D, "
+                f"outside the head)"
+            )
+        return layers
+
+    def gradient_names(self, model: nn.Module, head=DEFAULT) -> list[str]:
+        """The weights whose accumulated gradients :meth:`select` reads (``accumulate_gradients``'
+        ``names``)."""
+        return [f"{name}.weight" for name, _ in self.required_layers(model, head_spec(model, head, required=True))]
+
+    def select(self, model: nn.Module, grads: dict[str, torch.Tensor] | None = None, head=DEFAULT,
+               seed: int | None = None) -> Selection:
+        """What to tune, from the pre-trained ``model`` (before :meth:`apply`).
 
         Args:
             model: any PyTorch model (timm, Hugging Face transformers, your own).
+            grads: original weight name -> accumulated gradient (``accumulate_gradients``), for the
+                methods with ``needs_gradients``.
             head: the new classification head, trained in full and counted apart: its attribute
-                path (``"classifier"``), a list of paths, or None for a model without a new head
-                (a language model whose output layer stays frozen or is tied). Left out: timm's
-                ``model.get_classifier()``; other models must name it (``grft_lightning/heads.py``).
+                path (``"classifier"``), a list of paths, or None for a model without a new head.
+                Left out: timm's ``model.get_classifier()``; other models must name it.
+            seed: the seed of a random draw (the random ablations; others ignore it).
         """
-        if getattr(model, "peft_method", None) is not None:
-            raise RuntimeError(f"a method ({model.peft_method!r}) was already applied to this model")
-        self.head = head_spec(model, head, required=True)
-        head_ids = head_parameter_ids(model, self.head)
+        return Selection({}, None, {}, head_spec(model, head, required=True))
+
+    def _check_grads(self, layers: list[tuple[str, nn.Module]], grads: dict[str, torch.Tensor] | None) -> None:
+        if grads is None:
+            raise ValueError(f"{type(self).__name__}.select needs accumulated gradients (got None)")
+        problems = []
+        for name, layer in layers:
+            key = f"{name}.weight"
+            expected = tuple(layer.weight.shape)
+            if key not in grads:
+                problems.append(f"missing gradient for {key} (shape {expected})")
+            elif tuple(grads[key].shape) != expected:
+                problems.append(f"gradient for {key} has shape {tuple(grads[key].shape)}, expected {expected}")
+        if problems:
+            raise ValueError(f"{type(self).__name__}.select: " + "; ".join(problems[:5])
+                             + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+
+    @staticmethod
+    def backbone_parameters(model: nn.Module, head) -> int:
+        """The parameter count a ``fraction`` budget refers to (``accounting.backbone_parameter_count``)."""
+        return backbone_parameter_count(model, head)
+
+    # -- apply ------------------------------------------------------------------------------
+    def apply(self, model: nn.Module, selection: Selection | None = None) -> nn.Module:
+        """Freeze the pre-trained model and build this method's trainable parts; returns it.
+
+        Args:
+            model: the pre-trained model :meth:`select` read.
+            selection: what :meth:`select` returned (None: select without gradients or seed, for
+                the methods that need neither; a method that needs a selection refuses None).
+        """
+        if any(True for _ in selectable_layers(model)):
+            raise RuntimeError("a method was already applied to this model (it holds selectable layers)")
+        if selection is None:
+            selection = self.select(model)
+        head = head_spec(model, selection.head, required=True)
+        head_ids = head_parameter_ids(model, head)
         extra = self._named_extra_parameters(model, head_ids)
         for p in model.parameters():
             p.requires_grad_(False)
-        self.inject(model)
+        self.inject(model, selection)
         covered = {id(layer.base_layer.weight) for _, layer in selectable_layers(model)}
         for name, p in extra.items():
             if id(p) in covered:
@@ -173,12 +215,11 @@ class Method:
             if self.tune_norm and isinstance(module, NORM_TYPES):
                 for p in module.parameters(recurse=False):
                     p.requires_grad_(True)
-        for p in classifier(model, self.head).parameters():
+        for p in classifier(model, head).parameters():
             p.requires_grad_(True)
-        model.peft_method = self
         return model
 
-    def inject(self, model: nn.Module) -> None:
+    def inject(self, model: nn.Module, selection: Selection) -> None:
         """Insert this method's trainable modules (none for the simple baselines)."""
 
     def _named_extra_parameters(self, model: nn.Module, head_ids: set[int]) -> dict[str, nn.Parameter]:
@@ -194,76 +235,39 @@ class Method:
             found.update(hits)
         return found
 
-    def required_layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        """The eligible layers; an error naming the patterns when there is none."""
-        layers = self.eligible_layers(model)
-        if not layers:
-            raise ValueError(
-                f"{type(self).__name__}: no eligible layer matched targets={self.targets}, exclude={self.exclude} "
-                f"(eligible layers are nn.Linear/nn.Conv2d modules, subclasses included, and transformers' Conv1D, "
-                f"outside the head)"
-            )
-        return layers
-
     @staticmethod
-    def _replace(model: nn.Module, layers: list[tuple[str, nn.Module]], make_delta) -> list[SelectableLayer]:
+    def _replace(model: nn.Module, selection: Selection, make_layer) -> list[SelectableLayer]:
+        """Wrap every layer the selection tunes (``selection.active()``) by ``make_layer(name,
+        layer, layer_selection)``."""
         created = []
-        for name, layer in layers:
-            delta = make_delta(name, layer)
-            set_submodule(model, name, delta)
-            created.append(delta)
+        for name, chosen in selection.active().items():
+            try:
+                layer = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"the selection names layer {name!r}, which this {type(model).__name__} does not "
+                                 "have; was it made on another model?") from None
+            if not is_layer(layer) or tuple(matrix_shape(layer)) != tuple(chosen.shape):
+                raise ValueError(f"the selection's layer {name!r} is a {tuple(chosen.shape)} matrix; this model's is "
+                                 f"{type(layer).__name__} {tuple(matrix_shape(layer)) if is_layer(layer) else ''}; "
+                                 "was it made on another model?")
+            wrapped = make_layer(name, layer, chosen)
+            set_submodule(model, name, wrapped)
+            created.append(wrapped)
         if any(isinstance(layer, DeltaLayer) for layer in created):
             track_layer_inputs(model)  # deltas keep a LayerNorm's or GELU's input, not its output
         return created
 
-    # -- select -----------------------------------------------------------------------------
-    def select(self, model: nn.Module, grads: dict[str, torch.Tensor] | None = None, reselect: bool = False) -> None:
-        """Fill the index buffers of every delta layer from accumulated gradients.
-
-        Args:
-            model: the model this method was applied to.
-            grads: original weight name -> accumulated gradient (same shape as the weight).
-            reselect: allow replacing an existing selection (its delta values are reset to 0).
-        """
-        layers = [layer for _, layer in selectable_layers(model)]
-        if not layers:
-            return
-        done = [layer.original_name for layer in layers if layer.is_selected]
-        if done and not reselect:
-            raise RuntimeError(
-                f"select() was already called on this model ({len(done)} layers selected, e.g. {done[0]}); "
-                "pass reselect=True to replace the selection"
-            )
-        if self.needs_gradients:
-            self._check_grads(layers, grads)
-        for layer in layers:
-            grad = layer.to_matrix(grads[f"{layer.original_name}.weight"]) if self.needs_gradients else None
-            self.select_layer(layer, grad)
-
-    def _check_grads(self, layers: list[SelectableLayer], grads: dict[str, torch.Tensor] | None) -> None:
-        if grads is None:
-            raise ValueError(f"{type(self).__name__}.select needs accumulated gradients (got None)")
-        problems = []
-        for layer in layers:
-            key = f"{layer.original_name}.weight"
-            expected = tuple(layer.base_layer.weight.shape)
-            if key not in grads:
-                problems.append(f"missing gradient for {key} (shape {expected})")
-            elif tuple(grads[key].shape) != expected:
-                problems.append(f"gradient for {key} has shape {tuple(grads[key].shape)}, expected {expected}")
-        if problems:
-            raise ValueError(f"{type(self).__name__}.select: " + "; ".join(problems[:5])
-                             + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
-
-    def select_layer(self, layer: SelectableLayer, grad: torch.Tensor | None) -> None:
-        """Fill one layer's indices from its accumulated gradient read as the ``out x fan_in``
-        matrix (``layer.to_matrix``; None for methods without gradients). Methods with deltas
-        override this."""
-
     # -- training ---------------------------------------------------------------------------
-    def regularizer(self, model: nn.Module, images: torch.Tensor, features: torch.Tensor) -> torch.Tensor | None:
-        """Extra loss term added to the task loss (logged separately); None for most methods."""
+    def regularizer(self, model: nn.Module, images: torch.Tensor, features: torch.Tensor,
+                    reference: nn.Module | None = None) -> torch.Tensor | None:
+        """Extra loss term added to the task loss (logged separately); None for most methods.
+        ``reference`` is the frozen pre-trained model, for the methods whose
+        :meth:`needs_reference` is true (the caller holds it)."""
         return None
+
+    def needs_reference(self) -> bool:
+        """Whether :meth:`regularizer` compares with a frozen copy of the pre-trained model."""
+        return False
 
     def on_before_optimizer_step(self, model: nn.Module) -> None:
         """Called after backward and before each optimizer step (e.g. to mask gradients)."""
@@ -281,20 +285,3 @@ class Method:
 
         A no-op here; :class:`~grft_lightning.methods.GPSMasked` overrides it.
         """
-
-    def describe_budget(self, model: nn.Module) -> str:
-        """One line on how the budget was turned into shapes (printed after apply)."""
-        return ""
-
-    # -- deploy -----------------------------------------------------------------------------
-    def merge(self, model: nn.Module) -> None:
-        """Fold this method's trainable parts into the weights, in place (``grft_lightning.merge``
-        calls it). Here: every selectable layer becomes its ``merged_module()``; a method whose
-        parts are of another kind (peft's LoRA layers) folds them itself."""
-        fold_layers(model)
-
-
-def check_count(layer_name: str, what: str, count: int, limit: int) -> None:
-    if count < 1 or count > limit:
-        raise ValueError(f"{layer_name}: {count} {what} requested, but this matrix has {limit} {what} "
-                         f"(the budget must be between 1 and {limit})")

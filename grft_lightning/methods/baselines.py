@@ -9,10 +9,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from grft_lightning.deltas import COLUMN, ROW, StructuredDelta
+from grft_lightning.deltas import matrix_shape
+from grft_lightning.heads import DEFAULT, head_spec
 from grft_lightning.methods.base import Method
 from grft_lightning.methods.grft import GRFT
 from grft_lightning.seeding import run_seed
+from grft_lightning.selection import LayerSelection, Rule, Selection, allocate
 
 
 class Full(Method):
@@ -23,7 +25,7 @@ class Full(Method):
     def __init__(self):
         super().__init__(tune_bias=True, tune_norm=True)
 
-    def inject(self, model: nn.Module) -> None:
+    def inject(self, model: nn.Module, selection: Selection) -> None:
         for p in model.parameters():
             p.requires_grad_(True)
 
@@ -54,16 +56,25 @@ class BitFit(Method):
 
 
 class RandomRows(GRFT):
-    """GRFT's exact shapes and budget, with rows (or columns) drawn uniformly at random.
+    """GRFT's shapes and budget, with rows (or columns) drawn at random.
 
-    Takes every GRFT argument (the regularizer too) plus ``seed``; needs no gradient pass.
+    Takes every GRFT argument (the regularizer too) plus ``seed``. Four draws, by ``allocation``:
+
+    * ``uniform`` / ``proportional``: GRFT's per-matrix counts, rows drawn at random inside each
+      matrix (no gradient pass);
+    * ``global``: rows drawn uniformly from all rows of the model (every row equally likely)
+      until the budget is spent, so larger matrices get more (no gradient pass);
+    * ``matched``: the per-matrix counts that GRFT's ``global`` allocation gives on this run's
+      gradients, rows drawn at random inside each matrix (needs the gradient pass). With
+      ``global`` it separates "which matrices" from "which rows".
 
     Args:
         mode: ``row`` or ``column`` (``auto`` has no meaning without gradients).
         rows_per_matrix: rows per eligible matrix (default 4 in row mode).
         columns_per_matrix: columns per eligible matrix (default 3 in column mode).
-        fraction: target fraction of backbone parameters instead of a count.
-        allocation: ``uniform`` or ``proportional`` (see GRFT).
+        fraction: target fraction of backbone parameters instead of a count (needed by
+            ``global`` and ``matched``).
+        allocation: ``uniform``, ``proportional``, ``global`` or ``matched`` (above).
         targets: eligible layer patterns (see GRFT).
         exclude: excluded layer patterns (default ``["patch_embed.*"]``).
         tune_bias: train nn.Linear/nn.Conv2d biases.
@@ -79,7 +90,7 @@ class RandomRows(GRFT):
             public code trains them; see ``Method``). None: none.
     """
 
-    needs_gradients = False
+    ALLOCATIONS = ("uniform", "proportional", "global", "matched")
     tag = "random"
 
     def __init__(
@@ -88,7 +99,7 @@ class RandomRows(GRFT):
         rows_per_matrix: int | None = None,
         columns_per_matrix: int | None = None,
         fraction: float | None = None,
-        allocation: Literal["uniform", "proportional"] = "uniform",
+        allocation: Literal["uniform", "proportional", "global", "matched"] = "uniform",
         targets: list[str] | None = None,
         exclude: list[str] | None = None,
         tune_bias: bool = True,
@@ -103,21 +114,36 @@ class RandomRows(GRFT):
         super().__init__(mode, rows_per_matrix, columns_per_matrix, fraction, allocation, targets, exclude,
                          tune_bias, tune_norm, regularization, reg_lambda, tune_params=tune_params)
         self.seed = seed
-        self._generator: torch.Generator | None = None
 
-    def select(self, model: nn.Module, grads: dict[str, torch.Tensor] | None = None, reselect: bool = False) -> None:
-        seed = self.seed if self.seed is not None else run_seed()
-        # Held only during the draw: a torch.Generator cannot be pickled or deep-copied with the model.
-        self._generator = torch.Generator().manual_seed(seed)
-        try:
-            super().select(model, grads, reselect)
-        finally:
-            self._generator = None
+    @property
+    def needs_gradients(self) -> bool:  # type: ignore[override]
+        """Only ``matched`` reads gradients (GRFT's global counts)."""
+        return self.allocation == "matched"
 
-    def select_layer(self, layer: StructuredDelta, grad: torch.Tensor | None) -> None:
-        if self.mode == "row":
-            pick = torch.randperm(layer.out_features, generator=self._generator)[: layer.rows]
-            layer.set_selection(ROW, pick.sort().values.to(layer.row_index.device))
+    def rule(self, model: nn.Module, head) -> Rule:
+        # global: candidates taken in the order of their random keys, not by key per parameter
+        return Rule(self.mode, self.allocation, self.backbone_parameters(model, head),
+                    per_parameter=self.allocation == "matched")
+
+    def select(self, model: nn.Module, grads: dict[str, torch.Tensor] | None = None, head=DEFAULT,
+               seed: int | None = None) -> Selection:
+        head = head_spec(model, head, required=True)
+        seed = self.seed if self.seed is not None else seed if seed is not None else run_seed()
+        generator = torch.Generator().manual_seed(seed)
+        axis = self.mode
+        if self.allocation == "matched":
+            layers = self.candidate_scores(model, grads, head)
         else:
-            pick = torch.randperm(layer.fan_in, generator=self._generator)[: layer.columns]
-            layer.set_selection(COLUMN, pick.sort().values.to(layer.col_index.device))
+            layers = {name: LayerSelection(matrix_shape(layer), axis, torch.zeros(0, dtype=torch.long), {})
+                      for name, layer in self.required_layers(model, head)}
+        for layer in layers.values():
+            size = layer.shape[0] if axis == "row" else layer.shape[1]
+            if self.allocation == "global":
+                # every row of the model equally likely: independent uniform keys, one ranking
+                layer.scores[axis] = torch.rand(size, generator=generator, dtype=torch.float64)
+            else:
+                # a random order inside the matrix: the i-th drawn candidate gets key size - i
+                keys = torch.empty(size, dtype=torch.float64)
+                keys[torch.randperm(size, generator=generator)] = torch.arange(size, 0, -1, dtype=torch.float64)
+                layer.keys[axis] = keys
+        return allocate(layers, self.rule(model, head), self.budget(), head)

@@ -16,9 +16,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from grft_lightning.deltas import IndexDelta, matrix_shape, selectable_layers
-from grft_lightning.methods.base import Method, check_count
-from grft_lightning.selection import per_row_top_k
+from grft_lightning.deltas import IndexDelta, to_matrix
+from grft_lightning.gradients import per_row_top_k
+from grft_lightning.heads import DEFAULT, head_spec
+from grft_lightning.methods.base import Method
+from grft_lightning.selection import LayerSelection, Rule, Selection, allocate
 
 
 class GPS(Method):
@@ -57,17 +59,33 @@ class GPS(Method):
             raise ValueError(f"GPS.k must be >= 1, got {k}")
         self.k = k
 
-    def inject(self, model: nn.Module) -> None:
-        layers = self.required_layers(model)
-        for name, layer in layers:
-            check_count(name, "input connections per row", self.k, matrix_shape(layer)[1])
-        self._replace(model, layers, lambda name, layer: IndexDelta(layer, name, self.k))
+    def budget(self) -> dict:
+        """The budget as a Selection takes it: ``{"k": k}``."""
+        return {"k": self.k}
 
-    def select_layer(self, layer: IndexDelta, grad: torch.Tensor | None) -> None:
-        layer.set_selection(per_row_top_k(grad, self.k))
+    def select(self, model: nn.Module, grads: dict[str, torch.Tensor] | None = None, head=DEFAULT,
+               seed: int | None = None) -> Selection:
+        return select_entries(self, model, grads, head, self.k)
 
-    def describe_budget(self, model: nn.Module) -> str:
-        layers = [layer for _, layer in selectable_layers(model)]
-        entries = sum(layer.num_tuned() for layer in layers)
-        return (f"GPS: top-{self.k} input connections per output neuron in {len(layers)} matrices "
-                f"= {entries:,} weight entries")
+    def inject(self, model: nn.Module, selection: Selection) -> None:
+        self._replace(model, selection, lambda name, layer, chosen: IndexDelta(layer, name, chosen.index))
+
+
+def select_entries(method: Method, model: nn.Module, grads: dict[str, torch.Tensor] | None, head, k: int) -> Selection:
+    """GPS's selection (also :class:`~grft_lightning.methods.GPSMasked`'s): per output neuron of
+    every eligible layer, the ``k`` input connections with the largest ``|accumulated gradient|``,
+    with their scores kept so that the selection can be cut to a smaller ``k``."""
+    head = head_spec(model, head, required=True)
+    layers = method.required_layers(model, head)
+    method._check_grads(layers, grads)
+    found = {}
+    for name, layer in layers:
+        grad = to_matrix(layer, grads[f"{name}.weight"]).float().cpu()
+        if not 1 <= k <= grad.shape[1]:
+            raise ValueError(f"{name}: {k} input connections per row requested, but this matrix has {grad.shape[1]} "
+                             f"(k must be between 1 and {grad.shape[1]})")
+        index = per_row_top_k(grad, k)
+        scores = {"entry": grad.abs().gather(1, index), "entry_index": index}
+        found[name] = LayerSelection(tuple(grad.shape), "entry", index, scores)
+    rule = Rule("entry", "per_row", method.backbone_parameters(model, head))
+    return allocate(found, rule, {"k": k}, head)

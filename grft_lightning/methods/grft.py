@@ -13,22 +13,26 @@ parameter budget, and keeps the better. The tuned entries live in a small delta 
 ``lambda * sum ||W - W0||^2 = lambda * sum ||D||^2``, or a feature distance to the frozen
 pre-trained model.
 
+Which matrices get the budget is an option too: ``allocation="global"`` ranks every row (column)
+of every eligible matrix by its score per parameter and spends one budget over the whole model
+(``selection.py``), where ``uniform`` and ``proportional`` fix the count per matrix.
+
 The paper's exact text was not available when this was written: every choice below is an option,
 and the defaults are our reconstruction (docs/methods.md; README "Method defaults").
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 import torch
 from torch import nn
 
-from grft_lightning.accounting import backbone_parameter_count
-from grft_lightning.deltas import COLUMN, ROW, StructuredDelta, matrix_shape, selectable_layers
-from grft_lightning.methods.base import Method, check_count
-from grft_lightning.selection import captured_energy, column_scores, row_scores, top_k
+from grft_lightning.deltas import AXES, StructuredDelta, selectable_layers, to_matrix
+from grft_lightning.gradients import column_scores, row_scores
+from grft_lightning.heads import DEFAULT, head_spec
+from grft_lightning.methods.base import Method
+from grft_lightning.selection import LayerSelection, Rule, Selection, allocate
 
 
 class GRFT(Method):
@@ -44,8 +48,10 @@ class GRFT(Method):
             for the selected weight entries (biases and head not included); converted to
             per-matrix counts by ``allocation`` and reported.
         allocation: how ``fraction`` becomes counts: ``uniform`` (the same count in every
-            matrix, as for ViTs) or ``proportional`` (each matrix gets the fraction of its own
-            rows/columns, for CNNs whose layers differ in size).
+            matrix, as for ViTs), ``proportional`` (each matrix gets the fraction of its own
+            rows/columns, for CNNs whose layers differ in size) or ``global`` (one ranking of
+            every row/column of the model by score per parameter, the budget spent from the top;
+            a matrix may get none). ``global`` needs ``fraction``.
         targets: ``fnmatch`` patterns of eligible layer names (None: every nn.Linear/nn.Conv2d,
             subclasses included, outside the head).
         exclude: patterns removed from the eligible layers (default: ``["patch_embed.*"]``).
@@ -70,6 +76,7 @@ class GRFT(Method):
     needs_gradients = True
     #: score -> the reduction of accumulate_gradients it needs
     SCORES = {"gradient": "sum", "fisher_batch": "sum_of_squares", "fisher_sample": "per_sample_squares"}
+    ALLOCATIONS: tuple[str, ...] = ("uniform", "proportional", "global")
     tag = "grft"
 
     def __init__(
@@ -78,7 +85,7 @@ class GRFT(Method):
         rows_per_matrix: int | None = None,
         columns_per_matrix: int | None = None,
         fraction: float | None = None,
-        allocation: Literal["uniform", "proportional"] = "uniform",
+        allocation: Literal["uniform", "proportional", "global"] = "uniform",
         targets: list[str] | None = None,
         exclude: list[str] | None = None,
         tune_bias: bool = True,
@@ -90,24 +97,9 @@ class GRFT(Method):
     ):
         super().__init__(targets, ["patch_embed.*"] if exclude is None else exclude, tune_bias, tune_norm,
                          tune_params)
+        self._check_options(mode, rows_per_matrix, columns_per_matrix, fraction, allocation, regularization)
         if score not in self.SCORES:
             raise ValueError(f"GRFT.score must be one of {', '.join(self.SCORES)}, got {score!r}")
-        if mode not in ("row", "column", "auto"):
-            raise ValueError(f"GRFT.mode must be row, column or auto, got {mode!r}")
-        if fraction is not None and (rows_per_matrix is not None or columns_per_matrix is not None):
-            raise ValueError("GRFT: give either a per-matrix count or fraction, not both")
-        if fraction is not None and not 0.0 < fraction <= 1.0:
-            raise ValueError(f"GRFT.fraction must be in (0, 1], got {fraction}")
-        if mode == "column" and rows_per_matrix is not None:
-            raise ValueError("GRFT: rows_per_matrix does not apply to mode='column' (use columns_per_matrix)")
-        if mode in ("row", "auto") and columns_per_matrix is not None:
-            raise ValueError(f"GRFT: columns_per_matrix does not apply to mode={mode!r} (use rows_per_matrix)")
-        if allocation not in ("uniform", "proportional"):
-            raise ValueError(f"GRFT.allocation must be uniform or proportional, got {allocation!r}")
-        if regularization not in ("none", "l2sp", "feature"):
-            raise ValueError(f"GRFT.regularization must be none, l2sp or feature, got {regularization!r}")
-        if fraction is None and rows_per_matrix is None and columns_per_matrix is None:
-            rows_per_matrix, columns_per_matrix = (None, 3) if mode == "column" else (4, None)
         self.mode = mode
         self.rows_per_matrix = rows_per_matrix
         self.columns_per_matrix = columns_per_matrix
@@ -116,55 +108,41 @@ class GRFT(Method):
         self.regularization = regularization
         self.reg_lambda = reg_lambda
         self.score = score
-        self.budget: dict[str, tuple[int, int]] = {}
-        self._frozen: FrozenReference | None = None
+
+    def _check_options(self, mode, rows_per_matrix, columns_per_matrix, fraction, allocation, regularization) -> None:
+        kind = type(self).__name__
+        if mode not in ("row", "column", "auto"):
+            raise ValueError(f"{kind}.mode must be row, column or auto, got {mode!r}")
+        if fraction is not None and (rows_per_matrix is not None or columns_per_matrix is not None):
+            raise ValueError(f"{kind}: give either a per-matrix count or fraction, not both")
+        if fraction is not None and not 0.0 < fraction <= 1.0:
+            raise ValueError(f"{kind}.fraction must be in (0, 1], got {fraction}")
+        if mode == "column" and rows_per_matrix is not None:
+            raise ValueError(f"{kind}: rows_per_matrix does not apply to mode='column' (use columns_per_matrix)")
+        if mode in ("row", "auto") and columns_per_matrix is not None:
+            raise ValueError(f"{kind}: columns_per_matrix does not apply to mode={mode!r} (use rows_per_matrix)")
+        if allocation not in self.ALLOCATIONS:
+            raise ValueError(f"{kind}.allocation must be one of {', '.join(self.ALLOCATIONS)}, got {allocation!r}")
+        if regularization not in ("none", "l2sp", "feature"):
+            raise ValueError(f"{kind}.regularization must be none, l2sp or feature, got {regularization!r}")
 
     @property
     def name(self) -> str:
         return f"{self.tag}_{self.mode}"
 
     # -- budget -----------------------------------------------------------------------------
-    def _counts(self, model: nn.Module, layers: list[tuple[str, nn.Module]]) -> dict[str, tuple[int, int]]:
-        shapes = {name: matrix_shape(layer) for name, layer in layers}
-        rows_mode = self.mode in ("row", "auto")
-        if self.fraction is None:
-            count = self.rows_per_matrix if rows_mode else self.columns_per_matrix
-            per_layer = {name: count for name in shapes}
-        else:
-            target = self.fraction * backbone_parameter_count(model, self.head)
-            if self.allocation == "uniform":
-                unit = sum(fin if rows_mode else out for out, fin in shapes.values())
-                per_layer = dict.fromkeys(shapes, max(1, round(target / unit)))
-            else:
-                share = target / sum(out * fin for out, fin in shapes.values())
-                per_layer = {n: max(1, round(share * (out if rows_mode else fin))) for n, (out, fin) in shapes.items()}
-        counts = {}
-        for name, (out, fin) in shapes.items():
-            n = per_layer[name]
-            check_count(name, "rows" if rows_mode else "columns", n, out if rows_mode else fin)
-            if self.mode == "row":
-                counts[name] = (n, 0)
-            elif self.mode == "column":
-                counts[name] = (0, n)
-            else:  # columns at the same parameter budget as the rows (never more entries)
-                counts[name] = (n, min(fin, n * fin // out))
-        return counts
+    def budget(self) -> dict:
+        """The budget as a Selection takes it: ``{"fraction": f}`` or ``{"count": n}`` per matrix."""
+        if self.fraction is not None:
+            return {"fraction": self.fraction}
+        if self.allocation in ("global", "matched"):
+            raise ValueError(f"{type(self).__name__}: allocation={self.allocation!r} spends one budget over the "
+                             "whole model; give it as `fraction` (or leave the budget to the task's)")
+        count = self.columns_per_matrix if self.mode == "column" else self.rows_per_matrix
+        return {"count": 3 if count is None and self.mode == "column" else 4 if count is None else count}
 
-    def inject(self, model: nn.Module) -> None:
-        layers = self.required_layers(model)
-        self.budget = self._counts(model, layers)
-        if self.regularization == "feature" and self.reg_lambda > 0:
-            self._frozen = FrozenReference(copy.deepcopy(model).eval().requires_grad_(False))
-        self._replace(model, layers, lambda name, layer: StructuredDelta(layer, name, self.mode, *self.budget[name]))
-
-    def describe_budget(self, model: nn.Module) -> str:
-        counts = list(self.budget.values())
-        entries = sum(layer.num_tuned() for _, layer in selectable_layers(model))
-        rows = sorted({r for r, _ in counts})
-        cols = sorted({c for _, c in counts})
-        what = {"row": f"rows per matrix {rows}", "column": f"columns per matrix {cols}",
-                "auto": f"row budget per matrix {rows} (or columns {cols})"}[self.mode]
-        return f"{type(self).__name__} {self.mode}: {what} in {len(counts)} matrices = {entries:,} weight entries"
+    def rule(self, model: nn.Module, head) -> Rule:
+        return Rule(self.mode, self.allocation, self.backbone_parameters(model, head))
 
     # -- select -----------------------------------------------------------------------------
     @property
@@ -172,64 +150,52 @@ class GRFT(Method):
         """The ``accumulate_gradients`` reduction the selection pass must use for ``score``."""
         return self.SCORES[self.score]
 
-    def _scores(self, grad: torch.Tensor, axis: int) -> torch.Tensor:
-        """Row (``axis=ROW``) or column scores of an accumulated gradient (``out x fan_in``), per
-        ``score``: squares of the summed gradient, or sums of the already squared
-        per-batch/per-sample gradients."""
+    def _scores(self, grad: torch.Tensor, axis: str) -> torch.Tensor:
+        """Row or column scores of an accumulated gradient (``out x fan_in``), per ``score``:
+        squares of the summed gradient, or sums of the already squared per-batch/per-sample
+        gradients."""
         if self.score == "gradient":
-            return row_scores(grad) if axis == ROW else column_scores(grad)
-        return grad.float().sum(dim=1 if axis == ROW else 0)
+            return row_scores(grad) if axis == "row" else column_scores(grad)
+        return grad.float().sum(dim=1 if axis == "row" else 0)
 
-    def select_layer(self, layer: StructuredDelta, grad: torch.Tensor | None) -> None:
-        if self.mode == "row" or (self.mode == "auto" and not self._columns_win(layer, grad)):
-            layer.set_selection(ROW, top_k(self._scores(grad, ROW), layer.rows))
-        else:
-            layer.set_selection(COLUMN, top_k(self._scores(grad, COLUMN), layer.columns))
+    def candidate_scores(self, model: nn.Module, grads: dict[str, torch.Tensor], head) -> dict[str, LayerSelection]:
+        """Per eligible layer, the scores of its candidate rows and/or columns (no index yet)."""
+        layers = self.required_layers(model, head)
+        self._check_grads(layers, grads)
+        axes = ("row", "column") if self.mode == "auto" else (self.mode,)
+        found = {}
+        for name, layer in layers:
+            grad = to_matrix(layer, grads[f"{name}.weight"]).float().cpu()
+            scores = {axis: self._scores(grad, axis) for axis in axes}
+            found[name] = LayerSelection(tuple(grad.shape), axes[0], torch.zeros(0, dtype=torch.long), scores)
+        return found
 
-    def _columns_win(self, layer: StructuredDelta, grad: torch.Tensor) -> bool:
-        if layer.columns == 0:
-            return False
-        per_row = captured_energy(self._scores(grad, ROW), layer.rows) / (layer.rows * layer.fan_in)
-        per_col = captured_energy(self._scores(grad, COLUMN), layer.columns) / (layer.columns * layer.out_features)
-        return per_col > per_row
+    def select(self, model: nn.Module, grads: dict[str, torch.Tensor] | None = None, head=DEFAULT,
+               seed: int | None = None) -> Selection:
+        head = head_spec(model, head, required=True)
+        return allocate(self.candidate_scores(model, grads, head), self.rule(model, head), self.budget(), head)
+
+    # -- apply ------------------------------------------------------------------------------
+    def inject(self, model: nn.Module, selection: Selection) -> None:
+        self._replace(model, selection, lambda name, layer, chosen: StructuredDelta(layer, name, AXES[chosen.axis],
+                                                                                    chosen.index))
 
     # -- regularization ---------------------------------------------------------------------
-    def regularizer(self, model: nn.Module, images: torch.Tensor, features: torch.Tensor) -> torch.Tensor | None:
+    def needs_reference(self) -> bool:
+        return self.regularization == "feature" and self.reg_lambda > 0
+
+    def regularizer(self, model: nn.Module, images: torch.Tensor, features: torch.Tensor,
+                    reference: nn.Module | None = None) -> torch.Tensor | None:
         if self.regularization == "none" or self.reg_lambda == 0:
             return None
         if self.regularization == "l2sp":
             total = sum(layer.l2() for _, layer in selectable_layers(model))
             return self.reg_lambda * total
-        frozen = self._frozen_model(images.device)
+        if reference is None:
+            raise ValueError("GRFT(regularization='feature') compares with the frozen pre-trained model: pass it as "
+                             "regularizer(..., reference=...) (PEFTModule holds one)")
+        if next(reference.parameters()).device != images.device:
+            reference.to(images.device)
         with torch.no_grad():
-            target = frozen.forward_head(frozen.forward_features(images), pre_logits=True)
+            target = reference.forward_head(reference.forward_features(images), pre_logits=True)
         return self.reg_lambda * (features.float() - target.float()).pow(2).sum(-1).mean()
-
-    def _frozen_model(self, device: torch.device) -> nn.Module:
-        frozen = None if self._frozen is None else self._frozen.model
-        if frozen is None:
-            raise RuntimeError("GRFT feature regularization: no frozen pre-trained copy is held (apply() was not "
-                               "called, or the model was unpickled, which drops it); apply the method to a fresh "
-                               "pre-trained model")
-        if next(frozen.parameters()).device != device:
-            frozen.to(device)
-        return frozen
-
-
-class FrozenReference:
-    """The frozen pre-trained copy the feature regulariser compares with, held outside the model.
-
-    The method hangs on the model (``model.peft_method``), so whatever the method holds travels
-    with every copy of the model. This holder keeps the frozen copy from travelling twice: it is
-    no ``nn.Module`` attribute (``state_dict`` and checkpoints never see it), ``copy.deepcopy``
-    shares it (it is never trained), and pickling (``torch.save(model)``) leaves it out.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.model: nn.Module | None = model
-
-    def __deepcopy__(self, memo: dict) -> FrozenReference:
-        return self
-
-    def __getstate__(self) -> dict:
-        return {"model": None}

@@ -18,8 +18,9 @@ import re
 
 from torch import nn
 
-from grft_lightning.deltas import has_plain_forward, is_transposed, set_submodule
+from grft_lightning.deltas import has_plain_forward, is_transposed
 from grft_lightning.methods.base import Method
+from grft_lightning.selection import Selection
 
 #: qkv, proj, fc1 and fc2 of every timm ViT block.
 VIT_TARGETS = ["*.attn.qkv", "*.attn.proj", "*.mlp.fc1", "*.mlp.fc2"]
@@ -67,10 +68,10 @@ class LoRA(Method):
     def scaling(self) -> float:
         return (self.r if self.alpha is None else self.alpha) / self.r
 
-    def inject(self, model: nn.Module) -> None:
+    def inject(self, model: nn.Module, selection: Selection) -> None:
         from peft import inject_adapter_in_model
 
-        layers = self.required_layers(model)
+        layers = self.required_layers(model, selection.head)
         transformed = [f"{name} ({type(layer).__name__})" for name, layer in layers if not has_plain_forward(layer)]
         if transformed:
             # peft adds B A x beside the layer's forward and merges B A into the weight: for a
@@ -104,18 +105,6 @@ class LoRA(Method):
             bias="none",
             fan_in_fan_out=transposed == {True},
         )
-
-    def describe_budget(self, model: nn.Module) -> str:
-        layers = sum(1 for module in model.modules() if _is_lora_layer(module))
-        return f"{type(self).__name__}: rank {self.r}, scale {self.scaling:g}, in {layers} layers"
-
-    def merge(self, model: nn.Module) -> None:
-        """peft folds each layer's update into its weight (``merge()``); the layer is then
-        replaced by its base layer."""
-        for path, module in [(p, m) for p, m in model.named_modules() if _is_lora_layer(m)]:
-            module.merge()
-            set_submodule(model, path, module.get_base_layer())
-        super().merge(model)
 
 
 def _is_lora_layer(module: nn.Module) -> bool:

@@ -33,9 +33,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from grft_lightning.deltas import SelectableLayer, checked_index, matrix_shape, selectable_layers
-from grft_lightning.methods.base import Method, check_count
-from grft_lightning.selection import per_row_top_k
+from grft_lightning.deltas import SelectableLayer, checked_index, selectable_layers
+from grft_lightning.heads import DEFAULT
+from grft_lightning.methods.base import Method
+from grft_lightning.methods.gps import select_entries
+from grft_lightning.selection import Selection
 
 
 class MaskedWeight(SelectableLayer):
@@ -48,18 +50,16 @@ class MaskedWeight(SelectableLayer):
     weight).
     """
 
-    def __init__(self, base_layer: nn.Module, original_name: str, k: int, restore_unselected: bool = False):
+    def __init__(self, base_layer: nn.Module, original_name: str, index: torch.Tensor,
+                 restore_unselected: bool = False):
         super().__init__(base_layer, original_name)
         base_layer.weight.requires_grad_(True)  # the weight itself trains (apply() froze it)
-        self.k = k
-        self.register_buffer("mask", torch.zeros_like(base_layer.weight, dtype=torch.bool))
+        index = checked_index(original_name, index, (self.out_features, index.shape[-1]), self.fan_in, "inputs")
+        self.k = index.shape[1]
+        flat = torch.zeros(self.out_features, self.fan_in, dtype=torch.bool)
+        self.register_buffer("mask", self.from_matrix(flat.scatter_(1, index, True)).to(base_layer.weight.device))
         self.restore_unselected = restore_unselected
         self._saved: torch.Tensor | None = None
-
-    def set_selection(self, index: torch.Tensor) -> None:
-        flat = torch.zeros(self.out_features, self.fan_in, dtype=torch.bool, device=self.mask.device)
-        self.mask.copy_(self.from_matrix(flat.scatter_(1, index.to(self.mask.device), True)))
-        self.mark_selected()
 
     def mask_gradient(self) -> None:
         """Zero the gradient of every unselected entry (all of them before selection)."""
@@ -75,17 +75,6 @@ class MaskedWeight(SelectableLayer):
 
     def merged_module(self) -> nn.Module:
         return self.base_layer
-
-    def export_tensors(self) -> dict[str, torch.Tensor]:
-        # The selection as GPS's per-row indices; the trained weight is exported under param/.
-        index = self.to_matrix(self.mask).nonzero()[:, 1]
-        return {"index": index.view(self.out_features, self.k).int()}
-
-    def import_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        if "index" not in tensors:
-            raise ValueError(f"{self.original_name}: expected 'index', found {sorted(tensors)}")
-        self.set_selection(checked_index(self.original_name, tensors["index"], (self.out_features, self.k),
-                                         self.fan_in, "inputs"))
 
     # -- restore_unselected: around each optimizer step (GPSMasked's hooks) -------------------------
     def save_weight(self) -> None:
@@ -157,14 +146,17 @@ class GPSMasked(Method):
         self.k = k
         self.restore_unselected = restore_unselected
 
-    def inject(self, model: nn.Module) -> None:
-        layers = self.required_layers(model)
-        for name, layer in layers:
-            check_count(name, "input connections per row", self.k, matrix_shape(layer)[1])
-        self._replace(model, layers, lambda name, layer: MaskedWeight(layer, name, self.k, self.restore_unselected))
+    def budget(self) -> dict:
+        """The budget as a Selection takes it: ``{"k": k}``."""
+        return {"k": self.k}
 
-    def select_layer(self, layer: MaskedWeight, grad: torch.Tensor | None) -> None:
-        layer.set_selection(per_row_top_k(grad, self.k))
+    def select(self, model: nn.Module, grads: dict[str, torch.Tensor] | None = None, head=DEFAULT,
+               seed: int | None = None) -> Selection:
+        return select_entries(self, model, grads, head, self.k)
+
+    def inject(self, model: nn.Module, selection: Selection) -> None:
+        self._replace(model, selection, lambda name, layer, chosen: MaskedWeight(layer, name, chosen.index,
+                                                                                 self.restore_unselected))
 
     def on_before_optimizer_step(self, model: nn.Module) -> None:
         """Zero the unselected entries' gradients; with ``restore_unselected``, copy the weights."""
@@ -179,9 +171,6 @@ class GPSMasked(Method):
         for layer in _masked_layers(model):
             if layer.restore_unselected:
                 layer.restore_unselected_entries()
-
-    def describe_budget(self, model: nn.Module) -> str:
-        return f"GPS (masked gradients): top-{self.k} input connections per output neuron"
 
 
 def _masked_layers(model: nn.Module) -> list[MaskedWeight]:
