@@ -226,3 +226,18 @@ def test_a_checkpoint_of_another_shape_is_refused_in_one_line(tmp_path, capsys, 
     args[0] = "validate"
     line = _error_line(capsys, args + ["--ckpt_path", str(ckpt)])
     assert line.startswith(f"error: checkpoint {ckpt} has num_classes 4, this run 3;")
+
+
+@pytest.mark.parametrize("case", ["image_size", "run_dir"])
+def test_debug_shows_the_traceback_of_the_new_checks(tmp_path, monkeypatch, case):
+    from grft_lightning.errors import ConfigError
+
+    monkeypatch.setenv("GRFT_DEBUG", "1")
+    if case == "image_size":
+        args, match = _synthetic_args(tmp_path / "run", "--model.image_size", "33"), "cannot take 33 px"
+    else:
+        (tmp_path / "plain").write_text("x")
+        args, match = _synthetic_args(tmp_path / "plain" / "run"), "cannot be the run directory"
+    with pytest.raises(ValueError, match=match) as raised:
+        main(args)
+    assert isinstance(raised.value, ConfigError) or isinstance(raised.value.__cause__, ConfigError)
