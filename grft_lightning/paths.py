@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 PREFIX = "pkg://"
@@ -40,8 +41,8 @@ def make_run_dir(path: str | os.PathLike, option: str = "--run_dir") -> Path:
 
     Raises:
         ConfigError: naming ``option`` and why the folder cannot be a run directory: a parent
-            that is a regular file, a file system that refuses new folders (``/proc``), no
-            permission.
+            that is a regular file, a file system that refuses new folders or files (``/proc``, a
+            read-only mount), no permission.
     """
     from grft_lightning.errors import ConfigError
 
@@ -56,8 +57,12 @@ def make_run_dir(path: str | os.PathLike, option: str = "--run_dir") -> Path:
         except OSError as err:
             problem = f"cannot create {err.filename or path}: {err.strerror or err}"
         else:
-            if not os.access(path, os.W_OK | os.X_OK):
-                problem = f"{path} is not writable"
+            try:  # a real write: permissions, read-only file systems and /proc answer alike
+                fd, probe = tempfile.mkstemp(prefix=".write_check.", dir=path)
+                os.close(fd)
+                os.unlink(probe)
+            except OSError as err:
+                problem = f"cannot write in it: {err.strerror or err}"
     if problem is not None:
         raise ConfigError(f"{option}: {path} cannot be the run directory ({problem}); give a folder that can be "
                           f"created and written with {option} PATH")

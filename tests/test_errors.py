@@ -202,13 +202,15 @@ def test_a_list_path_outside_the_task_folder_ends_in_one_line(tmp_path, capsys):
     assert line.endswith("set data.init_args.allow_outside_root: true")
 
 
-@pytest.mark.parametrize("where", ["file", "proc"])
+@pytest.mark.parametrize("where", ["file", "proc", "proc_folder"])
 def test_a_run_dir_that_cannot_be_one_ends_in_one_line(tmp_path, capsys, where):
     if where == "file":
         (tmp_path / "plain").write_text("x")
         run_dir, reason = tmp_path / "plain" / "run", f"{tmp_path / 'plain'} is a file, not a folder"
-    else:
+    elif where == "proc":
         run_dir, reason = Path("/proc/grft_no_such/run"), "cannot create /proc/grft_no_such"
+    else:  # a folder that exists but takes no files, even for root
+        run_dir, reason = Path("/proc/self"), "cannot write in it"
     line = _error_line(capsys, _synthetic_args(run_dir))
     assert line.startswith(f"error: --run_dir: {run_dir} cannot be the run directory ({reason}")
 
