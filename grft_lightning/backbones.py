@@ -141,3 +141,81 @@ def create_backbone(
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": weights}, **kwargs)
     except Exception as err:
         raise ValueError(f"model.weights: {weights} does not fit backbone {name!r} ({err})") from err
+
+
+def _meta_forward(name: str, image_size: int, fixed: bool) -> None:
+    """Build ``name`` on the meta device (no memory, no weights) and run one forward pass of a
+    ``(2, 3, image_size, image_size)`` batch: shapes propagate as in a real pass."""
+    import timm
+
+    kwargs = {"img_size": image_size} if fixed else {}
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=2, **kwargs)
+    model.eval()
+    with torch.no_grad():
+        model(torch.empty(2, 3, image_size, image_size, device="meta"))
+
+
+def check_image_size(name: str, image_size: int | None) -> None:
+    """Refuse an ``image_size`` the backbone cannot take, before any weights are loaded.
+
+    The model is built on the meta device and given one batch of that size (a fraction of a
+    second, no memory), which finds what a real forward pass would: a ViT's patch size that does
+    not divide the size, a convolutional stem whose token grid does not match its position
+    embedding, a size smaller than a patch. Only a failure at ``image_size`` where the
+    backbone's own pretrained size passes is reported; a backbone timm does not know, or one
+    that cannot run on the meta device at all, is left to the real build.
+
+    Raises:
+        ConfigError: naming ``model.image_size``, the backbone, the reason and the sizes it takes.
+    """
+    if image_size is None:
+        return
+    import timm
+
+    from grft_lightning.errors import ConfigError
+
+    name = resolve_model_name(name)
+    if image_size < 1:
+        raise ConfigError(f"model.image_size must be a positive number of pixels, got {image_size}")
+    try:
+        cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True)
+    except Exception:  # noqa: BLE001 - an unknown name is reported by the real build
+        return
+    default = int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else None
+    fixed = bool(cfg is not None and cfg.fixed_input_size)
+    if default == image_size:
+        return
+    try:
+        _meta_forward(name, image_size, fixed)
+        return
+    except Exception as err:  # noqa: BLE001 - judged below against the pretrained size
+        failure = err
+    if default is None:
+        return
+    try:
+        _meta_forward(name, default, fixed)
+    except Exception:  # noqa: BLE001 - the meta check does not work for this model
+        return
+    reason = " ".join((str(failure).strip() or type(failure).__name__).split())
+    hint = f"its pretrained size is {default}"
+    patch = _patch_size(name)
+    if patch:
+        hint += f"; sizes that are a multiple of its patch size {patch} fit"
+    raise ConfigError(f"model.image_size: backbone {name!r} cannot take {image_size} px images "
+                      f"({type(failure).__name__}: {reason}); {hint}")
+
+
+def _patch_size(name: str) -> int | None:
+    """The patch size of a ViT-like timm model (its ``patch_embed.patch_size``), else None."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, num_classes=2)
+    except Exception:  # noqa: BLE001
+        return None
+    size = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if isinstance(size, (tuple, list)) and size:
+        size = size[0]
+    return int(size) if isinstance(size, int) else None

@@ -61,6 +61,7 @@ from grft_lightning.export import save_tuned
 from grft_lightning.io import make_atomic_checkpoint_io, remove_stale_temporaries
 from grft_lightning.methods.base import BUDGET_ARGUMENTS
 from grft_lightning.module import PEFTModule
+from grft_lightning.paths import make_run_dir
 from grft_lightning.results import budget_record, build_results, git_sha, write_results
 
 _STARTED = time.time()  # temporaries older than this process are leftovers of a killed one
@@ -241,7 +242,7 @@ class GRFTCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         cfg = self._cfg()
-        run_dir = self.run_dir()
+        run_dir = make_run_dir(self.run_dir())  # a path that cannot be one fails here, in one line
         trainer_cfg = cfg.get("trainer", {})
         kwargs.setdefault("default_root_dir", str(run_dir))
         if trainer_cfg.get("logger") in (None, True):

@@ -84,22 +84,37 @@ def condense_parser_error(message: str) -> str:
     """One line from jsonargparse's message for a value it rejects: the option's full key (nested
     ``Parser key`` lines joined, ``init_args`` where a ``class_path`` was read) and the innermost
     reason, e.g. ``model.method.init_args.mode: expected a typing.Literal['row', 'column',
-    'auto']. Got value: diag``. A message without that shape keeps its first line."""
+    'auto']. Got value: diag``. A ``class_path`` that cannot be used keeps jsonargparse's reason
+    and names the class: ``model.method: module 'grft_lightning.methods' has no attribute 'NoSuch'
+    (class_path grft_lightning.methods.NoSuch)``, ``model.method: Option 'rows_per_matrx' is not
+    accepted (class_path grft_lightning.methods.GRFT)``. A message without that shape keeps its
+    first line."""
     lines = [line.strip().lstrip("- ").strip() for line in message.strip().splitlines()]
     lines = [line for line in lines if line]
     keys: list[str] = []
     reasons: list[str] = []
     given = None
+    class_path = None  # a class_path jsonargparse could not use, when no nested key follows it
+    other: list[str] = []  # the lines after "Problem with given class_path ...:" that are no key
     for line in lines:
         match = re.match(r'Parser key "([^"]+)"', line)
         if match:
+            if class_path is not None:  # a nested key of the class's init_args
+                keys.append("init_args")
+                class_path, other = None, []
             keys.append(match.group(1))
         elif line.startswith("Problem with given class_path"):
-            keys.append("init_args")
+            found = re.match(r"Problem with given class_path '([^']*)'", line)
+            class_path = found.group(1) if found else "?"
+            other = []
         elif line.startswith("Given value:"):
             given = line.split(":", 1)[1].strip()
         elif line.startswith("Expected") and "NoneType" not in line and not line.startswith("Expected a path"):
             reasons.append(line)
+        elif class_path is not None:
+            other.append(line)
+    if keys and class_path is not None and other and not reasons:
+        return f"{'.'.join(keys)}: {other[0]} (class_path {class_path})"
     if not keys or not reasons:
         return lines[0] if lines else message
     reason = reasons[-1]

@@ -362,6 +362,10 @@ class PEFTModule(L.LightningModule):
         if saved_backbone is not None and saved_backbone != self.hparams.backbone:
             raise CheckpointRefused(f"{where} is of backbone {saved_backbone!r}, this run uses "
                                     f"{self.hparams.backbone!r}; {fix}")
+        for key in ("num_classes", "image_size"):  # another head or position embedding: shapes differ
+            if key in checkpoint.get("hyper_parameters", {}) and checkpoint["hyper_parameters"][key] != self.hparams[key]:
+                raise CheckpointRefused(f"{where} has {key} {checkpoint['hyper_parameters'][key]}, this run "
+                                        f"{self.hparams[key]}; {fix}")
         self._restore_selection(checkpoint, where, fix)
         if "ema" in checkpoint:
             self.ema = {k: v.to(self.device) for k, v in checkpoint["ema"].items()}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
+from pathlib import Path
 
 PREFIX = "pkg://"
 
@@ -32,3 +34,36 @@ def resolve_path(path: str, option: str = "path") -> str:
     if not os.path.exists(resolved):
         raise FileNotFoundError(f"{option}: {path} -> {resolved} does not exist")
     return resolved
+
+
+def make_run_dir(path: str | os.PathLike, option: str = "--run_dir") -> Path:
+    """Create the run directory ``path`` (and its parents) and check that it can be written.
+
+    Raises:
+        ConfigError: naming ``option`` and why the folder cannot be a run directory: a parent
+            that is a regular file, a file system that refuses new folders or files (``/proc``, a
+            read-only mount), no permission.
+    """
+    from grft_lightning.errors import ConfigError
+
+    path = Path(path)
+    problem = None
+    blocking = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        problem = f"{blocking} is a file, not a folder"
+    else:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            problem = f"cannot create {err.filename or path}: {err.strerror or err}"
+        else:
+            try:  # a real write: permissions, read-only file systems and /proc answer alike
+                fd, probe = tempfile.mkstemp(prefix=".write_check.", dir=path)
+                os.close(fd)
+                os.unlink(probe)
+            except OSError as err:
+                problem = f"cannot write in it: {err.strerror or err}"
+    if problem is not None:
+        raise ConfigError(f"{option}: {path} cannot be the run directory ({problem}); give a folder that can be "
+                          f"created and written with {option} PATH")
+    return path

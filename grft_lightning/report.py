@@ -12,7 +12,10 @@ every table. The family is the part of ``results["dataset"]`` before the first `
 
 Definitions (the only place they are made; tables, CSV and plots all use them):
 
-- Run accuracy: ``100 * results["test_acc"]`` (percent, last epoch).
+- Run accuracy: ``100 * results["test_acc"]`` (percent, last epoch). A ``results.json`` that
+  cannot be read, or whose keys cannot be used (``test_acc`` null or not a number, a seed that
+  is not an integer, a missing key: :func:`record_problem`), is left out with a warning naming
+  the file and the reason; a run with ``test_acc: null`` has no figure, so it is not in any cell.
 - Task cell: mean of the run accuracies over seeds, ``± std`` with the sample std (ddof=1) over
   seeds; a single seed shows the mean alone. Two runs with the same seed: the later path wins.
 - Group mean (VTAB Natural / Specialized / Structured): arithmetic mean of the per-task means of
@@ -48,6 +51,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
 import warnings
 from dataclasses import dataclass, field
@@ -123,20 +127,60 @@ class Table:
         return FAMILY_TITLES.get(self.family, self.family)
 
 
+def _number(value) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def record_problem(record) -> str | None:
+    """Why a parsed ``results.json`` cannot enter the tables, or None when it can.
+
+    Refused: not a JSON object, a missing key among ``dataset``, ``method``, ``seed`` and
+    ``test_acc``, a ``dataset`` or ``method`` that is not a string, a ``seed`` that is not an
+    integer (``3`` and ``"3"`` are; ``"three"``, ``3.5`` and null are not), a ``test_acc`` that is
+    null (a run without a test figure) or not a finite number, a ``tuned_pct`` that is neither
+    null nor a finite number.
+    """
+    if not isinstance(record, dict):
+        return f"not a JSON object but a JSON {type(record).__name__}"
+    missing = [key for key in ("dataset", "method", "seed", "test_acc") if key not in record]
+    if missing:
+        return f"missing keys {missing}"
+    for key in ("dataset", "method"):
+        if not isinstance(record[key], str) or not record[key]:
+            return f"{key} {record[key]!r} is not a name"
+    seed = record["seed"]
+    if not (isinstance(seed, int) and not isinstance(seed, bool)
+            or isinstance(seed, float) and seed.is_integer()
+            or isinstance(seed, str) and seed.strip().lstrip("-").isdigit()):
+        return f"seed {seed!r} is not an integer"
+    if record["test_acc"] is None:
+        return "test_acc is null (the run has no test figure)"
+    if not _number(record["test_acc"]):
+        return f"test_acc {record['test_acc']!r} is not a number"
+    if record.get("tuned_pct") is not None and not _number(record["tuned_pct"]):
+        return f"tuned_pct {record['tuned_pct']!r} is not a number"
+    return None
+
+
 def load_results(runs_dir: str | Path) -> list[dict]:
-    """Every ``results.json`` under ``runs_dir``, sorted by path, each with ``_path`` added."""
+    """Every usable ``results.json`` under ``runs_dir``, sorted by path, each with ``_path`` added
+    and its ``seed`` as an int. A file that cannot be read or parsed, or whose content
+    :func:`record_problem` refuses (a null ``test_acc`` among them: such a run has no figure to
+    show, and it is left out rather than shown as a blank cell), is skipped with a warning
+    naming the file and the reason; the other runs are reported as usual."""
     results = []
     for path in sorted(Path(runs_dir).rglob("results.json")):
         try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             warnings.warn(f"{path}: unreadable ({err}); skipped")
             continue
-        missing = [key for key in ("dataset", "method", "seed", "test_acc") if key not in record]
-        if missing:
-            warnings.warn(f"{path}: missing keys {missing}; skipped")
+        problem = record_problem(record)
+        if problem is not None:
+            warnings.warn(f"{path}: {problem}; skipped")
             continue
-        results.append({**record, "_path": str(path)})
+        results.append({**record, "seed": int(record["seed"]), "_path": str(path)})
     return results
 
 

@@ -14,8 +14,10 @@ Every run is one command, run from the repository root:
   ``base.yaml``; a path to a YAML file is a single task whose suite is its folder's name.
 - Methods: ``<methods-dir>/<name>.yaml`` (default ``configs/methods/``; a suite with its own
   recipes passes e.g. ``--methods-dir configs/offline/methods``), or a path to a YAML file.
-- A run is done when ``<run_dir>/results.json`` exists; done runs are skipped in every mode, so a
-  sweep can be launched again after a failure or a preemption.
+- A run is done when ``<run_dir>/results.json`` holds a JSON object (:func:`results_done`); done
+  runs are skipped in every mode, so a sweep can be launched again after a failure or a
+  preemption. A truncated or unreadable results.json is not done: the run is launched again (it
+  resumes from its last checkpoint and writes the file anew).
 - ``--extra`` strings are split like a shell line and appended to every command; pass one that
   starts with ``--`` and has no space as ``--extra=--trainer.fast_dev_run=true``.
 
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import shlex
 import subprocess
@@ -88,7 +91,17 @@ class Run:
         return [python, train_script, *self.args]
 
     def done(self, root: Path = REPO_ROOT) -> bool:
-        return (Path(root) / self.run_dir / "results.json").exists()
+        return results_done(Path(root) / self.run_dir / "results.json")
+
+
+def results_done(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a finished run's results.json: a file that parses as a JSON object.
+    A missing, truncated or unreadable file (or one holding another JSON value) is not."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return isinstance(json.load(handle), dict)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -175,7 +188,7 @@ def plan_runs(suites: list[str], methods: list[str], seeds: list[int],
 
 
 def pending(runs: list[Run], root: Path = REPO_ROOT) -> list[Run]:
-    """The runs without a results.json."""
+    """The runs that are not done (no readable results.json)."""
     return [run for run in runs if not run.done(root)]
 
 
@@ -183,7 +196,7 @@ def _run_each(runs: list[Run], root: Path, execute, show, label: str = "") -> in
     """Run the pending runs in turn with ``execute(run) -> exit code``; returns the failures.
 
     ``show(run)`` is the command printed for a run; ``label`` prefixes every line. A run that
-    returns 0 without writing its results.json counts as failed.
+    returns 0 without writing a readable results.json counts as failed.
     """
     failed, skipped, start = [], 0, time.perf_counter()
     for index, run in enumerate(runs, 1):
@@ -196,7 +209,7 @@ def _run_each(runs: list[Run], root: Path, execute, show, label: str = "") -> in
         began, cpu = time.perf_counter(), _cpu_seconds()
         code = execute(run)
         if code == 0 and not run.done(root):
-            status = "failed (exit 0 but no results.json)"
+            status = "failed (exit 0 but no readable results.json)"
         else:
             status = "ok" if code == 0 else f"failed (exit {code})"
         print(f"{tag} {run.run_dir}: {status} ({time.perf_counter() - began:.1f} s, "
@@ -313,7 +326,9 @@ PYTHON="${PYTHON:-@@python}"
 LINE=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" "$RUNS_FILE")
 eval "ARGS=($LINE)"
 RUN_DIR="${ARGS[0]}"
-if [ -f "$RUN_DIR/results.json" ]; then
+# Done: results.json holds a JSON object (sweep.results_done); a truncated one is run again.
+if "$PYTHON" -c 'import json, sys; sys.exit(0 if isinstance(json.load(open(sys.argv[1])), dict) else 1)' \
+        "$RUN_DIR/results.json" 2>/dev/null; then
     echo "skip $RUN_DIR (results.json exists)"
     exit 0
 fi

@@ -101,14 +101,15 @@ def test_fgvc_label_remapping(tmp_path):
 ])
 def test_transform_shape_and_normalisation(tmp_path, backbone, mean, std):
     make_vtab_folder(tmp_path, "kitti")
-    dm = VTAB1k("kitti", root=str(tmp_path), backbone=backbone, image_size=24, num_workers=0)
+    # 32: a size both backbones take (check() refuses one test_vit's patch size 16 does not divide)
+    dm = VTAB1k("kitti", root=str(tmp_path), backbone=backbone, image_size=32, num_workers=0)
     dm.setup()
     image, label = dm.dataset("test")[0]  # a PNG, solid colour of label 0: exact after resize
-    assert image.shape == (3, 24, 24) and label == 0
+    assert image.shape == (3, 32, 32) and label == 0
     expected = torch.tensor([(c / 255 - m) / s for c, m, s in zip(label_color(0), mean, std)])
     torch.testing.assert_close(image.mean(dim=(1, 2)), expected, atol=1e-5, rtol=0)
     images, labels = next(iter(dm.train_dataloader()))
-    assert images.shape == (min(dm.batch_size, 12), 3, 24, 24)
+    assert images.shape == (min(dm.batch_size, 12), 3, 32, 32)
     assert labels.dtype == torch.int64
 
 
@@ -208,6 +209,105 @@ def test_bad_json_files(tmp_path):
     Path(val_json).write_text('{"class_000/val_0.png": "first"}')
     with pytest.raises(DatasetError, match=r"val.json key 'class_000/val_0.png': class id 'first' is not an integer"):
         FGVC("flowers", root=str(tmp_path)).setup()
+
+
+# -- paths outside the folder, empty splits, classes, image sizes ----------------------------
+@pytest.mark.parametrize("rel", ["../secret.png", "images/../../secret.png", "/etc/passwd"])
+def test_list_paths_outside_the_task_folder_are_refused(tmp_path, rel):
+    task_dir = make_vtab_folder(tmp_path / "data", "kitti")
+    outside = tmp_path / "data" / "secret.png"  # the task folder's parent: outside it
+    write_image(str(outside), label_color(1))
+    list_file = os.path.join(task_dir, "test.txt")
+    lineno = _append(list_file, f"{rel} 1")
+    expected = (f"{list_file}:{lineno}: image path '{rel}' is outside the folder {task_dir} "
+                ".*data.init_args.allow_outside_root: true")
+    with pytest.raises(DatasetError, match=expected):
+        VTAB1k("kitti", root=str(tmp_path / "data")).check()
+    if rel != "/etc/passwd":  # allowed explicitly, the image outside is read
+        dm = VTAB1k("kitti", root=str(tmp_path / "data"), allow_outside_root=True)
+        assert sizes(dm)["test"] == 7
+        assert os.path.samefile(dm.raw_split("test").samples[-1][0], outside)
+
+
+def test_paths_inside_the_folder_and_symlinks_are_accepted(tmp_path):
+    task_dir = make_vtab_folder(tmp_path / "data", "kitti")
+    elsewhere = tmp_path / "other_disk"
+    os.rename(os.path.join(task_dir, "images"), elsewhere)
+    os.symlink(elsewhere, os.path.join(task_dir, "images"))  # a link inside the folder: followed
+    list_file = os.path.join(task_dir, "test.txt")
+    _append(list_file, "images/./train800/../test/000001.jpg 1")
+    assert sizes(VTAB1k("kitti", root=str(tmp_path / "data")))["test"] == 7
+
+
+def test_fgvc_keys_outside_the_image_folder_are_refused(tmp_path):
+    dataset_dir = make_fgvc_folder(tmp_path, "flowers")
+    train_json = os.path.join(dataset_dir, "train.json")
+    mapping = json.load(open(train_json))
+    mapping["../../escape.png"] = fgvc_class_id(0)
+    with open(train_json, "w") as f:
+        json.dump(mapping, f, indent=0)
+    lineno = next(i for i, line in enumerate(open(train_json), 1) if "escape" in line)
+    with pytest.raises(DatasetError, match=f"train.json:{lineno}: image path '../../escape.png' is outside "
+                                           ".*data.init_args.allow_outside_root: true"):
+        FGVC("flowers", root=str(tmp_path)).check()
+
+
+@pytest.mark.parametrize("split, where", [("train800", "train800val200.txt"), ("test", "test.txt")])
+def test_an_empty_split_is_refused(tmp_path, split, where):
+    counts = {"train800": 8, "val200": 4, "test": 6, split: 0}
+    if split == "train800":
+        counts["val200"] = 0  # train800val200 = train800 + val200: empty as well
+    make_vtab_folder(tmp_path, "kitti", counts)
+    split_name = "train" if split == "train800" else "test"
+    with pytest.raises(DatasetError, match=f"the {split_name} split of vtab/kitti is empty "
+                                           fr"\(list file {where}\); every split needs at least one image"):
+        VTAB1k("kitti", root=str(tmp_path)).check()
+
+
+def test_all_images_skipped_leaves_an_empty_split(tmp_path):
+    task_dir = make_vtab_folder(tmp_path, "kitti", {"train800": 8, "val200": 4, "test": 1})
+    _corrupt(os.path.join(task_dir, "images", "test", "000000.png"))
+    with pytest.warns(UserWarning), pytest.raises(DatasetError, match="the test split of vtab/kitti is empty"):
+        VTAB1k("kitti", root=str(tmp_path), skip_bad_images=True).check()
+
+
+@pytest.mark.parametrize("classes", [0, 1])
+def test_fewer_than_two_classes_are_refused(classes):
+    from grft_lightning.data import SyntheticImages
+
+    with pytest.raises(DatasetError, match=f"synthetic has {classes} class.*at least 2 .data.init_args.num_classes"):
+        SyntheticImages(num_classes=classes).check()
+
+
+def test_synthetic_empty_split_names_its_option():
+    from grft_lightning.data import SyntheticImages
+
+    with pytest.raises(DatasetError, match=r"the train split of synthetic is empty \(data.init_args.n_train: 0\)"):
+        SyntheticImages(n_train=0).check()
+
+
+@pytest.mark.parametrize("backbone, size, reason", [
+    ("test_vit", 33, "divisible by patch size"),  # patch 16
+    ("vit_convstem_w128d6_32.glyphs62", 30, ""),  # conv stem: 17 tokens for a 10-token embedding
+    ("test_vit", 8, ""),  # smaller than one patch
+])
+def test_an_image_size_the_backbone_cannot_take_is_refused(backbone, size, reason):
+    from grft_lightning.data import SyntheticImages
+    from grft_lightning.errors import ConfigError
+
+    dm = SyntheticImages(backbone=backbone, image_size=size)
+    with pytest.raises(ConfigError, match=f"model.image_size: backbone '{backbone}' cannot take {size} px images "
+                                          f".*{reason}.*its pretrained size is"):
+        dm.check()
+    assert dm._splits == {}  # refused before any split is read
+
+
+@pytest.mark.parametrize("backbone, size", [("test_vit", 32), ("test_vit", None), ("vit_convstem_w128d6_32.glyphs62", 40),
+                                            ("mobilenetv2_100", 33), ("no_such_backbone_xyz", 33)])
+def test_image_sizes_the_backbone_takes_pass(backbone, size):
+    from grft_lightning.backbones import check_image_size
+
+    check_image_size(backbone, size)  # an unknown name is left to the model's own build
 
 
 def _corrupt(path: str) -> None:

@@ -146,3 +146,100 @@ def test_train_py_prints_one_line_and_exits_non_zero(tmp_path):
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "data root" in errors[0]
+
+
+# -- reliability: every case below ends in one line, before the model where it can -----------------
+def test_parser_errors_keep_their_reason(tmp_path, capsys):
+    line = _error_line(capsys, _synthetic_args(tmp_path / "run", "--model.method", "grft_lightning.methods.NoSuch"),
+                       code=2)
+    assert line.startswith("error: model.method: module 'grft_lightning.methods' has no attribute 'NoSuch'")
+    assert "grft_lightning.methods.NoSuch" in line
+    line = _error_line(capsys, _synthetic_args(tmp_path / "run", method_args={"rows_per_matrx": 2}), code=2)
+    assert line.startswith("error: model.method: Option 'rows_per_matrx' is not accepted")
+    assert "class_path grft_lightning.methods.GRFT" in line
+
+
+def test_condense_parser_error_shapes():
+    from grft_lightning.errors import condense_parser_error
+
+    nested = ('Parser key "model.method":\n\n  - Expected a path but {...} either not accessible or invalid\n'
+              "  - Problem with given class_path 'grft_lightning.methods.GRFT':\n    Parser key \"mode\":\n"
+              "      Expected a typing.Literal['row', 'column', 'auto']. Got value: diag\n")
+    assert condense_parser_error(nested) == ("model.method.init_args.mode: expected a typing.Literal['row', 'column', "
+                                             "'auto']. Got value: diag")
+    missing = ('Parser key "model.method":\n\n  - Expected a path but x either not accessible or invalid\n'
+               "  - Problem with given class_path 'pkg.NoSuch':\n    module 'pkg' has no attribute 'NoSuch'\n")
+    assert condense_parser_error(missing) == "model.method: module 'pkg' has no attribute 'NoSuch' (class_path pkg.NoSuch)"
+    assert condense_parser_error("Something else\nmore") == "Something else"
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--data.init_args.num_classes", "1", "error: data: synthetic has 1 class; classification needs at least 2"),
+    ("--data.init_args.num_classes", "0", "error: data: synthetic has 0 classes; classification needs at least 2"),
+    ("--data.init_args.n_train", "0", "error: data: the train split of synthetic is empty (data.init_args.n_train: 0)"),
+    ("--model.image_size", "33", "error: model.image_size: backbone 'test_vit' cannot take 33 px images"),
+])
+def test_bad_data_ends_in_one_line_before_the_model(tmp_path, capsys, monkeypatch, option, value, expected):
+    import grft_lightning.module as module
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(module, "create_backbone", no_model)
+    line = _error_line(capsys, _synthetic_args(tmp_path / "run", option, value))
+    assert line.startswith(expected), line
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_a_list_path_outside_the_task_folder_ends_in_one_line(tmp_path, capsys):
+    task_dir = Path(make_vtab_folder(tmp_path / "data", "dtd"))
+    listing = task_dir / "test.txt"
+    lines = listing.read_text().splitlines()
+    lines[2] = "/etc/passwd 3"
+    listing.write_text("\n".join(lines) + "\n")
+    line = _error_line(capsys, _vtab_args(tmp_path / "data", tmp_path / "run"))
+    assert line.startswith(f"error: {listing}:3: image path '/etc/passwd' is outside the folder {task_dir}")
+    assert line.endswith("set data.init_args.allow_outside_root: true")
+
+
+@pytest.mark.parametrize("where", ["file", "proc", "proc_folder"])
+def test_a_run_dir_that_cannot_be_one_ends_in_one_line(tmp_path, capsys, where):
+    if where == "file":
+        (tmp_path / "plain").write_text("x")
+        run_dir, reason = tmp_path / "plain" / "run", f"{tmp_path / 'plain'} is a file, not a folder"
+    elif where == "proc":
+        run_dir, reason = Path("/proc/grft_no_such/run"), "cannot create /proc/grft_no_such"
+    else:  # a folder that exists but takes no files, even for root
+        run_dir, reason = Path("/proc/self"), "cannot write in it"
+    line = _error_line(capsys, _synthetic_args(run_dir))
+    assert line.startswith(f"error: --run_dir: {run_dir} cannot be the run directory ({reason}")
+
+
+def test_a_checkpoint_of_another_shape_is_refused_in_one_line(tmp_path, capsys, one_torch_thread):
+    run = tmp_path / "run"
+    cli_main(_synthetic_args(run))
+    capsys.readouterr()
+    ckpt = run / "checkpoints" / "last.ckpt"
+    line = _error_line(capsys, _synthetic_args(run, "--data.init_args.num_classes", "5"))  # resumes last.ckpt
+    assert line.startswith(f"error: checkpoint {ckpt} has num_classes 4, this run 5;") and "--run_dir" in line
+    line = _error_line(capsys, _synthetic_args(run, "--model.image_size", "48"))
+    assert line.startswith(f"error: checkpoint {ckpt} has image_size 32, this run 48;")
+    args = _synthetic_args(tmp_path / "other", "--data.init_args.num_classes", "3")
+    args[0] = "validate"
+    line = _error_line(capsys, args + ["--ckpt_path", str(ckpt)])
+    assert line.startswith(f"error: checkpoint {ckpt} has num_classes 4, this run 3;")
+
+
+@pytest.mark.parametrize("case", ["image_size", "run_dir"])
+def test_debug_shows_the_traceback_of_the_new_checks(tmp_path, monkeypatch, case):
+    from grft_lightning.errors import ConfigError
+
+    monkeypatch.setenv("GRFT_DEBUG", "1")
+    if case == "image_size":
+        args, match = _synthetic_args(tmp_path / "run", "--model.image_size", "33"), "cannot take 33 px"
+    else:
+        (tmp_path / "plain").write_text("x")
+        args, match = _synthetic_args(tmp_path / "plain" / "run"), "cannot be the run directory"
+    with pytest.raises(ValueError, match=match) as raised:
+        main(args)
+    assert isinstance(raised.value, ConfigError) or isinstance(raised.value.__cause__, ConfigError)

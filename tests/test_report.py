@@ -238,3 +238,41 @@ def test_json_rows(tables, runs_dir, tmp_path):
     for task in ("mnist", "rotation"):  # per-task trade-off plots for the small families
         assert (tmp_path / "report" / f"offline_tradeoff_{task}.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "report" / "vtab_tradeoff_dtd.png").exists()
+
+
+BAD_RECORDS = {
+    "null_acc": ({"method": "grft", "dataset": "fgvc/cub", "seed": 1, "test_acc": None},
+                 "test_acc is null (the run has no test figure)"),
+    "word_seed": ({"method": "grft", "dataset": "fgvc/cub", "seed": "three", "test_acc": 0.9},
+                  "seed 'three' is not an integer"),
+    "null_seed": ({"method": "grft", "dataset": "fgvc/cub", "seed": None, "test_acc": 0.9},
+                  "seed None is not an integer"),
+    "text_acc": ({"method": "grft", "dataset": "fgvc/cub", "seed": 2, "test_acc": "0.9"},
+                 "test_acc '0.9' is not a number"),
+    "text_tuned": ({"method": "grft", "dataset": "fgvc/cub", "seed": 2, "test_acc": 0.9, "tuned_pct": "high"},
+                   "tuned_pct 'high' is not a number"),
+    "a_list": ([1, 2], "not a JSON object but a JSON list"),
+}
+
+
+def test_one_bad_results_file_is_skipped_with_a_warning(runs_dir, tmp_path):
+    for name, (record, _) in BAD_RECORDS.items():
+        (runs_dir / "bad" / name).mkdir(parents=True)
+        (runs_dir / "bad" / name / "results.json").write_text(json.dumps(record))
+    (runs_dir / "bad" / "truncated").mkdir()
+    (runs_dir / "bad" / "truncated" / "results.json").write_text('{"method": "grft", "dataset": "fgv')
+    (runs_dir / "bad" / "seed_text").mkdir()  # an integer written as text is read as that integer
+    (runs_dir / "bad" / "seed_text" / "results.json").write_text(json.dumps(
+        {"method": "grft", "dataset": "fgvc/cub", "seed": "1", "test_acc": 0.78}))
+    with pytest.warns(UserWarning) as caught:
+        results = report.load_results(runs_dir)
+    messages = [str(w.message) for w in caught]
+    for name, (_, reason) in BAD_RECORDS.items():
+        assert f"{runs_dir / 'bad' / name / 'results.json'}: {reason}; skipped" in messages, (name, messages)
+    assert any(m.startswith(f"{runs_dir / 'bad' / 'truncated' / 'results.json'}: unreadable") for m in messages)
+    cub = report.summarize(results)["fgvc"].rows[1]
+    assert cub.method == "grft" and cub.cells["cub"].per_seed == {0: 80.0, 1: 78.0}
+    out = tmp_path / "report"
+    with pytest.warns(UserWarning):
+        assert report.main([str(runs_dir), "--out", str(out)]) == 0  # the report is written all the same
+    assert "| grft | 79.00 ± 1.41 |" in (out / "fgvc.md").read_text()

@@ -4,6 +4,7 @@ The runs go through a small stand-in for train.py (``fake_train.py``, written pe
 reads the same arguments and writes a results.json.
 """
 
+import json
 import shlex
 import shutil
 import subprocess
@@ -194,3 +195,57 @@ def test_wandb_mode_and_agent_run(repo, capsys):
     assert run == sweep.plan_runs(["configs/vtab/svhn.yaml"], ["gps"], [1], repo / "runs",
                                   ["--trainer.max_epochs", "1"], root=repo)[0]
     assert train[1:] == ["train.py", *run.args]
+
+
+@pytest.mark.parametrize("content, done", [
+    ('{"method": "grft", "seed": 0}', True),
+    ("{}", True),
+    ('{"method": "grft", "se', False),  # truncated
+    ("", False),
+    ("[1, 2]", False),
+    (b"\xff\xfe\x00garbage", False),
+])
+def test_only_a_readable_results_file_marks_a_run_done(repo, content, done):
+    [run] = sweep.plan_runs(["configs/fgvc/cub.yaml"], ["grft"], [0], repo / "runs", root=repo)
+    path = repo / run.run_dir / "results.json"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert run.done(repo) is done
+    assert sweep.pending([run], root=repo) == ([] if done else [run])
+
+
+def test_a_truncated_results_file_is_run_again(repo, capsys):
+    argv = ["--suite", "configs/fgvc/cub.yaml", "--methods", "grft", "--seeds", "0",
+            "--runs-dir", str(repo / "runs"), "--root", str(repo), "--train-script", "fake_train.py"]
+    results = repo / "runs/fgvc/cub/grft/seed0/results.json"
+    results.parent.mkdir(parents=True)
+    results.write_text('{"method": "grft", "dataset": "fgvc/cu')
+    assert sweep.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "0 done, 1 pending" in out and "1 runs, 0 skipped, 1 ok, 0 failed" in out
+    assert json.loads(results.read_text())["seed"] == 0
+
+
+@pytest.mark.skipif(not shutil.which("bash"), reason="needs bash")
+def test_the_slurm_array_skips_only_readable_results(repo, tmp_path):
+    runs_dir = repo / "runs"
+    argv = ["--suite", "configs/fgvc/cub.yaml", "--methods", "grft", "gps", "--seeds", "0",
+            "--runs-dir", str(runs_dir), "--root", str(repo), "--mode", "slurm"]
+    assert sweep.main(argv) == 0
+    [script] = (runs_dir / "slurm").glob("*.sbatch")
+    bin_dir = tmp_path / "bin"  # srun stands in for the launcher: it prints what it would run
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/bash\necho \"srun $*\"\n")
+    (bin_dir / "srun").chmod(0o755)
+    (runs_dir / "fgvc/cub/grft/seed0").mkdir(parents=True)
+    (runs_dir / "fgvc/cub/grft/seed0/results.json").write_text("{}")
+    (runs_dir / "fgvc/cub/gps/seed0").mkdir(parents=True)
+    (runs_dir / "fgvc/cub/gps/seed0/results.json").write_text('{"trunc')
+    outputs = []
+    for index in (0, 1):
+        env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_ARRAY_TASK_ID": str(index), "PYTHON": sys.executable}
+        done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stdout)
+    assert outputs[0].startswith("skip runs/fgvc/cub/grft/seed0")
+    assert outputs[1].startswith("srun ") and "runs/fgvc/cub/gps/seed0" in outputs[1]

@@ -89,6 +89,7 @@ class ImageClassificationData(L.LightningDataModule, metaclass=abc.ABCMeta):
         self.selection_batch_size = selection_batch_size or batch_size
         self.skipped_images = 0  # images dropped because they could not be decoded (reported)
         self._splits: dict[str, Dataset] = {}
+        self._size_checked: tuple[str, int | None] | None = None  # (backbone, image_size) checked
         self._train_loader: ResumableLoader | None = None
         self._train_resume: dict[str, int] | None = None  # loader state from a checkpoint, not yet applied
 
@@ -133,12 +134,33 @@ class ImageClassificationData(L.LightningDataModule, metaclass=abc.ABCMeta):
     def dataset(self, split: Split) -> Dataset:
         return TransformedDataset(self.raw_split(split), self.transform(split))
 
+    def split_source(self, split: Split) -> str:
+        """Where ``split``'s samples come from (a list file, an option), for messages."""
+        return ""
+
     def check(self) -> None:
-        """Build (and so validate) every split: a missing root, list file or image raises an error
-        naming it. The CLI calls it right after creating the DataModule, before the model and its
-        pre-trained weights; the splits are kept, so ``setup`` does not read them again."""
+        """Check the data before the model exists: at least 2 classes, an ``image_size`` the
+        backbone can take (:func:`~grft_lightning.backbones.check_image_size`, on the meta device),
+        then build (and so validate) every split: a missing root, list file or image raises an
+        error naming it, and so does a split without images. The CLI calls it right after creating
+        the DataModule, before the model and its pre-trained weights; the splits are kept, so
+        ``setup`` does not read them again."""
+        from grft_lightning.data.folders import DatasetError
+
+        classes = self.num_classes
+        if classes < 2:
+            raise DatasetError(f"data: {self.dataset_name} has {classes} class{'es' if classes != 1 else ''}; "
+                               "classification needs at least 2 (data.init_args.num_classes)")
+        if self.backbone is not None and self._size_checked != (self.backbone, self.image_size):
+            from grft_lightning.backbones import check_image_size
+
+            check_image_size(self.backbone, self.image_size)
+            self._size_checked = (self.backbone, self.image_size)
         for split in ("train", "val", "test"):
-            self.raw_split(split)
+            if len(self.raw_split(split)) == 0:
+                source = self.split_source(split)
+                raise DatasetError(f"data: the {split} split of {self.dataset_name} is empty"
+                                   f"{f' ({source})' if source else ''}; every split needs at least one image")
 
     def setup(self, stage: str | None = None) -> None:
         # Every split up front (a no-op after check()) so bad data stops the run before training.

