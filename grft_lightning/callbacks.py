@@ -101,8 +101,7 @@ class GradientSelection(L.Callback):
             rank_zero_info(f"selection: restored from {trainer.ckpt_path} (not re-selected)")
             return
         if stage != "fit":
-            raise ValueError(f"{type(pl_module.method).__name__} tunes a selection made while fitting: give the "
-                             "checkpoint of a fitted run (--ckpt_path) to validate, test or predict")
+            return  # validate/test/predict: the checkpoint's selection is applied when it is loaded
         start = time.perf_counter()
         method = pl_module.method
         if self.from_file:

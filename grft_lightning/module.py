@@ -240,6 +240,17 @@ class PEFTModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         self._raise_if_non_finite()
 
+    def _require_selection(self) -> None:
+        if self.selection is None:
+            raise ValueError(f"{type(self.method).__name__} tunes a selection made while fitting: give the "
+                             "checkpoint of a fitted run (--ckpt_path) to validate, test or predict")
+
+    def on_test_start(self) -> None:
+        self._require_selection()
+
+    def on_predict_start(self) -> None:
+        self._require_selection()
+
     def _eval_step(self, batch, metric: MulticlassAccuracy, stage: str) -> None:
         images, labels = batch
         logits = self.model(images)
@@ -329,6 +340,7 @@ class PEFTModule(L.LightningModule):
             self.ema = {k: v.to(self.device) for k, v in self.ema.items()}
 
     def on_validation_start(self) -> None:
+        self._require_selection()
         self.swap_ema()
 
     def on_validation_end(self) -> None:

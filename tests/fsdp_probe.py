@@ -9,7 +9,7 @@
 3. shards the model with ``torch.distributed.fsdp.fully_shard`` (each transformer block, then the
    root), trains 3 AdamW steps on its own batches, saves a checkpoint (full model and optimizer
    state dicts, gathered), trains 1 more step;
-4. builds a fresh model (GRFT applied, nothing selected), shards it, loads the checkpoint and
+4. builds a fresh model (GRFT applied with the saved selection), shards it, loads the checkpoint and
    trains the same last step.
 
 Every rank writes ``OUT_DIR/rank<r>.pt``: the selection buffers, the full (gathered) tensors before
@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 WORLD = 2
-SELECTION_KEYS = ("row_index", "col_index", "axis", "selected")
+SELECTION_KEYS = (".index",)
 
 
 def _full(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -46,12 +46,12 @@ def _full(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _build(seed: int) -> tuple[torch.nn.Module, object]:
+    """The pre-trained model (deltas come later, from the selection) and the method."""
     from grft_lightning.backbones import create_backbone
     from grft_lightning.methods import GRFT
 
     torch.manual_seed(seed)
-    method = GRFT(mode="row", rows_per_matrix=2)
-    return method.apply(create_backbone("test_vit", 4, pretrained=False, image_size=32)), method
+    return create_backbone("test_vit", 4, pretrained=False, image_size=32), GRFT(mode="row", rows_per_matrix=2)
 
 
 def _shard(model: torch.nn.Module) -> None:
@@ -96,7 +96,7 @@ def _run(rank: int, out_dir: Path) -> None:
     from grft_lightning.data import SyntheticImages
     from grft_lightning.deltas import selectable_layers
     from grft_lightning.losses import selection_loss_fn
-    from grft_lightning.selection import accumulate_gradients
+    from grft_lightning.gradients import accumulate_gradients
 
     data = SyntheticImages(num_classes=4, n_train=32, n_val=4, n_test=4, batch_size=4, backbone="test_vit",
                            image_size=32)
@@ -106,12 +106,12 @@ def _run(rank: int, out_dir: Path) -> None:
     # the selection pass, as GradientSelection runs it under DDP
     model.eval()
     grads = accumulate_gradients(model, data.selection_dataloader("ce"), selection_loss_fn("ce", 0.07),
-                                 reduction=method.gradient_reduction)
+                                 names=method.gradient_names(model), reduction=method.gradient_reduction)
     for grad in grads.values():
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-    method.select(model, grads)
+    selection = method.select(model, grads)
+    method.apply(model, selection)  # deltas before sharding, as the selection callback builds them in setup
     model.train()
-    assert all(layer.is_selected for _, layer in selectable_layers(model))
 
     _shard(model)
     before = _full(model)
@@ -131,8 +131,9 @@ def _run(rank: int, out_dir: Path) -> None:
     _step(model, optimizer, batches[3])
     continued = _full(model)
 
-    # resume: a fresh model (deltas in place, nothing selected), sharded, then the checkpoint
+    # resume: a fresh model with deltas built from the saved selection, sharded, then the checkpoint
     fresh, _ = _build(seed=1)  # another seed: every value must come from the checkpoint
+    method.apply(fresh, type(selection).from_state_dict(selection.state_dict()))
     _shard(fresh)
     saved = torch.load(path, weights_only=True)
     set_model_state_dict(fresh, saved["model"], options=StateDictOptions(full_state_dict=True))
@@ -145,7 +146,7 @@ def _run(rank: int, out_dir: Path) -> None:
         "selection": {k: v for k, v in before.items() if k.endswith(SELECTION_KEYS)},
         "trainable": trainable,
         "before": before, "after": after, "restored": restored, "continued": continued, "resumed": resumed,
-        "selected_layers": [name for name, layer in selectable_layers(fresh) if layer.is_selected],
+        "selected_layers": [name for name, _ in selectable_layers(fresh)],
     }, out_dir / f"rank{rank}.pt")
 
 
