@@ -18,7 +18,7 @@ from grft_lightning.errors import CheckpointRefused
 from grft_lightning.heads import head_parameter_ids
 from grft_lightning.losses import features_and_logits
 from grft_lightning.methods.base import Method
-from grft_lightning.schedules import warmup_cosine
+from grft_lightning.schedules import step_scheduler, warmup_cosine
 
 
 class PEFTModule(L.LightningModule):
@@ -262,6 +262,12 @@ class PEFTModule(L.LightningModule):
             warmup = int(round(self.hparams.warmup_epochs * total / epochs))
             scheduler = warmup_cosine(optimizer, total, warmup, self.hparams.warmup_start_lr, self.hparams.min_lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        # The default schedule is timm's, positioned by the optimizer step count; a torch
+        # scheduler from ``scheduler:`` steps as Lightning steps it.
+        if not step_scheduler(scheduler, self.global_step):
+            super().lr_scheduler_step(scheduler, metric)
 
     # -- EMA of tuned tensors ---------------------------------------------------------------
     def _tuned(self) -> dict[str, torch.Tensor]:
