@@ -123,3 +123,34 @@ def test_lightning_steps_it_once_per_optimizer_step(tmp_path, one_torch_thread, 
         for lr, group in zip(lrs, bases):
             expected = formula(steps, group["initial_lr"], total, warmup, 1e-6, 1e-5)
             assert lr == pytest.approx(expected, rel=1e-12, abs=0.0), (batch, group["initial_lr"])
+
+
+def test_training_ends_bit_identical_to_the_former_lambda_schedule(tmp_path, one_torch_thread):
+    """The same 12 steps with the schedule as a torch ``LambdaLR`` of the formula (how runs were
+    scheduled before) and with the default: the tuned tensors end bit for bit the same."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from grft_lightning.data import SyntheticImages
+    from grft_lightning.methods import BitFit
+    from grft_lightning.module import PEFTModule
+
+    total, warmup = 12, 4
+
+    def former(optimizer):
+        return LambdaLR(optimizer, [lambda s, b=g["lr"]: formula(s, b, total, warmup, 1e-6, 1e-5) / b
+                                    for g in optimizer.param_groups])
+
+    ends = []
+    for scheduler in (former, None):
+        torch.manual_seed(0)
+        module = PEFTModule(BitFit(), backbone="test_vit", num_classes=4, pretrained=False, image_size=32,
+                            optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-2), head_lr=0.05,
+                            scheduler=scheduler, warmup_epochs=1, warmup_start_lr=1e-6, min_lr=1e-5)
+        trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            default_root_dir=tmp_path)
+        trainer.fit(module, datamodule=SyntheticImages(num_classes=4, n_train=32, batch_size=8, num_workers=0))
+        assert trainer.global_step == total
+        ends.append({n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad})
+    assert ends[0].keys() == ends[1].keys()
+    assert all(torch.equal(ends[0][n], ends[1][n]) for n in ends[0])
