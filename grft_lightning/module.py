@@ -23,11 +23,12 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from grft_lightning.accounting import count_parameters
 from grft_lightning.backbones import WeightsFormat, create_backbone
+from grft_lightning.ema import TunedEMA
 from grft_lightning.errors import CheckpointRefused
 from grft_lightning.heads import DEFAULT, head_parameter_ids
 from grft_lightning.losses import features_and_logits
 from grft_lightning.methods.base import Method
-from grft_lightning.schedules import warmup_cosine
+from grft_lightning.schedules import step_scheduler, warmup_cosine
 from grft_lightning.seeding import run_seed
 from grft_lightning.selection import Selection
 
@@ -56,8 +57,9 @@ class PEFTModule(L.LightningModule):
         label_smoothing: cross-entropy label smoothing.
         mixup: mixup alpha (0 disables); with ``cutmix`` uses timm's Mixup (FGVC recipes).
         cutmix: cutmix alpha (0 disables).
-        ema_decay: keep an exponential moving average of the tuned tensors with this decay and
-            evaluate/export with it (None disables).
+        ema_decay: keep an exponential moving average of the tuned tensors with this decay,
+            updated once per optimizer step, and evaluate/export with it (None disables; the
+            callback :class:`~grft_lightning.ema.TunedEMA`, from :meth:`configure_callbacks`).
         freeze_norm_stats: keep BatchNorm running statistics fixed (BatchNorm layers in eval mode
             during training).
         channels_last: hold 4-D weights channels-last, so convolutions run in NHWC (on the CPU
@@ -120,7 +122,6 @@ class PEFTModule(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.mixup_fn = self._make_mixup(num_classes)
-        self.ema: dict[str, torch.Tensor] | None = None
         self.selection_seconds = 0.0
         # Device-side record of the training loss (see _check_finite), created at the first step.
         self._finite_state: dict[str, torch.Tensor] | None = None
@@ -308,54 +309,26 @@ class PEFTModule(L.LightningModule):
             scheduler = warmup_cosine(optimizer, total, warmup, self.hparams.warmup_start_lr, self.hparams.min_lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        # The default schedule is timm's, positioned by the optimizer step count; a torch
+        # scheduler from ``scheduler:`` steps as Lightning steps it.
+        if not step_scheduler(scheduler, self.global_step):
+            super().lr_scheduler_step(scheduler, metric)
+
     # -- EMA of tuned tensors ---------------------------------------------------------------
-    def _tuned(self) -> dict[str, torch.Tensor]:
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        decay = self.hparams.ema_decay
-        if decay is None:
-            return
-        tuned = self._tuned()
-        if self.ema is None:
-            self.ema = {n: p.detach().clone() for n, p in tuned.items()}
-        with torch.no_grad():
-            for name, p in tuned.items():
-                self.ema[name].lerp_(p.detach(), 1.0 - decay)
-
-    def swap_ema(self) -> None:
-        """Exchange the live tuned tensors with their EMA (call twice to undo)."""
-        if self.ema is None:
-            return
-        with torch.no_grad():
-            for name, p in self._tuned().items():
-                live = p.detach().clone()
-                p.copy_(self.ema[name])
-                self.ema[name].copy_(live)
-
-    def on_fit_start(self) -> None:
-        # A resumed EMA is loaded (on_load_checkpoint) before Lightning moves the module to its
-        # device; a plain dict does not move with it, and lerp_ would mix devices.
-        if self.ema is not None:
-            self.ema = {k: v.to(self.device) for k, v in self.ema.items()}
+    def configure_callbacks(self) -> list[L.Callback]:
+        """With ``ema_decay``, the EMA of the tuned tensors (:class:`~grft_lightning.ema.TunedEMA`);
+        a later stage of the same trainer (``test`` after ``fit``) keeps the one it has."""
+        if self.hparams.ema_decay is None or any(isinstance(c, TunedEMA) for c in self.trainer.callbacks):
+            return []
+        return [TunedEMA(self.hparams.ema_decay)]
 
     def on_validation_start(self) -> None:
         self._require_selection()
-        self.swap_ema()
-
-    def on_validation_end(self) -> None:
-        self.swap_ema()
-
-    def on_fit_end(self) -> None:
-        # Evaluate and export what the EMA holds from here on (FGVC recipes).
-        self.swap_ema()
-        self.ema = None
 
     # -- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._raise_if_non_finite()  # never write weights trained on a non-finite loss
-        if self.ema is not None:
-            checkpoint["ema"] = {k: v.cpu() for k, v in self.ema.items()}
         checkpoint["selection_seconds"] = self.selection_seconds
         if self.selection is not None:
             checkpoint["selection"] = self.selection.state_dict()
@@ -379,8 +352,6 @@ class PEFTModule(L.LightningModule):
                 raise CheckpointRefused(f"{where} has {key} {checkpoint['hyper_parameters'][key]}, this run "
                                         f"{self.hparams[key]}; {fix}")
         self._restore_selection(checkpoint, where, fix)
-        if "ema" in checkpoint:
-            self.ema = {k: v.to(self.device) for k, v in checkpoint["ema"].items()}
         self.selection_seconds = float(checkpoint.get("selection_seconds", 0.0))
 
     def _restore_selection(self, checkpoint: dict, where: str, fix: str) -> None:

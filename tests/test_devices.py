@@ -66,16 +66,17 @@ def test_delta_layers_under_bf16_autocast(tiny_vit, kind):
 
 
 def test_a_resumed_ema_follows_the_module_to_its_device():
-    """Lightning restores a checkpoint (on_load_checkpoint) before it moves the module to its
-    device; the EMA, a plain dict, must follow at fit start."""
+    """Lightning restores a checkpoint (the EMA callback's state) before it moves the module to its
+    device; the EMA, plain tensors, must follow at fit start."""
+    from grft_lightning.ema import TunedEMA, tuned_tensors
     from grft_lightning.module import PEFTModule
 
     module = PEFTModule(RandomRows(rows_per_matrix=1), backbone="test_vit", num_classes=3, pretrained=False,
                         image_size=32, ema_decay=0.9)
-    ema = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
-    module.on_load_checkpoint({"ema": ema, "hyper_parameters": dict(module.hparams),
-                               "selection": module.selection.state_dict()})
+    ema = {n: p.detach().clone() for n, p in tuned_tensors(module).items()}
+    callback = TunedEMA(0.9)
+    callback.load_state_dict({"decay": 0.9, "ema": ema, "updated_at_step": 3})
     module.to("meta")  # stands for the accelerator: a device the checkpoint's tensors are not on
-    module.on_fit_start()
-    assert module.ema.keys() == ema.keys()
-    assert all(v.device.type == "meta" for v in module.ema.values())
+    callback.on_fit_start(None, module)
+    assert callback.ema.keys() == ema.keys() and callback.updated_at_step == 3
+    assert all(v.device.type == "meta" for v in callback.ema.values())

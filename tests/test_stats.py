@@ -39,6 +39,31 @@ def test_paired_known_answer():
     assert not r.significant
 
 
+def test_paired_agrees_with_scipy_paired_t_test():
+    """The interval and p of :func:`stats.paired` are those of ``scipy.stats.ttest_rel`` on the
+    same seeds (an independent route: scipy's own paired test from the two score lists)."""
+    from scipy.stats import ttest_rel
+
+    a = {0: 71.25, 1: 69.5, 2: 73.0, 3: 70.75, 4: 72.5, 5: 70.0}
+    b = {0: 70.0, 1: 69.75, 2: 71.5, 3: 70.5, 4: 70.25, 5: 69.0}
+    r = stats.paired(a, b)
+    reference = ttest_rel([a[s] for s in range(6)], [b[s] for s in range(6)])
+    interval = reference.confidence_interval(0.95)
+    assert r.p == pytest.approx(float(reference.pvalue), rel=1e-12)
+    assert (r.ci_low, r.ci_high) == (pytest.approx(float(interval.low), rel=1e-12),
+                                     pytest.approx(float(interval.high), rel=1e-12))
+    # differences 1.25, -0.25, 1.5, 0.25, 2.25, 1.0: mean 1, sd sqrt(0.8), t = 2.7386128, 5 degrees of freedom
+    assert (r.mean, r.p) == (pytest.approx(1.0), pytest.approx(0.0408594039, abs=1e-9))
+
+
+def test_incomplete_beta_known_values():
+    assert stats.incomplete_beta(2.0, 0.5, 0.0) == 0.0 and stats.incomplete_beta(2.0, 0.5, 1.0) == 1.0
+    # I_x(1, b) = 1 - (1 - x)^b in closed form
+    assert stats.incomplete_beta(1.0, 3.0, 0.25) == pytest.approx(1 - 0.75 ** 3, rel=1e-14)
+    # the two-sided t tail is I_{df / (df + t^2)}(df / 2, 1 / 2)
+    assert stats.incomplete_beta(2.0, 0.5, 4 / (4 + 1.3 ** 2)) == pytest.approx(0.2634515965, abs=1e-9)
+
+
 def test_paired_degenerate_cases():
     assert stats.paired({0: 1.0}, {1: 2.0}).n == 0
     one = stats.paired({0: 3.0}, {0: 1.0})

@@ -1,7 +1,7 @@
 """Image transforms, sized and normalised from the backbone's own pretrained config.
 
-Preprocessing is never hard-coded: mean, std, input size and interpolation come from timm's
-pretrained config of the backbone name. Both ViT-B/16 ImageNet-21k checkpoints in use normalise
+Preprocessing is never hard-coded: mean, std, input size and interpolation are what timm's
+``resolve_data_config`` reads from the pretrained config of the backbone name. Both ViT-B/16 ImageNet-21k checkpoints in use normalise
 with mean = std = 0.5 there: ``vit_base_patch16_224.augreg_in21k`` (GPS, SSF) and
 ``vit_base_patch16_224.orig_in21k`` (the original Google ``ViT-B_16.npz``, trained on inputs in
 [-1, 1]; VPT, NOAH and SPT fed it the ImageNet statistics instead, which is not what timm's config
@@ -16,10 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, str_to_interp_mode
 from torchvision import transforms as T
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN = IMAGENET_DEFAULT_MEAN
+IMAGENET_STD = IMAGENET_DEFAULT_STD
 
 
 @dataclass(frozen=True)
@@ -33,42 +34,31 @@ class DataConfig:
 
 
 def resolve_data_config(backbone: str | None, image_size: int | None = None) -> DataConfig:
-    """Read mean/std/size/interpolation from timm's pretrained config of ``backbone``.
+    """Mean/std/size/interpolation of ``backbone``: timm's ``resolve_data_config`` on its pretrained config.
 
     Works offline: it reads timm's registry, it does not create the model or touch the hub.
-    Deprecated names are resolved through timm's mapping first
-    (:func:`grft_lightning.backbones.resolve_model_name`). ``image_size`` overrides the config's
-    input size (e.g. 64 px for the CPU demo).
+    Deprecated names are first mapped to the name timm creates for them
+    (``timm.models.get_deprecated_models``). A name timm does not know gets timm's defaults (the
+    ImageNet statistics, 224 px, bicubic). ``image_size`` overrides the config's input size (e.g.
+    64 px for the CPU demo). timm's ``crop_pct`` is not used: the FGVC evaluation crop is the
+    recipe's fixed 248/224 (:func:`fgvc_eval_transform`).
     """
-    cfg = DataConfig()
+    from timm.data import resolve_data_config as timm_data_config
+    from timm.models import PretrainedCfg, get_deprecated_models, get_pretrained_cfg
+
+    pretrained = None
     if backbone:
-        from timm.models import get_pretrained_cfg
-
-        from grft_lightning.backbones import resolve_model_name
-
-        pretrained = get_pretrained_cfg(resolve_model_name(backbone), allow_unregistered=True)
-        if pretrained is None:  # a name without a pretrained tag that timm does not know
-            pretrained_dict = {}
-        else:
-            pretrained_dict = pretrained.to_dict()
-        size = pretrained_dict.get("input_size", (3, cfg.image_size, cfg.image_size))[-1]
-        cfg = DataConfig(
-            mean=tuple(pretrained_dict.get("mean", cfg.mean)),
-            std=tuple(pretrained_dict.get("std", cfg.std)),
-            image_size=int(size),
-            interpolation=pretrained_dict.get("interpolation", cfg.interpolation) or "bicubic",
-        )
-    if image_size is not None:
-        cfg = DataConfig(cfg.mean, cfg.std, int(image_size), cfg.interpolation)
-    return cfg
+        name = get_deprecated_models().get(backbone) or backbone
+        pretrained = get_pretrained_cfg(name, allow_unregistered=True)
+    pretrained = (pretrained or PretrainedCfg()).to_dict()
+    args = {} if image_size is None else {"img_size": int(image_size)}
+    resolved = timm_data_config(args=args, pretrained_cfg=pretrained)
+    return DataConfig(mean=tuple(resolved["mean"]), std=tuple(resolved["std"]),
+                      image_size=int(resolved["input_size"][-1]), interpolation=resolved["interpolation"])
 
 
 def _interp(name: str) -> T.InterpolationMode:
-    return {
-        "bicubic": T.InterpolationMode.BICUBIC,
-        "bilinear": T.InterpolationMode.BILINEAR,
-        "nearest": T.InterpolationMode.NEAREST,
-    }.get(name, T.InterpolationMode.BICUBIC)
+    return str_to_interp_mode(name)  # timm's configs say "bicubic" or "bilinear"
 
 
 def _to_tensor(cfg: DataConfig) -> list:
