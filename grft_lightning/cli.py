@@ -40,6 +40,7 @@ it happens); ``sys.argv`` is left as it is (a DDP launcher that re-runs the comm
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import os
 import sys
@@ -50,17 +51,16 @@ from typing import Any, Literal
 from lightning.pytorch.callbacks import ModelCheckpoint
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from grft_lightning.accounting import format_summary
 from grft_lightning.callbacks import GradientSelection, RankSeed, RunClock
 from grft_lightning.data.base import ImageClassificationData
 from grft_lightning.errors import ConfigError, condense_parser_error, debug_enabled, report_user_errors
-from grft_lightning.export import save_tuned
 from grft_lightning.io import make_atomic_checkpoint_io, remove_stale_temporaries
 from grft_lightning.module import PEFTModule
-from grft_lightning.results import budget_record, build_results, git_sha, write_results
+from grft_lightning.records import AppendingCSVLogger, RunRecorder
+from grft_lightning.results import git_sha
+from grft_lightning.rundir import RunLock, clear_run, holds_run_lock, run_defining_config
 
 _STARTED = time.time()  # temporaries older than this process are leftovers of a killed one
 
@@ -194,6 +194,10 @@ class GRFTCLI(LightningCLI):
                             help="Name of the run's row in reports: results.json `method`, the run directory "
                                  "and the W&B run name (default: the method's name, e.g. grft_row). For "
                                  "variants of one method, e.g. full_scratch or grft_row_1.2pct.")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="Train from scratch in a run directory that holds a finished or interrupted "
+                                 "run: its results, tuned file, metrics and checkpoints are removed first. "
+                                 "Without it, a finished run is left as it is and an interrupted one resumes.")
         parser.add_argument("--checkpoint_every_n_steps", type=int | None, default=200,
                             help="Also save <run_dir>/checkpoints/last.ckpt every N optimizer steps "
                                  "(it is always saved at the end of each epoch).")
@@ -244,6 +248,9 @@ class GRFTCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         cfg = self._cfg()
         run_dir = self.run_dir()
+        self.resume_from = None
+        if self.subcommand == "fit":
+            self.prepare_run_dir()
         trainer_cfg = cfg.get("trainer", {})
         kwargs.setdefault("default_root_dir", str(run_dir))
         if trainer_cfg.get("logger") in (None, True):
@@ -253,8 +260,21 @@ class GRFTCLI(LightningCLI):
         callbacks = _as_list(trainer_cfg.get("callbacks"))
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             callbacks += self._checkpoints(run_dir, cfg.get("checkpoint_every_n_steps"))
-        kwargs["callbacks"] = callbacks + [RunClock(), RankSeed()]
+        recorder = RunRecorder(run_dir, self.label(), seed=int(cfg.get("seed_everything") or 0),
+                               run_config=self.run_config() if self.subcommand == "fit" else None,
+                               task_budget=_plain(cfg.get("budget")),
+                               config_files=[str(p) for p in (cfg.get("config") or [])])
+        kwargs["callbacks"] = callbacks + [RunClock(), RankSeed(), recorder]
         return super().instantiate_trainer(**kwargs)
+
+    def run_config(self) -> dict[str, Any]:
+        """The values of this run's config that define it (``grft_lightning.rundir``)."""
+        import yaml
+
+        dumped = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
+        if self.subcommand:
+            dumped = dumped.get(self.subcommand) or {}
+        return run_defining_config(dumped)
 
     @staticmethod
     def _checkpoints(run_dir: Path, every_n_steps: int | None) -> list[ModelCheckpoint]:
@@ -272,8 +292,20 @@ class GRFTCLI(LightningCLI):
             return [epoch_end]
         return [keep_one(every_n_train_steps=every_n_steps), epoch_end]
 
+    def _resume_step(self) -> int | None:
+        """The global step of the checkpoint this fit resumes from (None: a fresh start)."""
+        if self.resume_from is None:
+            return None
+        import torch
+
+        try:
+            checkpoint = torch.load(self.resume_from, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # a damaged file is reported when Lightning loads it
+            return None
+        return int(checkpoint.get("global_step", 0))
+
     def _loggers(self, run_dir: Path, cfg) -> list:
-        loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+        loggers = [AppendingCSVLogger(save_dir=str(run_dir), resume_step=self._resume_step())]
         wandb = cfg.get("wandb")
         mode = getattr(wandb, "mode", None) or (wandb or {}).get("mode", "offline")
         if mode != "disabled":
@@ -289,63 +321,50 @@ class GRFTCLI(LightningCLI):
                 tags=[method, dataset, self.model.hparams.backbone, *opts.tags]))
         return loggers
 
-    # -- fit: resume, then test and record -------------------------------------------------
-    def before_fit(self) -> None:
+    # -- fit: the run directory, resume, then test (RunRecorder records) -------------------
+    def prepare_run_dir(self) -> None:
+        """Before ``fit``'s trainer exists: a finished run ends here (exit 0, nothing touched);
+        otherwise this process takes the run directory's lock (global rank 0 only), clears it
+        with ``--overwrite``, and finds the checkpoint to resume (module docstring)."""
         cfg = self._cfg()
-        if cfg.get("ckpt_path") is not None:
-            return
         run_dir = self.run_dir()
+        overwrite = bool(cfg.get("overwrite"))
+        self.resume_from: Path | None = None
+        results = run_dir / "results.json"
+        if not overwrite and cfg.get("ckpt_path") is None and results.is_file():
+            print(f"{run_dir} is a finished run: its results are in {results}; nothing to do "
+                  "(--overwrite trains it again from scratch)", flush=True)
+            raise SystemExit(0)
+        if holds_run_lock():
+            lock = RunLock(run_dir)
+            lock.acquire()
+            _HELD_LOCKS.append(lock)
+            if overwrite:
+                for path in clear_run(run_dir):
+                    print(f"--overwrite: removed {path}", flush=True)
+        if overwrite or cfg.get("ckpt_path") is not None:
+            return
         for folder in (run_dir, run_dir / "checkpoints"):  # leftovers of a hard kill during a save
             for path in remove_stale_temporaries(folder, older_than=_STARTED):
                 rank_zero_info(f"removed {path}: an unfinished save of an earlier, killed process")
         # The newest of last.ckpt and the checkpoint Lightning's SLURM plugin saves on SIGUSR1.
         found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
         if found:
-            newest = max(found, key=lambda p: p.stat().st_mtime)
-            cfg["ckpt_path"] = str(newest)
-            rank_zero_info(f"resuming from {newest}")
+            self.resume_from = max(found, key=lambda p: p.stat().st_mtime)
+
+    def before_fit(self) -> None:
+        if self.resume_from is not None:
+            self._cfg()["ckpt_path"] = str(self.resume_from)
+            rank_zero_info(f"resuming from {self.resume_from}")
 
     def after_fit(self) -> None:
         trainer, model = self.trainer, self.model
         if trainer.interrupted:
             return
-        val_acc = trainer.callback_metrics.get("val/acc")
-        val_acc = None if val_acc is None else float(val_acc)
-        tested = trainer.test(model, datamodule=self.datamodule, verbose=False)
-        test_acc = tested[0].get("test/acc") if tested else None
-        if trainer.is_global_zero:
-            self._record(val_acc, test_acc)
-
-    def _record(self, val_acc, test_acc) -> None:
-        trainer, model, data = self.trainer, self.model, self.datamodule
-        cfg = self._cfg()
-        run_dir = self.run_dir()
-        clock = next(c for c in trainer.callbacks if isinstance(c, RunClock))
-        counts = model.tuned_counts()
-        extra = dict(data.describe()) if hasattr(data, "describe") else {}
-        extra.setdefault("skipped_images", getattr(data, "skipped_images", 0))
-        extra["config_files"] = [str(p) for p in (cfg.get("config") or [])]
-        selection = next((c for c in trainer.callbacks if isinstance(c, GradientSelection)), None)
-        if selection is not None and model.method.needs_gradients:
-            extra["selection"] = {"loss": selection.loss, "mode": selection.mode,
-                                  "temperature": selection.temperature, "max_batches": selection.max_batches,
-                                  "from_file": selection.from_file}
-        if self.label() != model.method.name:
-            extra["method_name"] = model.method.name
-        results = build_results(
-            method=self.label(), dataset=getattr(data, "dataset_name", "data"),
-            backbone=model.hparams.backbone, seed=int(cfg.get("seed_everything") or 0), counts=counts,
-            selection_seconds=model.selection_seconds, train_seconds=clock.train_seconds,
-            val_acc=val_acc, test_acc=test_acc, peak_memory_bytes=clock.peak_memory_bytes(model.device),
-            budget=budget_record(model.method, model.model, _plain(cfg.get("budget"))), extra=extra)
-        save_tuned(model.model, run_dir / "tuned.safetensors", metadata={
-            "backbone": model.hparams.backbone, "dataset": results["dataset"], "seed": results["seed"],
-            "git_sha": results["git_sha"]})
-        write_results(run_dir / "results.json", results)
-        print(format_summary(counts))
-        if test_acc is not None:
-            print(f"test accuracy: {test_acc:.4f} ({results['dataset']}, {results['method']}, last epoch)")
-        print(f"run directory: {run_dir}")
+        recorder = next(c for c in trainer.callbacks if isinstance(c, RunRecorder))
+        if recorder.val_acc is None:  # resumed at the end of training: nothing was validated
+            trainer.validate(model, datamodule=self.datamodule, verbose=False)
+        trainer.test(model, datamodule=self.datamodule, verbose=False)  # RunRecorder writes the results
 
 
 def _plain(value) -> dict[str, Any]:
@@ -431,10 +450,27 @@ def _build(cli_class: type[GRFTCLI], args: list[str] | None, run: bool = True) -
     )
 
 
+#: The run-directory locks this process holds (released when :func:`cli_main` returns or fails,
+#: and at exit).
+_HELD_LOCKS: list[RunLock] = []
+
+
+def release_run_locks() -> None:
+    while _HELD_LOCKS:
+        _HELD_LOCKS.pop().release()
+
+
+atexit.register(release_run_locks)
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> GRFTCLI:
     """Run the CLI (``args`` like ``sys.argv[1:]``; tests and in-process sweeps call it). Errors
-    propagate; :func:`main` is the command line's entry point."""
-    return _build(GRFTCLI, args, run)
+    propagate; :func:`main` is the command line's entry point. The run directory's lock is
+    released when it returns, also on an error."""
+    try:
+        return _build(GRFTCLI, args, run)
+    finally:
+        release_run_locks()
 
 
 def main(args: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from grft_lightning.accounting import count_parameters
 from grft_lightning.backbones import WeightsFormat, create_backbone
-from grft_lightning.errors import CheckpointRefused
+from grft_lightning.errors import CheckpointRefused, TrainingDiverged
 from grft_lightning.heads import head_parameter_ids
 from grft_lightning.losses import features_and_logits
 from grft_lightning.methods.base import Method
@@ -195,10 +195,26 @@ class PEFTModule(L.LightningModule):
         if step < 0:
             return
         last = float(state["last_finite"])
-        raise FloatingPointError(
+        raise TrainingDiverged(
             f"non-finite training loss ({float(state['bad_value'])}) at global step {step} "
             f"(epoch {int(state['bad_epoch'])}); last finite loss: {None if math.isnan(last) else last}. "
             "Lower the learning rate or check the data.")
+
+    def _last_finite_loss(self) -> float | None:
+        state = self._finite_state
+        last = float("nan") if state is None else float(state["last_finite"])
+        return None if math.isnan(last) else last
+
+    def _raise_if_weights_non_finite(self) -> None:
+        """Raise if a tuned tensor holds NaN/inf (one host sync): a step can overflow the weights
+        while the loss it was computed from is still finite."""
+        bad = [name for name, p in self._tuned().items() if not bool(torch.isfinite(p.detach()).all())]
+        if bad:
+            raise TrainingDiverged(
+                f"non-finite tuned weights ({bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}) after "
+                f"global step {self.global_step} (epoch {self.current_epoch}); last finite loss: "
+                f"{self._last_finite_loss()}. Lower the learning rate (model.optimizer.init_args.lr, "
+                "model.head_lr) or check the data.")
 
     def on_train_start(self) -> None:
         self._finite_state, self._finite_batches = None, 0
@@ -307,7 +323,9 @@ class PEFTModule(L.LightningModule):
 
     # -- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        self._raise_if_non_finite()  # never write weights trained on a non-finite loss
+        # never write weights trained on a non-finite loss, or non-finite weights
+        self._raise_if_non_finite()
+        self._raise_if_weights_non_finite()
         if self.ema is not None:
             checkpoint["ema"] = {k: v.cpu() for k, v in self.ema.items()}
         checkpoint["selection_seconds"] = self.selection_seconds
@@ -326,6 +344,13 @@ class PEFTModule(L.LightningModule):
         if saved_backbone is not None and saved_backbone != self.hparams.backbone:
             raise CheckpointRefused(f"{where} is of backbone {saved_backbone!r}, this run uses "
                                     f"{self.hparams.backbone!r}; {fix}")
+        bad = next((name for name, value in checkpoint.get("state_dict", {}).items()
+                    if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())),
+                   None)
+        if bad is not None:
+            raise CheckpointRefused(f"{where} holds non-finite weights ({bad}): the run diverged before it was "
+                                    "saved; start it again with a lower learning rate (--overwrite, or another "
+                                    "--run_dir)")
         if "ema" in checkpoint:
             self.ema = {k: v.to(self.device) for k, v in checkpoint["ema"].items()}
         self.selection_seconds = float(checkpoint.get("selection_seconds", 0.0))
