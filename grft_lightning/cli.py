@@ -1,17 +1,24 @@
 """The command line: ``python train.py fit|validate|test|predict --config ...``.
 
 LightningCLI builds every option from typed signatures; the method and the data are chosen in
-YAML by ``class_path``. On top of Lightning's behaviour this CLI:
+YAML by ``class_path``. This module holds the command line only: its arguments and links, the
+run directory, and the trainer's wiring. On top of Lightning's behaviour it:
 
 * links ``data.num_classes`` -> ``model.num_classes`` and ``model.backbone``/``image_size`` ->
-  the data (preprocessing comes from the backbone's pretrained config);
+  the data (preprocessing comes from the backbone's pretrained config), and the task's
+  ``budget`` -> ``model.task_budget`` (below);
 * gives every run a directory (``run_dir``, default ``runs/<dataset>/<method>/seed<seed>``)
   holding ``config.yaml``, ``metrics.csv``, ``checkpoints/last.ckpt``, ``selection.png``,
-  ``tuned.safetensors`` and ``results.json``;
-* resumes ``fit`` from ``<run_dir>/checkpoints/last.ckpt`` when it exists (same command after a
-  crash or preemption), and writes checkpoints atomically, loading them weights-only;
-* after ``fit``, tests the last-epoch model on the test split and writes ``results.json``;
-* gives a method that leaves its budget open the task's published budget (``budget``, below);
+  ``tuned.safetensors`` and ``results.json``, and a lock (``run.lock``) while a ``fit`` runs
+  in it: a second start in the same directory is refused (``grft_lightning/rundir.py``);
+* ``fit``: a directory with ``results.json`` holds a finished run, which is left as it is (the
+  command says where its results are and exits 0); otherwise ``fit`` resumes from
+  ``<run_dir>/checkpoints/last.ckpt`` when it exists (same command after a crash or
+  preemption; a checkpoint of another run config is refused), and ``--overwrite`` trains from
+  scratch. Checkpoints are written atomically and loaded weights-only;
+* after ``fit``, tests the last-epoch model on the test split; the
+  :class:`~grft_lightning.records.RunRecorder` callback then writes ``results.json`` and
+  ``tuned.safetensors``;
 * resolves config includes (``config: base.yaml`` inside a config file, below);
 * checks the data (every split's files) before the model and its pre-trained weights are built,
   so a wrong data root fails in seconds;
@@ -21,12 +28,13 @@ YAML by ``class_path``. On top of Lightning's behaviour this CLI:
 **Budgets.** A task config states its published budget once, in a top-level ``budget`` section
 (per family in ``base.yaml``, per task where it differs): ``fraction`` for the methods with a
 ``fraction`` argument (GRFT and its random ablations) and ``k`` for those with a ``k`` argument
-(GPS). Method configs do not state a budget; a method whose budget arguments (``fraction``,
-``rows_per_matrix``, ``columns_per_matrix``, ``k``, whichever it has) are all null when parsing
-ends is given the task's values for the arguments it has. A budget set by a method config or on
-the command line is never replaced, and methods without such arguments are not touched. This
-happens while the arguments are parsed, so ``--print_config`` and the run's ``config.yaml`` show
-the values the run uses.
+(GPS). Method configs do not state a budget. The section and the method are linked
+(``link_arguments``) to ``model.task_budget``: the task's values for a method whose budget
+arguments are all null, with which the module builds it (``grft_lightning/budgets.py``). The
+config (``--print_config``, the run's ``config.yaml``, which leave link targets out) therefore
+shows the method as configured, with its open budget null, and the task's ``budget`` section; the effective budget is recorded in ``results.json``
+(``budget``), in every checkpoint's ``hyper_parameters.method_config`` and in
+``tuned.safetensors``.
 
 **Config includes.** A config file may include a base with a top-level ``config: base.yaml`` key
 (relative to the file; the including file's values win). jsonargparse reads such a key itself,
@@ -34,14 +42,13 @@ but it checks the including file's values against the config as it was *before* 
 the base: a value that needs the base -- ``init_args`` without a ``class_path`` for ``model.method``,
 ``model.optimizer`` or ``data``, which every task config gives -- is rejected (jsonargparse 4.53).
 So the parser expands every ``--config FILE`` into ``--config BASE --config FILE`` first
-(:func:`expand_config_includes`, applied by :meth:`BudgetArgumentParser.parse_args`, the one place
+(:func:`expand_config_includes`, applied by :meth:`GRFTArgumentParser.parse_args`, the one place
 it happens); ``sys.argv`` is left as it is (a DDP launcher that re-runs the command expands again).
 """
 
 from __future__ import annotations
 
 import atexit
-import inspect
 import os
 import sys
 import time
@@ -53,6 +60,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from grft_lightning.budgets import TaskBudget, task_budget_for
 from grft_lightning.callbacks import GradientSelection, RankSeed, RunClock
 from grft_lightning.data.base import ImageClassificationData
 from grft_lightning.errors import ConfigError, condense_parser_error, debug_enabled, report_user_errors
@@ -85,78 +93,11 @@ class WandbOptions:
         self.tags = list(tags or [])
 
 
-class TaskBudget:
-    """The task's published budget, for the method configs that state none (module docstring).
-
-    Args:
-        fraction: selected weight entries as a fraction of the backbone's parameters, for methods
-            with a ``fraction`` argument (GRFT, the random rows/columns ablations): 0.003 on
-            VTAB-1k (4 rows or 3 columns per matrix on ViT-B/16), 0.0122 on FGVC (16 rows or 13
-            columns).
-        k: input connections per output neuron, for methods with a ``k`` argument (GPS): 1 on
-            VTAB-1k except patch_camelyon 2; on FGVC cub 2, nabirds 20, cars 15, else 1.
-    """
-
-    def __init__(self, fraction: float | None = None, k: int | None = None):
-        self.fraction = fraction
-        self.k = k
-
-
-#: Method arguments that set a budget: a method whose arguments among these are all null takes
-#: the task's budget.
-BUDGET_ARGUMENTS = ("fraction", "rows_per_matrix", "columns_per_matrix", "k")
-
-
-def _method_parameters(class_path: str) -> set[str]:
-    # Looked up among the registered methods only: nothing a config names is imported here.
-    from grft_lightning.methods import method_class
-
-    return set(inspect.signature(method_class(class_path).__init__).parameters) - {"self"}
-
-
-def apply_task_budget(config) -> dict[str, Any]:
-    """Give the method of a parsed config the task's budget where it leaves its own open.
-
-    ``config`` is one subcommand's config (keys ``budget`` and ``model.method``) or the whole
-    config with a ``subcommand`` key. Changes it in place and returns the values set (empty when
-    none: no budget, a method without budget arguments, or one that states its own).
-    """
-    if config.get("subcommand"):
-        config = config.get(config["subcommand"])
-    if config is None:
-        return {}
-    method = config.get("model.method")
-    given = {k: v for k, v in _plain(config.get("budget")).items() if v is not None}
-    if method is None or not given or not isinstance(method.get("class_path"), str):
-        return {}
-    try:
-        params = _method_parameters(method["class_path"])
-    except (ImportError, AttributeError, ValueError):
-        return {}  # an unknown class is reported by the parser's own checks
-    current = _plain(method.get("init_args"))
-    if any(current.get(name) is not None for name in BUDGET_ARGUMENTS if name in params):
-        return {}  # the method states its own budget
-    applied = {name: value for name, value in given.items() if name in params}
-    if applied:
-        if method.get("init_args") is None:
-            method["init_args"] = Namespace()
-        for name, value in applied.items():
-            method["init_args"][name] = value
-    return applied
-
-
-class BudgetArgumentParser(LightningArgumentParser):
-    """The CLI's parser: resolves config includes, and applies :func:`apply_task_budget` when
-    parsing ends (every config file and command-line argument read), before ``--print_config``
-    prints and before validation.
-
-    Includes: the top-level parser's ``parse_args`` expands ``--config`` files that include a base
-    (:func:`expand_config_includes`; the module docstring says why jsonargparse's own reading of a
-    ``config:`` key is not enough). The budget: jsonargparse has no public hook where parsing ends,
-    so this wraps its ``_parse_common``, which ends every parse; the parses of single config files
-    along the way (``defaults=False``) and nested ones are left alone, so that a budget set by a
-    later argument is seen.
-    """
+class GRFTArgumentParser(LightningArgumentParser):
+    """The CLI's parser: one-line errors, and config includes resolved (the top-level parser's
+    :meth:`parse_args` expands ``--config`` files that include a base with
+    :func:`expand_config_includes`; the module docstring says why jsonargparse's own reading of a
+    ``config:`` key is not enough)."""
 
     def error(self, message: str, ex: Exception | None = None):
         """A rejected value: one line ``error: <option>: <reason>`` and exit status 2, instead of
@@ -171,13 +112,6 @@ class BudgetArgumentParser(LightningArgumentParser):
             args = expand_config_includes(sys.argv[1:] if args is None else list(args))
         return super().parse_args(args, *rest, **kwargs)
 
-    def _parse_common(self, cfg, *args, **kwargs):
-        bound = inspect.signature(LightningArgumentParser._parse_common).bind(self, cfg, *args, **kwargs)
-        bound.apply_defaults()
-        if bound.arguments.get("defaults") and not bound.arguments.get("nested_parse"):
-            apply_task_budget(cfg)
-        return super()._parse_common(cfg, *args, **kwargs)
-
 
 class GRFTCLI(LightningCLI):
     def __init__(self, *args, run: bool = True, **kwargs):
@@ -188,6 +122,10 @@ class GRFTCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(TaskBudget, "budget")
+        # The task's budget reaches the module, which gives it to a method whose budget is open
+        # (grft_lightning/budgets.py).
+        parser.link_arguments(("budget.fraction", "budget.k", "model.method"), "model.task_budget",
+                              compute_fn=task_budget_for, apply_on="parse")
         parser.add_argument("--run_dir", type=str | None, default=None,
                             help="Run directory (default: runs/<dataset>/<method>/seed<seed>).")
         parser.add_argument("--label", type=str | None, default=None,
@@ -219,16 +157,22 @@ class GRFTCLI(LightningCLI):
             check()
         return data.num_classes
 
-    def before_instantiate_classes(self) -> None:
-        # Applied while parsing already (BudgetArgumentParser); again here, where it is a no-op,
-        # so that a parser that skipped the hook still gives the run its budget.
-        apply_task_budget(self.config)
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parse as LightningCLI does, with a ``ckpt_path`` given on the command line held back
+        until :meth:`before_instantiate_classes`: Lightning would otherwise replace this run's
+        model config with the checkpoint's hyper-parameters. The run's config is the source of
+        truth; the checkpoint is checked against it when it is loaded (PEFTModule and RunRecorder
+        refuse one of another method, budget, backbone or run config)."""
+        super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        self._given_ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if self._given_ckpt_path is not None:
+            self.config[sub]["ckpt_path"] = None
 
-    def _parse_ckpt_path(self) -> None:
-        # Lightning would overwrite this run's model config with the checkpoint's
-        # hyper-parameters; here the run's config is the source of truth, and
-        # PEFTModule.on_load_checkpoint refuses a checkpoint of another method or budget.
-        return
+    def before_instantiate_classes(self) -> None:
+        sub = self.config.get("subcommand")
+        if getattr(self, "_given_ckpt_path", None) is not None and sub:
+            self.config[sub]["ckpt_path"] = self._given_ckpt_path
 
     # -- run directory, loggers, checkpoints --------------------------------------------------
     def _cfg(self):
@@ -439,7 +383,7 @@ def _build(cli_class: type[GRFTCLI], args: list[str] | None, run: bool = True) -
         PEFTModule,
         ImageClassificationData,
         subclass_mode_data=True,
-        parser_class=BudgetArgumentParser,
+        parser_class=GRFTArgumentParser,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         args=args,
@@ -481,27 +425,28 @@ def main(args: list[str] | None = None) -> None:
         cli_main(args)
 
 
-class _ParserBuilt(Exception):
-    pass
+class _ParserOnly(GRFTCLI):
+    """A CLI that builds its parser and stops: nothing parsed, seeded or instantiated."""
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        self.config = Namespace(subcommand=None, seed_everything=False)
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
 
 
 def config_parser() -> LightningArgumentParser:
     """The parser of ``train.py``, built without parsing or instantiating anything.
 
     ``config_parser().parse_args(["fit", "--config", TASK, "--config", METHOD])`` gives the config a
-    run would use, includes resolved and task budgets applied (what ``--print_config`` prints), in
-    a fraction of a second per call once the parser exists.
+    run would use, includes resolved (what ``--print_config`` prints), in a fraction of a second
+    per call once the parser exists. The method as the run builds it, its open budget filled from
+    ``model.task_budget``: :func:`grft_lightning.budgets.effective_method_config`.
     """
-
-    class _Builder(GRFTCLI):
-        def parse_arguments(self, parser, args) -> None:
-            raise _ParserBuilt(parser)
-
-    try:
-        _build(_Builder, ["fit"])
-    except _ParserBuilt as built:
-        return built.args[0]
-    raise RuntimeError("LightningCLI did not parse its arguments")  # pragma: no cover
+    return _build(_ParserOnly, None).parser
 
 
-__all__ = ["GRFTCLI", "TaskBudget", "apply_task_budget", "cli_main", "config_parser", "git_sha", "main"]
+__all__ = ["GRFTCLI", "TaskBudget", "cli_main", "config_parser", "git_sha", "main"]

@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from grft_lightning.accounting import count_parameters
 from grft_lightning.backbones import WeightsFormat, create_backbone
+from grft_lightning.budgets import with_task_budget
 from grft_lightning.errors import CheckpointRefused, TrainingDiverged
 from grft_lightning.heads import head_parameter_ids
 from grft_lightning.losses import features_and_logits
@@ -56,7 +57,13 @@ class PEFTModule(L.LightningModule):
             every this many training batches, at each epoch's end and before each checkpoint is
             written, and a non-finite loss stops training with an error naming the global step
             of the first one and the last finite loss before it. 1 reads it every batch (one
-            device sync per batch on a GPU).
+            device sync per batch on a GPU). Before each checkpoint the tuned tensors are checked
+            too: no checkpoint holds non-finite weights.
+        task_budget: the task's budget values for a method whose budget is open, e.g.
+            ``{"fraction": 0.003}`` (the command line links them from the config's top-level
+            ``budget`` section; ``grft_lightning/budgets.py``); the method is built with them
+            (:func:`~grft_lightning.budgets.with_task_budget`). The effective method config is
+            in ``hparams.method_config``, every checkpoint and results.json.
     """
 
     def __init__(
@@ -82,11 +89,13 @@ class PEFTModule(L.LightningModule):
         freeze_norm_stats: bool = False,
         channels_last: bool = False,
         check_finite_every_n_batches: int = 50,
+        task_budget: dict[str, int | float | None] | None = None,
     ):
         super().__init__()
         if check_finite_every_n_batches < 1:
             raise ValueError(f"check_finite_every_n_batches must be >= 1, got {check_finite_every_n_batches}")
         self.save_hyperparameters(ignore=["method", "optimizer", "scheduler"])
+        method = with_task_budget(method, task_budget)
         # Plain data only in the checkpoint (loadable with weights_only=True).
         self.hparams["method_config"] = {"class_path": method.class_path(), "init_args": method.config()}
         self.method = method
