@@ -173,6 +173,8 @@ class GRFTCLI(LightningCLI):
         sub = self.config.get("subcommand")
         if getattr(self, "_given_ckpt_path", None) is not None and sub:
             self.config[sub]["ckpt_path"] = self._given_ckpt_path
+        if sub == "fit" and self.config[sub].get("run_dir"):
+            self.claim_run_dir(Path(self.config[sub]["run_dir"]), self.config[sub])
 
     # -- run directory, loggers, checkpoints --------------------------------------------------
     def _cfg(self):
@@ -266,14 +268,14 @@ class GRFTCLI(LightningCLI):
         return loggers
 
     # -- fit: the run directory, resume, then test (RunRecorder records) -------------------
-    def prepare_run_dir(self) -> None:
-        """Before ``fit``'s trainer exists: a finished run ends here (exit 0, nothing touched);
-        otherwise this process takes the run directory's lock (global rank 0 only), clears it
-        with ``--overwrite``, and finds the checkpoint to resume (module docstring)."""
-        cfg = self._cfg()
-        run_dir = self.run_dir()
+    def claim_run_dir(self, run_dir: Path, cfg) -> None:
+        """A finished run ends here (exit 0, nothing touched); otherwise this process takes the
+        run directory's lock (global rank 0 only) and clears it with ``--overwrite``. Done before
+        the model is built when ``--run_dir`` is given, else once the data names the default."""
+        if getattr(self, "_claimed", None) is not None:
+            return
+        self._claimed = run_dir
         overwrite = bool(cfg.get("overwrite"))
-        self.resume_from: Path | None = None
         results = run_dir / "results.json"
         if not overwrite and cfg.get("ckpt_path") is None and results.is_file():
             print(f"{run_dir} is a finished run: its results are in {results}; nothing to do "
@@ -286,7 +288,15 @@ class GRFTCLI(LightningCLI):
             if overwrite:
                 for path in clear_run(run_dir):
                     print(f"--overwrite: removed {path}", flush=True)
-        if overwrite or cfg.get("ckpt_path") is not None:
+
+    def prepare_run_dir(self) -> None:
+        """Before ``fit``'s trainer exists: :meth:`claim_run_dir`, then the checkpoint to resume
+        (none with ``--overwrite`` or a ``ckpt_path`` of the user's)."""
+        cfg = self._cfg()
+        run_dir = self.run_dir()
+        self.claim_run_dir(run_dir, cfg)
+        self.resume_from: Path | None = None
+        if cfg.get("overwrite") or cfg.get("ckpt_path") is not None:
             return
         for folder in (run_dir, run_dir / "checkpoints"):  # leftovers of a hard kill during a save
             for path in remove_stale_temporaries(folder, older_than=_STARTED):

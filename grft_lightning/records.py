@@ -18,6 +18,7 @@ import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 
 from grft_lightning.accounting import format_summary
 from grft_lightning.errors import CheckpointRefused
@@ -72,6 +73,16 @@ class AppendingCSVLogger(CSVLogger):
             os.makedirs(self.log_dir, exist_ok=True)
             self._writer = _AppendingWriter(self.log_dir, self.resume_step)
         return self._writer
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        # Written with every checkpoint, so that a kill loses no row the checkpoint covers.
+        if self._writer is not None:
+            self.save()
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        if self._writer is not None:
+            self.save()
 
 
 class RunRecorder(L.Callback):

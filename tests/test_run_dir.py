@@ -79,7 +79,9 @@ def preempted_at_epoch_1(monkeypatch):
 
 
 # -- item 2: a finished run is recognised as finished -------------------------------------------
-def test_a_finished_run_is_left_alone_and_overwrite_retrains(tmp_path, capsys, one_torch_thread):
+def test_a_finished_run_is_left_alone_and_overwrite_retrains(tmp_path, capsys, monkeypatch, one_torch_thread):
+    import grft_lightning.module
+
     run = tmp_path / "run"
     cli_main(args(run))
     results = run / "results.json"
@@ -87,7 +89,11 @@ def test_a_finished_run_is_left_alone_and_overwrite_retrains(tmp_path, capsys, o
     ckpt_stamp = (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns
     capsys.readouterr()
 
-    with pytest.raises(SystemExit) as stop:
+    def no_model(*a, **k):
+        raise AssertionError("the model of a finished run was built")
+
+    with pytest.raises(SystemExit) as stop, monkeypatch.context() as patch:
+        patch.setattr(grft_lightning.module, "create_backbone", no_model)  # --run_dir given: decided first
         main(args(run))
     assert stop.value.code == 0
     out = capsys.readouterr().out
