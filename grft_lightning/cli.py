@@ -66,7 +66,7 @@ from grft_lightning.data.base import ImageClassificationData
 from grft_lightning.errors import ConfigError, condense_parser_error, debug_enabled, report_user_errors
 from grft_lightning.io import make_atomic_checkpoint_io, remove_stale_temporaries
 from grft_lightning.module import PEFTModule
-from grft_lightning.records import AppendingCSVLogger, RunRecorder
+from grft_lightning.records import AppendingCSVLogger, RunRecorder, refuse_another_run
 from grft_lightning.results import git_sha
 from grft_lightning.rundir import RunLock, clear_run, holds_run_lock, run_defining_config
 
@@ -194,7 +194,7 @@ class GRFTCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         cfg = self._cfg()
         run_dir = self.run_dir()
-        self.resume_from = None
+        self.resume_from, self._resume_step = None, None
         if self.subcommand == "fit":
             self.prepare_run_dir()
         trainer_cfg = cfg.get("trainer", {})
@@ -217,10 +217,13 @@ class GRFTCLI(LightningCLI):
         """The values of this run's config that define it (``grft_lightning.rundir``)."""
         import yaml
 
+        if getattr(self, "_run_config", None) is not None:
+            return self._run_config
         dumped = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
         if self.subcommand:
             dumped = dumped.get(self.subcommand) or {}
-        return run_defining_config(dumped)
+        self._run_config = run_defining_config(dumped)
+        return self._run_config
 
     @staticmethod
     def _checkpoints(run_dir: Path, every_n_steps: int | None) -> list[ModelCheckpoint]:
@@ -238,20 +241,8 @@ class GRFTCLI(LightningCLI):
             return [epoch_end]
         return [keep_one(every_n_train_steps=every_n_steps), epoch_end]
 
-    def _resume_step(self) -> int | None:
-        """The global step of the checkpoint this fit resumes from (None: a fresh start)."""
-        if self.resume_from is None:
-            return None
-        import torch
-
-        try:
-            checkpoint = torch.load(self.resume_from, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # a damaged file is reported when Lightning loads it
-            return None
-        return int(checkpoint.get("global_step", 0))
-
     def _loggers(self, run_dir: Path, cfg) -> list:
-        loggers = [AppendingCSVLogger(save_dir=str(run_dir), resume_step=self._resume_step())]
+        loggers = [AppendingCSVLogger(save_dir=str(run_dir), resume_step=self._resume_step)]
         wandb = cfg.get("wandb")
         mode = getattr(wandb, "mode", None) or (wandb or {}).get("mode", "offline")
         if mode != "disabled":
@@ -305,6 +296,20 @@ class GRFTCLI(LightningCLI):
         found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
         if found:
             self.resume_from = max(found, key=lambda p: p.stat().st_mtime)
+            self._check_resume()
+
+    def _check_resume(self) -> None:
+        """Read the checkpoint to resume (memory-mapped: its tensors are not read): its global
+        step (metrics.csv keeps the rows before it), and a refusal, before anything in the run
+        directory is written, of one whose run-defining config differs from this run's."""
+        import torch
+
+        try:
+            checkpoint = torch.load(self.resume_from, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # a damaged file is reported when Lightning loads it
+            return
+        self._resume_step = int(checkpoint.get("global_step", 0))
+        refuse_another_run(checkpoint, self.run_config(), self.resume_from)
 
     def before_fit(self) -> None:
         if self.resume_from is not None:

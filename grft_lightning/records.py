@@ -85,6 +85,21 @@ class AppendingCSVLogger(CSVLogger):
             self.save()
 
 
+def refuse_another_run(checkpoint: dict, run_config: dict[str, Any] | None, path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointRefused`, naming the keys and values, when the run-defining config
+    held by ``checkpoint`` differs from ``run_config`` (either missing: nothing to compare)."""
+    saved = checkpoint.get("run_config")
+    if saved is None or run_config is None:
+        return
+    keys = differing_keys(saved, run_config)
+    if keys:
+        shown = ", ".join(f"{k} ({saved.get(k)!r} -> {run_config.get(k)!r})" for k in keys[:6])
+        more = f", and {', '.join(keys[6:])}" if len(keys) > 6 else ""
+        raise CheckpointRefused(
+            f"checkpoint {path} is of another run: {shown}{more} differ; resume with the run's own config "
+            "(its config.yaml), or start a new run with another --run_dir or --overwrite")
+
+
 class RunRecorder(L.Callback):
     """Records a ``fit`` run: after the test pass that follows it, ``tuned.safetensors`` and
     ``results.json`` in ``run_dir`` (global rank 0), and a summary on stdout; in every
@@ -118,17 +133,7 @@ class RunRecorder(L.Callback):
             checkpoint["run_config"] = self.run_config
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        saved = checkpoint.get("run_config")
-        if saved is None or self.run_config is None:
-            return
-        keys = differing_keys(saved, self.run_config)
-        if keys:
-            shown = ", ".join(f"{k} ({saved.get(k)!r} -> {self.run_config.get(k)!r})" for k in keys[:6])
-            more = f", and {', '.join(keys[6:])}" if len(keys) > 6 else ""
-            raise CheckpointRefused(
-                f"checkpoint {getattr(trainer, 'ckpt_path', None) or ''} is of another run: {shown}{more} differ; "
-                "resume with the run's own config (its config.yaml), or start a new run with another --run_dir "
-                "or --overwrite")
+        refuse_another_run(checkpoint, self.run_config, getattr(trainer, "ckpt_path", None) or "")
 
     # -- figures --------------------------------------------------------------------------
     def on_validation_end(self, trainer, pl_module) -> None:

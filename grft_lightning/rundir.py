@@ -126,7 +126,12 @@ class RunLock:
         if job is not None and owner.get("slurm_job") == job and pid != os.getpid():
             return f"it was taken by an earlier run of this SLURM job ({job})"
         if not owner:
-            return "it is unreadable (a start killed while writing it)"
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except FileNotFoundError:
+                return "it is gone"
+            # empty for a moment while its owner writes it; for longer, a start killed then
+            return "it is unreadable (a start killed while writing it)" if age > 10 else None
         return None
 
     def acquire(self) -> None:

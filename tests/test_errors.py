@@ -101,8 +101,10 @@ def test_a_checkpoint_of_another_budget_is_refused_in_one_line(tmp_path, capsys,
     (run / "results.json").unlink()  # as if the final test pass had been interrupted
     capsys.readouterr()
     line = _error_line(capsys, _synthetic_args(run, method_args={"rows_per_matrix": 3}))  # resumes last.ckpt
-    assert line.startswith(f"error: checkpoint {run / 'checkpoints' / 'last.ckpt'} was trained with another "
-                           "method or budget")
+    # refused by the run-defining config before anything is written (PEFTModule's own check of the
+    # method and budget, "was trained with another method or budget", backs an explicit --ckpt_path)
+    assert line.startswith(f"error: checkpoint {run / 'checkpoints' / 'last.ckpt'} is of another run: "
+                           "model.method.init_args.rows_per_matrix (2 -> 3)")
     assert "--run_dir" in line
 
 

@@ -196,6 +196,7 @@ def test_a_resume_refuses_another_run_config_and_accepts_other_logging(tmp_path,
         cli_main(args(run, epochs=2))
     path = run / "checkpoints" / "last.ckpt"
     assert checkpoint(run)["run_config"]["seed_everything"] == 0
+    kept = {name: (run / name).read_bytes() for name in ("config.yaml", "metrics.csv", "checkpoints/last.ckpt")}
 
     line = error_line(capsys, args(run, "--seed_everything", "1", epochs=2))
     assert line.startswith(f"error: checkpoint {path} is of another run: seed_everything (0 -> 1) differ;")
@@ -210,6 +211,8 @@ def test_a_resume_refuses_another_run_config_and_accepts_other_logging(tmp_path,
     line = error_line(capsys, args(run, "--model.warmup_epochs", "0.5", "--trainer.max_epochs", "3"))
     assert "model.warmup_epochs (0.0 -> 0.5)" in line and "trainer.max_epochs (2 -> 3)" in line
     assert not (run / "results.json").exists() and not (run / LOCK_NAME).exists()
+    # refused before anything in the run directory is written: config.yaml still the run's own
+    assert {name: (run / name).read_bytes() for name in kept} == kept
 
     # what does not change the run may differ
     cli = cli_main(args(run, "--trainer.log_every_n_steps", "2", "--checkpoint_every_n_steps", "3",
@@ -273,3 +276,28 @@ def test_only_rank_zero_takes_the_lock(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("NODE_RANK", "1")  # local rank 0 of the second node
     assert not holds_run_lock()
+
+
+def test_lock_of_an_earlier_run_of_the_same_slurm_job_is_taken_over(tmp_path, monkeypatch, capsys):
+    from grft_lightning.errors import RunDirectoryBusy
+    from grft_lightning.rundir import RunLock
+
+    for variable in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    path = tmp_path / LOCK_NAME
+    # a requeued job, possibly on another node: the earlier run's pid may even be alive here
+    path.write_text(json.dumps({"pid": os.getppid(), "host": "node-a", "slurm_job": "4242", "started": "t"}))
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    assert capsys.readouterr().out == (f"taking over {path}: it was taken by an earlier run of this SLURM job "
+                                       "(4242)
+")
+    assert json.loads(path.read_text())["pid"] == os.getpid() and lock.held
+    lock.release()
+    assert not path.exists()
+    # another job's lock on another host cannot be checked from here: refused, left in place
+    path.write_text(json.dumps({"pid": 1, "host": "node-b", "slurm_job": "99", "started": "t"}))
+    with pytest.raises(RunDirectoryBusy, match="is in use by process 1 on node-b"):
+        RunLock(tmp_path).acquire()
+    assert json.loads(path.read_text())["host"] == "node-b"
