@@ -291,8 +291,7 @@ def test_lock_of_an_earlier_run_of_the_same_slurm_job_is_taken_over(tmp_path, mo
     lock = RunLock(tmp_path)
     lock.acquire()
     assert capsys.readouterr().out == (f"taking over {path}: it was taken by an earlier run of this SLURM job "
-                                       "(4242)
-")
+                                       "(4242)\n")
     assert json.loads(path.read_text())["pid"] == os.getpid() and lock.held
     lock.release()
     assert not path.exists()
