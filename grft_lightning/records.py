@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from grft_lightning.accounting import format_summary
 from grft_lightning.errors import CheckpointRefused
 from grft_lightning.export import save_tuned
+from grft_lightning.io import atomic_path
 from grft_lightning.results import budget_record, build_results, write_results
 from grft_lightning.rundir import differing_keys
 
@@ -44,7 +45,7 @@ class _AppendingWriter(ExperimentWriter):
         super().__init__(log_dir)  # removes the file
         if header:
             self.metrics_keys = sorted(header)  # the writer's own column order
-            with open(path, "w", newline="") as handle:
+            with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
                 writer = csv.DictWriter(handle, fieldnames=self.metrics_keys)
                 writer.writeheader()
                 writer.writerows(rows)
