@@ -300,3 +300,17 @@ def test_lock_of_an_earlier_run_of_the_same_slurm_job_is_taken_over(tmp_path, mo
     with pytest.raises(RunDirectoryBusy, match="is in use by process 1 on node-b"):
         RunLock(tmp_path).acquire()
     assert json.loads(path.read_text())["host"] == "node-b"
+
+
+def test_a_finished_run_in_the_default_run_dir_is_left_alone(tmp_path, monkeypatch, capsys, one_torch_thread):
+    monkeypatch.chdir(tmp_path)
+    argv = [a for a in args(tmp_path / "unused") if a not in ("--run_dir", str(tmp_path / "unused"))]
+    cli_main(argv)
+    results = Path("runs") / "synthetic" / "grft_row" / "seed0" / "results.json"
+    before = results.read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 0
+    assert f"is a finished run: its results are in {results}" in capsys.readouterr().out
+    assert results.read_bytes() == before and not (results.parent / LOCK_NAME).exists()
