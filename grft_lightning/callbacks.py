@@ -18,7 +18,7 @@ from grft_lightning.accounting import parameter_summary
 from grft_lightning.export import read_selection, read_tuned
 from grft_lightning.losses import selection_loss_fn
 from grft_lightning.methods import method_class
-from grft_lightning.methods.base import BUDGET_ARGUMENTS
+from grft_lightning.budgets import BUDGET_ARGUMENTS
 from grft_lightning.seeding import run_seed
 from grft_lightning.gradients import accumulate_gradients
 
@@ -189,11 +189,20 @@ class GradientSelection(L.Callback):
 
 
 class RunClock(L.Callback):
-    """Training wall time and peak memory, for results.json."""
+    """Training wall time and peak memory, for results.json. The time trained so far is kept in
+    every checkpoint (the callback's state), so a resumed run adds its segments up; the time
+    between a segment's last checkpoint and its end (a kill) is not counted."""
 
     def __init__(self):
         self.train_seconds = 0.0
         self._start: float | None = None
+
+    def state_dict(self) -> dict:
+        running = 0.0 if self._start is None else time.perf_counter() - self._start
+        return {"train_seconds": self.train_seconds + running}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.train_seconds = float(state_dict.get("train_seconds", 0.0))
 
     def on_train_start(self, trainer, pl_module) -> None:
         counts = pl_module.tuned_counts()  # after selection: final for every method
@@ -206,6 +215,7 @@ class RunClock(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if self._start is not None:
             self.train_seconds += time.perf_counter() - self._start
+            self._start = None
 
     @staticmethod
     def peak_memory_bytes(device: torch.device) -> int:

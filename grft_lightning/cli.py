@@ -1,17 +1,24 @@
 """The command line: ``python train.py fit|validate|test|predict --config ...``.
 
 LightningCLI builds every option from typed signatures; the method and the data are chosen in
-YAML by ``class_path``. On top of Lightning's behaviour this CLI:
+YAML by ``class_path``. This module holds the command line only: its arguments and links, the
+run directory, and the trainer's wiring. On top of Lightning's behaviour it:
 
 * links ``data.num_classes`` -> ``model.num_classes`` and ``model.backbone``/``image_size`` ->
-  the data (preprocessing comes from the backbone's pretrained config);
+  the data (preprocessing comes from the backbone's pretrained config), and the task's
+  ``budget`` -> ``model.task_budget`` (below);
 * gives every run a directory (``run_dir``, default ``runs/<dataset>/<method>/seed<seed>``)
   holding ``config.yaml``, ``metrics.csv``, ``checkpoints/last.ckpt``, ``selection.png``,
-  ``tuned.safetensors`` and ``results.json``;
-* resumes ``fit`` from ``<run_dir>/checkpoints/last.ckpt`` when it exists (same command after a
-  crash or preemption), and writes checkpoints atomically, loading them weights-only;
-* after ``fit``, tests the last-epoch model on the test split and writes ``results.json``;
-* gives a method that leaves its budget open the task's published budget (``budget``, below);
+  ``tuned.safetensors`` and ``results.json``, and a lock (``run.lock``) while a ``fit`` runs
+  in it: a second start in the same directory is refused (``grft_lightning/rundir.py``);
+* ``fit``: a directory with ``results.json`` holds a finished run, which is left as it is (the
+  command says where its results are and exits 0); otherwise ``fit`` resumes from
+  ``<run_dir>/checkpoints/last.ckpt`` when it exists (same command after a crash or
+  preemption; a checkpoint of another run config is refused), and ``--overwrite`` trains from
+  scratch. Checkpoints are written atomically and loaded weights-only;
+* after ``fit``, tests the last-epoch model on the test split; the
+  :class:`~grft_lightning.records.RunRecorder` callback then writes ``results.json`` and
+  ``tuned.safetensors``;
 * resolves config includes (``config: base.yaml`` inside a config file, below);
 * checks the data (every split's files) before the model and its pre-trained weights are built,
   so a wrong data root fails in seconds;
@@ -21,12 +28,13 @@ YAML by ``class_path``. On top of Lightning's behaviour this CLI:
 **Budgets.** A task config states its published budget once, in a top-level ``budget`` section
 (per family in ``base.yaml``, per task where it differs): ``fraction`` for the methods with a
 ``fraction`` argument (GRFT and its random ablations) and ``k`` for those with a ``k`` argument
-(GPS). Method configs do not state a budget; a method whose budget arguments (``fraction``,
-``rows_per_matrix``, ``columns_per_matrix``, ``k``, whichever it has) are all null when parsing
-ends is given the task's values for the arguments it has. A budget set by a method config or on
-the command line is never replaced, and methods without such arguments are not touched. This
-happens while the arguments are parsed, so ``--print_config`` and the run's ``config.yaml`` show
-the values the run uses.
+(GPS). Method configs do not state a budget. The section and the method are linked
+(``link_arguments``) to ``model.task_budget``: the task's values for a method whose budget
+arguments are all null, with which the module builds it (``grft_lightning/budgets.py``). The
+config (``--print_config``, the run's ``config.yaml``, which leave link targets out) therefore
+shows the method as configured, with its open budget null, and the task's ``budget`` section; the effective budget is recorded in ``results.json``
+(``budget``), in every checkpoint's ``hyper_parameters.method_config`` and in
+``tuned.safetensors``.
 
 **Config includes.** A config file may include a base with a top-level ``config: base.yaml`` key
 (relative to the file; the including file's values win). jsonargparse reads such a key itself,
@@ -34,13 +42,13 @@ but it checks the including file's values against the config as it was *before* 
 the base: a value that needs the base -- ``init_args`` without a ``class_path`` for ``model.method``,
 ``model.optimizer`` or ``data``, which every task config gives -- is rejected (jsonargparse 4.53).
 So the parser expands every ``--config FILE`` into ``--config BASE --config FILE`` first
-(:func:`expand_config_includes`, applied by :meth:`BudgetArgumentParser.parse_args`, the one place
+(:func:`expand_config_includes`, applied by :meth:`GRFTArgumentParser.parse_args`, the one place
 it happens); ``sys.argv`` is left as it is (a DDP launcher that re-runs the command expands again).
 """
 
 from __future__ import annotations
 
-import inspect
+import atexit
 import os
 import sys
 import time
@@ -50,19 +58,18 @@ from typing import Any, Literal
 from lightning.pytorch.callbacks import ModelCheckpoint
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from grft_lightning.accounting import format_summary
+from grft_lightning.budgets import TaskBudget, task_budget_for
 from grft_lightning.callbacks import GradientSelection, RankSeed, RunClock
 from grft_lightning.data.base import ImageClassificationData
 from grft_lightning.errors import ConfigError, condense_parser_error, debug_enabled, report_user_errors
-from grft_lightning.export import save_tuned
 from grft_lightning.io import make_atomic_checkpoint_io, remove_stale_temporaries
-from grft_lightning.methods.base import BUDGET_ARGUMENTS
 from grft_lightning.module import PEFTModule
 from grft_lightning.paths import make_run_dir
-from grft_lightning.results import budget_record, build_results, git_sha, write_results
+from grft_lightning.records import AppendingCSVLogger, RunRecorder, refuse_another_run
+from grft_lightning.results import git_sha
+from grft_lightning.rundir import RunLock, clear_run, holds_run_lock, run_defining_config
 
 _STARTED = time.time()  # temporaries older than this process are leftovers of a killed one
 
@@ -87,75 +94,11 @@ class WandbOptions:
         self.tags = list(tags or [])
 
 
-class TaskBudget:
-    """The task's published budget, for the method configs that state none (module docstring).
-
-    Args:
-        fraction: selected weight entries as a fraction of the backbone's parameters, for methods
-            with a ``fraction`` argument (GRFT, the random rows/columns ablations): 0.003 on
-            VTAB-1k (4 rows or 3 columns per matrix on ViT-B/16), 0.0122 on FGVC (16 rows or 13
-            columns).
-        k: input connections per output neuron, for methods with a ``k`` argument (GPS): 1 on
-            VTAB-1k except patch_camelyon 2; on FGVC cub 2, nabirds 20, cars 15, else 1.
-    """
-
-    def __init__(self, fraction: float | None = None, k: int | None = None):
-        self.fraction = fraction
-        self.k = k
-
-
-
-
-def _method_parameters(class_path: str) -> set[str]:
-    # Looked up among the registered methods only: nothing a config names is imported here.
-    from grft_lightning.methods import method_class
-
-    return set(inspect.signature(method_class(class_path).__init__).parameters) - {"self"}
-
-
-def apply_task_budget(config) -> dict[str, Any]:
-    """Give the method of a parsed config the task's budget where it leaves its own open.
-
-    ``config`` is one subcommand's config (keys ``budget`` and ``model.method``) or the whole
-    config with a ``subcommand`` key. Changes it in place and returns the values set (empty when
-    none: no budget, a method without budget arguments, or one that states its own).
-    """
-    if config.get("subcommand"):
-        config = config.get(config["subcommand"])
-    if config is None:
-        return {}
-    method = config.get("model.method")
-    given = {k: v for k, v in _plain(config.get("budget")).items() if v is not None}
-    if method is None or not given or not isinstance(method.get("class_path"), str):
-        return {}
-    try:
-        params = _method_parameters(method["class_path"])
-    except (ImportError, AttributeError, ValueError):
-        return {}  # an unknown class is reported by the parser's own checks
-    current = _plain(method.get("init_args"))
-    if any(current.get(name) is not None for name in BUDGET_ARGUMENTS if name in params):
-        return {}  # the method states its own budget
-    applied = {name: value for name, value in given.items() if name in params}
-    if applied:
-        if method.get("init_args") is None:
-            method["init_args"] = Namespace()
-        for name, value in applied.items():
-            method["init_args"][name] = value
-    return applied
-
-
-class BudgetArgumentParser(LightningArgumentParser):
-    """The CLI's parser: resolves config includes, and applies :func:`apply_task_budget` when
-    parsing ends (every config file and command-line argument read), before ``--print_config``
-    prints and before validation.
-
-    Includes: the top-level parser's ``parse_args`` expands ``--config`` files that include a base
-    (:func:`expand_config_includes`; the module docstring says why jsonargparse's own reading of a
-    ``config:`` key is not enough). The budget: jsonargparse has no public hook where parsing ends,
-    so this wraps its ``_parse_common``, which ends every parse; the parses of single config files
-    along the way (``defaults=False``) and nested ones are left alone, so that a budget set by a
-    later argument is seen.
-    """
+class GRFTArgumentParser(LightningArgumentParser):
+    """The CLI's parser: one-line errors, and config includes resolved (the top-level parser's
+    :meth:`parse_args` expands ``--config`` files that include a base with
+    :func:`expand_config_includes`; the module docstring says why jsonargparse's own reading of a
+    ``config:`` key is not enough)."""
 
     def error(self, message: str, ex: Exception | None = None):
         """A rejected value: one line ``error: <option>: <reason>`` and exit status 2, instead of
@@ -170,13 +113,6 @@ class BudgetArgumentParser(LightningArgumentParser):
             args = expand_config_includes(sys.argv[1:] if args is None else list(args))
         return super().parse_args(args, *rest, **kwargs)
 
-    def _parse_common(self, cfg, *args, **kwargs):
-        bound = inspect.signature(LightningArgumentParser._parse_common).bind(self, cfg, *args, **kwargs)
-        bound.apply_defaults()
-        if bound.arguments.get("defaults") and not bound.arguments.get("nested_parse"):
-            apply_task_budget(cfg)
-        return super()._parse_common(cfg, *args, **kwargs)
-
 
 class GRFTCLI(LightningCLI):
     def __init__(self, *args, run: bool = True, **kwargs):
@@ -187,12 +123,20 @@ class GRFTCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(TaskBudget, "budget")
+        # The task's budget reaches the module, which gives it to a method whose budget is open
+        # (grft_lightning/budgets.py).
+        parser.link_arguments(("budget.fraction", "budget.k", "model.method"), "model.task_budget",
+                              compute_fn=task_budget_for, apply_on="parse")
         parser.add_argument("--run_dir", type=str | None, default=None,
                             help="Run directory (default: runs/<dataset>/<method>/seed<seed>).")
         parser.add_argument("--label", type=str | None, default=None,
                             help="Name of the run's row in reports: results.json `method`, the run directory "
                                  "and the W&B run name (default: the method's name, e.g. grft_row). For "
                                  "variants of one method, e.g. full_scratch or grft_row_1.2pct.")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="Train from scratch in a run directory that holds a finished or interrupted "
+                                 "run: its results, tuned file, metrics and checkpoints are removed first. "
+                                 "Without it, a finished run is left as it is and an interrupted one resumes.")
         parser.add_argument("--checkpoint_every_n_steps", type=int | None, default=200,
                             help="Also save <run_dir>/checkpoints/last.ckpt every N optimizer steps "
                                  "(it is always saved at the end of each epoch).")
@@ -214,16 +158,24 @@ class GRFTCLI(LightningCLI):
             check()
         return data.num_classes
 
-    def before_instantiate_classes(self) -> None:
-        # Applied while parsing already (BudgetArgumentParser); again here, where it is a no-op,
-        # so that a parser that skipped the hook still gives the run its budget.
-        apply_task_budget(self.config)
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parse as LightningCLI does, with a ``ckpt_path`` given on the command line held back
+        until :meth:`before_instantiate_classes`: Lightning would otherwise replace this run's
+        model config with the checkpoint's hyper-parameters. The run's config is the source of
+        truth; the checkpoint is checked against it when it is loaded (PEFTModule and RunRecorder
+        refuse one of another method, budget, backbone or run config)."""
+        super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        self._given_ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if self._given_ckpt_path is not None:
+            self.config[sub]["ckpt_path"] = None
 
-    def _parse_ckpt_path(self) -> None:
-        # Lightning would overwrite this run's model config with the checkpoint's
-        # hyper-parameters; here the run's config is the source of truth, and
-        # PEFTModule.on_load_checkpoint refuses a checkpoint of another method or budget.
-        return
+    def before_instantiate_classes(self) -> None:
+        sub = self.config.get("subcommand")
+        if getattr(self, "_given_ckpt_path", None) is not None and sub:
+            self.config[sub]["ckpt_path"] = self._given_ckpt_path
+        if sub == "fit" and self.config[sub].get("run_dir"):
+            self.claim_run_dir(Path(self.config[sub]["run_dir"]), self.config[sub])
 
     # -- run directory, loggers, checkpoints --------------------------------------------------
     def _cfg(self):
@@ -243,6 +195,9 @@ class GRFTCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         cfg = self._cfg()
         run_dir = make_run_dir(self.run_dir())  # a path that cannot be one fails here, in one line
+        self.resume_from, self._resume_step = None, None
+        if self.subcommand == "fit":
+            self.prepare_run_dir()
         trainer_cfg = cfg.get("trainer", {})
         kwargs.setdefault("default_root_dir", str(run_dir))
         if trainer_cfg.get("logger") in (None, True):
@@ -252,8 +207,24 @@ class GRFTCLI(LightningCLI):
         callbacks = _as_list(trainer_cfg.get("callbacks"))
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             callbacks += self._checkpoints(run_dir, cfg.get("checkpoint_every_n_steps"))
-        kwargs["callbacks"] = callbacks + [RunClock(), RankSeed()]
+        recorder = RunRecorder(run_dir, self.label(), seed=int(cfg.get("seed_everything") or 0),
+                               run_config=self.run_config() if self.subcommand == "fit" else None,
+                               task_budget=_plain(cfg.get("budget")),
+                               config_files=[str(p) for p in (cfg.get("config") or [])])
+        kwargs["callbacks"] = callbacks + [RunClock(), RankSeed(), recorder]
         return super().instantiate_trainer(**kwargs)
+
+    def run_config(self) -> dict[str, Any]:
+        """The values of this run's config that define it (``grft_lightning.rundir``)."""
+        import yaml
+
+        if getattr(self, "_run_config", None) is not None:
+            return self._run_config
+        dumped = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_link_targets=False))
+        if self.subcommand:
+            dumped = dumped.get(self.subcommand) or {}
+        self._run_config = run_defining_config(dumped)
+        return self._run_config
 
     @staticmethod
     def _checkpoints(run_dir: Path, every_n_steps: int | None) -> list[ModelCheckpoint]:
@@ -272,7 +243,7 @@ class GRFTCLI(LightningCLI):
         return [keep_one(every_n_train_steps=every_n_steps), epoch_end]
 
     def _loggers(self, run_dir: Path, cfg) -> list:
-        loggers = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+        loggers = [AppendingCSVLogger(save_dir=str(run_dir), resume_step=self._resume_step)]
         wandb = cfg.get("wandb")
         mode = getattr(wandb, "mode", None) or (wandb or {}).get("mode", "offline")
         if mode != "disabled":
@@ -288,66 +259,80 @@ class GRFTCLI(LightningCLI):
                 tags=[method, dataset, self.model.hparams.backbone, *opts.tags]))
         return loggers
 
-    # -- fit: resume, then test and record -------------------------------------------------
-    def before_fit(self) -> None:
-        cfg = self._cfg()
-        if cfg.get("ckpt_path") is not None:
+    # -- fit: the run directory, resume, then test (RunRecorder records) -------------------
+    def claim_run_dir(self, run_dir: Path, cfg) -> None:
+        """A finished run ends here (exit 0, nothing touched); otherwise this process takes the
+        run directory's lock (global rank 0 only) and clears it with ``--overwrite``. Done before
+        the model is built when ``--run_dir`` is given, else once the data names the default."""
+        if getattr(self, "_claimed", None) is not None:
             return
+        run_dir = make_run_dir(run_dir)  # a path that cannot be a run directory fails here, in one line
+        self._claimed = run_dir
+        overwrite = bool(cfg.get("overwrite"))
+        results = run_dir / "results.json"
+        if not overwrite and cfg.get("ckpt_path") is None and results.is_file():
+            print(f"{run_dir} is a finished run: its results are in {results}; nothing to do "
+                  "(--overwrite trains it again from scratch)", flush=True)
+            raise SystemExit(0)
+        if holds_run_lock():
+            lock = RunLock(run_dir)
+            lock.acquire()
+            _HELD_LOCKS.append(lock)
+            if overwrite:
+                for path in clear_run(run_dir):
+                    print(f"--overwrite: removed {path}", flush=True)
+
+    def prepare_run_dir(self) -> None:
+        """Before ``fit``'s trainer exists: :meth:`claim_run_dir`, then the checkpoint to resume
+        (none with ``--overwrite`` or a ``ckpt_path`` of the user's)."""
+        cfg = self._cfg()
         run_dir = self.run_dir()
+        self.claim_run_dir(run_dir, cfg)
+        self.resume_from: Path | None = None
+        if cfg.get("overwrite") or cfg.get("ckpt_path") is not None:
+            return
         for folder in (run_dir, run_dir / "checkpoints"):  # leftovers of a hard kill during a save
             for path in remove_stale_temporaries(folder, older_than=_STARTED):
                 rank_zero_info(f"removed {path}: an unfinished save of an earlier, killed process")
         # The newest of last.ckpt and the checkpoint Lightning's SLURM plugin saves on SIGUSR1.
         found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
         if found:
-            newest = max(found, key=lambda p: p.stat().st_mtime)
-            # Lightning's public setter, read by the selection callback in setup: the saved
-            # selection is applied and no selection pass runs (fit(ckpt_path=...) would be read later).
-            self.trainer.ckpt_path = str(newest)
-            rank_zero_info(f"resuming from {newest}")
+            self.resume_from = max(found, key=lambda p: p.stat().st_mtime)
+            self._check_resume()
+
+    def _check_resume(self) -> None:
+        """Read the checkpoint to resume (memory-mapped: its tensors are not read): its global
+        step (metrics.csv keeps the rows before it), and a refusal, before anything in the run
+        directory is written, of one whose run-defining config differs from this run's."""
+        import torch
+
+        try:
+            checkpoint = torch.load(self.resume_from, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # a damaged file is reported when Lightning loads it
+            return
+        self._resume_step = int(checkpoint.get("global_step", 0))
+        refuse_another_run(checkpoint, self.run_config(), self.resume_from)
+
+    def before_fit(self) -> None:
+        # Lightning's public setter, read by the selection callback in setup: the checkpoint's
+        # selection is applied and no selection pass runs (a path given to fit() is only read
+        # after setup). A --ckpt_path of the command line takes the same way.
+        cfg = self._cfg()
+        if cfg.get("ckpt_path") is not None:
+            self.trainer.ckpt_path, cfg["ckpt_path"] = str(cfg["ckpt_path"]), None
+        elif self.resume_from is not None:
+            self.trainer.ckpt_path = str(self.resume_from)
+            rank_zero_info(f"resuming from {self.resume_from}")
 
     def after_fit(self) -> None:
         trainer, model = self.trainer, self.model
         if trainer.interrupted:
             return
-        val_acc = trainer.callback_metrics.get("val/acc")
-        val_acc = None if val_acc is None else float(val_acc)
-        trainer.ckpt_path = None  # test the model as fitted, not the checkpoint the fit resumed from
-        tested = trainer.test(model, datamodule=self.datamodule, verbose=False)
-        test_acc = tested[0].get("test/acc") if tested else None
-        if trainer.is_global_zero:
-            self._record(val_acc, test_acc)
-
-    def _record(self, val_acc, test_acc) -> None:
-        trainer, model, data = self.trainer, self.model, self.datamodule
-        cfg = self._cfg()
-        run_dir = self.run_dir()
-        clock = next(c for c in trainer.callbacks if isinstance(c, RunClock))
-        counts = model.tuned_counts()
-        extra = dict(data.describe()) if hasattr(data, "describe") else {}
-        extra.setdefault("skipped_images", getattr(data, "skipped_images", 0))
-        extra["config_files"] = [str(p) for p in (cfg.get("config") or [])]
-        selection = next((c for c in trainer.callbacks if isinstance(c, GradientSelection)), None)
-        if selection is not None and model.method.needs_gradients:
-            extra["selection"] = {"loss": selection.loss, "mode": selection.mode,
-                                  "temperature": selection.temperature, "max_batches": selection.max_batches,
-                                  "from_file": selection.from_file}
-        if self.label() != model.method.name:
-            extra["method_name"] = model.method.name
-        results = build_results(
-            method=self.label(), dataset=getattr(data, "dataset_name", "data"),
-            backbone=model.hparams.backbone, seed=int(cfg.get("seed_everything") or 0), counts=counts,
-            selection_seconds=model.selection_seconds, train_seconds=clock.train_seconds,
-            val_acc=val_acc, test_acc=test_acc, peak_memory_bytes=clock.peak_memory_bytes(model.device),
-            budget=budget_record(model.method, model.selection, _plain(cfg.get("budget"))), extra=extra)
-        save_tuned(model.model, run_dir / "tuned.safetensors", model.method, model.selection, metadata={
-            "backbone": model.hparams.backbone, "dataset": results["dataset"], "seed": results["seed"],
-            "git_sha": results["git_sha"]})
-        write_results(run_dir / "results.json", results)
-        print(format_summary(counts))
-        if test_acc is not None:
-            print(f"test accuracy: {test_acc:.4f} ({results['dataset']}, {results['method']}, last epoch)")
-        print(f"run directory: {run_dir}")
+        trainer.ckpt_path = None  # validate and test the model as fitted, not a checkpoint
+        recorder = next(c for c in trainer.callbacks if isinstance(c, RunRecorder))
+        if recorder.val_acc is None:  # resumed at the end of training: nothing was validated
+            trainer.validate(model, datamodule=self.datamodule, verbose=False)
+        trainer.test(model, datamodule=self.datamodule, verbose=False)  # RunRecorder writes the results
 
 
 def _plain(value) -> dict[str, Any]:
@@ -422,7 +407,7 @@ def _build(cli_class: type[GRFTCLI], args: list[str] | None, run: bool = True) -
         PEFTModule,
         ImageClassificationData,
         subclass_mode_data=True,
-        parser_class=BudgetArgumentParser,
+        parser_class=GRFTArgumentParser,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         args=args,
@@ -433,10 +418,27 @@ def _build(cli_class: type[GRFTCLI], args: list[str] | None, run: bool = True) -
     )
 
 
+#: The run-directory locks this process holds (released when :func:`cli_main` returns or fails,
+#: and at exit).
+_HELD_LOCKS: list[RunLock] = []
+
+
+def release_run_locks() -> None:
+    while _HELD_LOCKS:
+        _HELD_LOCKS.pop().release()
+
+
+atexit.register(release_run_locks)
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> GRFTCLI:
     """Run the CLI (``args`` like ``sys.argv[1:]``; tests and in-process sweeps call it). Errors
-    propagate; :func:`main` is the command line's entry point."""
-    return _build(GRFTCLI, args, run)
+    propagate; :func:`main` is the command line's entry point. The run directory's lock is
+    released when it returns, also on an error."""
+    try:
+        return _build(GRFTCLI, args, run)
+    finally:
+        release_run_locks()
 
 
 def main(args: list[str] | None = None) -> None:
@@ -447,27 +449,28 @@ def main(args: list[str] | None = None) -> None:
         cli_main(args)
 
 
-class _ParserBuilt(Exception):
-    pass
+class _ParserOnly(GRFTCLI):
+    """A CLI that builds its parser and stops: nothing parsed, seeded or instantiated."""
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        self.config = Namespace(subcommand=None, seed_everything=False)
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
 
 
 def config_parser() -> LightningArgumentParser:
     """The parser of ``train.py``, built without parsing or instantiating anything.
 
     ``config_parser().parse_args(["fit", "--config", TASK, "--config", METHOD])`` gives the config a
-    run would use, includes resolved and task budgets applied (what ``--print_config`` prints), in
-    a fraction of a second per call once the parser exists.
+    run would use, includes resolved (what ``--print_config`` prints), in a fraction of a second
+    per call once the parser exists. The method as the run builds it, its open budget filled from
+    ``model.task_budget``: :func:`grft_lightning.budgets.effective_method_config`.
     """
-
-    class _Builder(GRFTCLI):
-        def parse_arguments(self, parser, args) -> None:
-            raise _ParserBuilt(parser)
-
-    try:
-        _build(_Builder, ["fit"])
-    except _ParserBuilt as built:
-        return built.args[0]
-    raise RuntimeError("LightningCLI did not parse its arguments")  # pragma: no cover
+    return _build(_ParserOnly, None).parser
 
 
-__all__ = ["GRFTCLI", "TaskBudget", "apply_task_budget", "cli_main", "config_parser", "git_sha", "main"]
+__all__ = ["GRFTCLI", "TaskBudget", "cli_main", "config_parser", "git_sha", "main"]

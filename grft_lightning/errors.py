@@ -38,6 +38,15 @@ class CheckpointRefused(UserError, ValueError):
     """A checkpoint that does not belong to this run (another method, budget or backbone)."""
 
 
+class TrainingDiverged(UserError, FloatingPointError):
+    """A non-finite training loss or tuned weight; the message names the step, the last finite
+    loss and what to change. No checkpoint of the diverged state is written."""
+
+
+class RunDirectoryBusy(UserError, RuntimeError):
+    """Another live process holds the run directory's lock."""
+
+
 class WeightsUnavailable(UserError, RuntimeError):
     """Pre-trained weights that cannot be loaded (offline without a local copy, no such tag)."""
 

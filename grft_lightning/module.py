@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-from typing import Literal
 
 import lightning as L
 import torch
@@ -23,8 +22,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from grft_lightning.accounting import count_parameters
 from grft_lightning.backbones import WeightsFormat, create_backbone
+from grft_lightning.budgets import with_task_budget
 from grft_lightning.ema import TunedEMA
-from grft_lightning.errors import CheckpointRefused
+from grft_lightning.errors import CheckpointRefused, TrainingDiverged
 from grft_lightning.heads import DEFAULT, head_parameter_ids
 from grft_lightning.losses import features_and_logits
 from grft_lightning.methods.base import Method
@@ -69,7 +69,13 @@ class PEFTModule(L.LightningModule):
             every this many training batches, at each epoch's end and before each checkpoint is
             written, and a non-finite loss stops training with an error naming the global step
             of the first one and the last finite loss before it. 1 reads it every batch (one
-            device sync per batch on a GPU).
+            device sync per batch on a GPU). Before each checkpoint the tuned tensors are checked
+            too: no checkpoint holds non-finite weights.
+        task_budget: the task's budget values for a method whose budget is open, e.g.
+            ``{"fraction": 0.003}`` (the command line links them from the config's top-level
+            ``budget`` section; ``grft_lightning/budgets.py``); the method is built with them
+            (:func:`~grft_lightning.budgets.with_task_budget`). The effective method config is
+            in ``hparams.method_config``, every checkpoint and results.json.
     """
 
     def __init__(
@@ -95,11 +101,13 @@ class PEFTModule(L.LightningModule):
         freeze_norm_stats: bool = False,
         channels_last: bool = False,
         check_finite_every_n_batches: int = 50,
+        task_budget: dict[str, int | float | None] | None = None,
     ):
         super().__init__()
         if check_finite_every_n_batches < 1:
             raise ValueError(f"check_finite_every_n_batches must be >= 1, got {check_finite_every_n_batches}")
         self.save_hyperparameters(ignore=["method", "optimizer", "scheduler"])
+        method = with_task_budget(method, task_budget)
         # Plain data only in the checkpoint (loadable with weights_only=True).
         self.hparams["method_config"] = {"class_path": method.class_path(), "init_args": method.config()}
         self.method = method
@@ -230,10 +238,27 @@ class PEFTModule(L.LightningModule):
         if step < 0:
             return
         last = float(state["last_finite"])
-        raise FloatingPointError(
+        raise TrainingDiverged(
             f"non-finite training loss ({float(state['bad_value'])}) at global step {step} "
             f"(epoch {int(state['bad_epoch'])}); last finite loss: {None if math.isnan(last) else last}. "
             "Lower the learning rate or check the data.")
+
+    def _last_finite_loss(self) -> float | None:
+        state = self._finite_state
+        last = float("nan") if state is None else float(state["last_finite"])
+        return None if math.isnan(last) else last
+
+    def _raise_if_weights_non_finite(self) -> None:
+        """Raise if a tuned tensor holds NaN/inf (one host sync): a step can overflow the weights
+        while the loss it was computed from is still finite."""
+        bad = [name for name, p in self.model.named_parameters()
+               if p.requires_grad and not bool(torch.isfinite(p.detach()).all())]
+        if bad:
+            raise TrainingDiverged(
+                f"non-finite tuned weights ({bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}) after "
+                f"global step {self.global_step} (epoch {self.current_epoch}); last finite loss: "
+                f"{self._last_finite_loss()}. Lower the learning rate (model.optimizer.init_args.lr, "
+                "model.head_lr) or check the data.")
 
     def on_train_start(self) -> None:
         self._finite_state, self._finite_batches = None, 0
@@ -328,7 +353,9 @@ class PEFTModule(L.LightningModule):
 
     # -- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        self._raise_if_non_finite()  # never write weights trained on a non-finite loss
+        # never write weights trained on a non-finite loss, or non-finite weights
+        self._raise_if_non_finite()
+        self._raise_if_weights_non_finite()
         checkpoint["selection_seconds"] = self.selection_seconds
         if self.selection is not None:
             checkpoint["selection"] = self.selection.state_dict()
@@ -351,6 +378,13 @@ class PEFTModule(L.LightningModule):
             if key in checkpoint.get("hyper_parameters", {}) and checkpoint["hyper_parameters"][key] != self.hparams[key]:
                 raise CheckpointRefused(f"{where} has {key} {checkpoint['hyper_parameters'][key]}, this run "
                                         f"{self.hparams[key]}; {fix}")
+        bad = next((name for name, value in checkpoint.get("state_dict", {}).items()
+                    if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())),
+                   None)
+        if bad is not None:
+            raise CheckpointRefused(f"{where} holds non-finite weights ({bad}): the run diverged before it was "
+                                    "saved; start it again with a lower learning rate (--overwrite, or another "
+                                    "--run_dir)")
         self._restore_selection(checkpoint, where, fix)
         self.selection_seconds = float(checkpoint.get("selection_seconds", 0.0))
 

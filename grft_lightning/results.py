@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from grft_lightning.budgets import BUDGET_ARGUMENTS
 from grft_lightning.io import write_text_atomic
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,18 +30,15 @@ def _fraction(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-#: Method arguments copied into ``results.json``'s ``budget`` when the method has them.
-BUDGET_KEYS = ("mode", "fraction", "allocation", "rows_per_matrix", "columns_per_matrix", "k", "r", "bottleneck")
-
-
 def budget_record(method: Any, selection: Any, task_budget: dict[str, Any] | None = None) -> dict[str, Any]:
     """The run's budget for ``results.json``: the selection's one-line description, the method's
-    budget arguments as resolved, the per-matrix counts that came out of the selection
+    budget arguments as resolved (``mode``, ``allocation`` and those of
+    :data:`~grft_lightning.budgets.BUDGET_ARGUMENTS` it has), the per-matrix counts that came out of the selection
     (``per_matrix``: ``{layer: [axis, count]}``, rows or columns per matrix, entries per row for GPS)
     and the task's ``budget`` section the run was given (``task``)."""
     config = method.config() if hasattr(method, "config") else {}
     record: dict[str, Any] = {"description": selection.describe() if selection is not None else ""}
-    record.update({key: config[key] for key in BUDGET_KEYS if key in config})
+    record.update({key: config[key] for key in ("mode", "allocation", *BUDGET_ARGUMENTS) if key in config})
     if selection is not None and selection.layers:
         record["per_matrix"] = selection.counts()
         record["entries"] = selection.entries()

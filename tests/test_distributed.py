@@ -42,6 +42,10 @@ def test_two_processes_select_train_and_evaluate_like_one(tmp_path):
     print(f"two runs in {time.perf_counter() - started:.1f} s")
     results = json.loads((ddp_dir / "results.json").read_text())
     rank0, rank1 = probe_facts(ddp_dir, 0), probe_facts(ddp_dir, 1)
+    # one holder of the run directory's lock (the launcher, rank 0), released at the end: a
+    # second process taking it would have been refused or taken it over
+    log = (tmp_path / "ddp.log").read_text()
+    assert not (ddp_dir / "run.lock").exists() and "is in use" not in log and "taking over" not in log
     alone = probe_facts(single_dir)
 
     # (a) every rank selects exactly the same indices, and the saved file holds them

@@ -126,6 +126,17 @@ def test_killed_mid_epoch_and_restarted_equals_uninterrupted(tmp_path):
         for moment in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(sb_[index][moment], sa_[index][moment], rtol=1e-5, atol=1e-9)
 
+    # metrics.csv keeps the killed segment's rows up to its checkpoint, then the restart's: every
+    # training step once, and the validation rows of the three epochs
+    import csv
+
+    for run in (whole, killed):
+        with open(run / "metrics.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert [int(r["step"]) for r in rows if r.get("train/loss")] == list(range(EPOCHS * STEPS_PER_EPOCH)), run
+        assert [int(float(r["epoch"])) for r in rows if r.get("val/acc")] == list(range(EPOCHS)), run
+    assert json.loads((killed / "results.json").read_text())["train_seconds"] > 0
+
     # a checkpoint every 2 steps and at every epoch end, all in last.ckpt (no last-v1.ckpt)
     writes = [line.split("\t") for line in (whole / "probe" / "writes_rank0.txt").read_text().splitlines()]
     ckpt_steps = sorted({int(step) for step, path in writes if path.endswith(".ckpt")})

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import yaml
 
 from grft_lightning.accounting import count_parameters
+from grft_lightning.budgets import effective_method_config
 from grft_lightning.cli import cli_main, config_parser, expand_config_includes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,12 +55,14 @@ def parser():
 
 
 def resolve(*configs: Path, extra: tuple[str, ...] = ()) -> dict:
-    """``fit``'s config for these files, as ``train.py`` would run it (as a plain dict)."""
+    """``fit``'s config for these files, as ``train.py`` would run it (as a plain dict), with the
+    method as the module builds it (its open budget filled from ``model.task_budget``)."""
     args = ["fit"]
     for path in configs:
         args += ["--config", str(path)]
-    cfg = parser().parse_args(expand_config_includes([*args, *extra]))
-    return cfg.fit.as_dict()
+    cfg = parser().parse_args(expand_config_includes([*args, *extra])).fit.as_dict()
+    cfg["model"]["method"] = effective_method_config(cfg["model"]["method"], cfg["model"]["task_budget"])
+    return cfg
 
 
 def _gradients(model, method, shape: str) -> dict[str, torch.Tensor] | None:
@@ -178,17 +182,19 @@ def test_an_explicit_budget_wins():
     assert plain["model"]["method"]["init_args"]["k"] is None and plain["budget"] == {"fraction": None, "k": None}
 
 
-def test_print_config_shows_the_budget_in_init_args(capsys):
-    for task, method, expected in [("fgvc/nabirds", "gps", "      k: 20\n"),
-                                   ("fgvc/cars", "random_columns", "      fraction: 0.0122\n"),
-                                   ("vtab/patch_camelyon", "random_rows", "      fraction: 0.003\n")]:
+def test_print_config_shows_the_task_budget_and_the_open_method_budget(capsys):
+    for task, method, key, expected in [("fgvc/nabirds", "gps", "k", "  k: 20\n"),
+                                        ("fgvc/cars", "random_columns", "fraction", "  fraction: 0.0122\n"),
+                                        ("vtab/patch_camelyon", "random_rows", "fraction", "  fraction: 0.003\n")]:
         with pytest.raises(SystemExit) as exit_info:
             cli_main(["fit", "--config", str(CONFIGS / f"{task}.yaml"), "--config", str(CONFIGS / "methods" / f"{method}.yaml"),
                       "--print_config"])
         assert exit_info.value.code in (0, None)
         printed = capsys.readouterr().out
         method_block = printed[printed.index("  method:\n"):printed.index("  backbone:")]
-        assert expected in method_block, (task, method, method_block)
+        assert f"      {key}: null\n" in method_block, (task, method, method_block)  # the module fills it
+        budget_lines = printed[printed.index("\nbudget:\n"):].split("\n")[2:4]  # fraction, k
+        assert expected.rstrip("\n") in budget_lines, (task, method, budget_lines)
 
 
 def _tiny_fit(run_dir: Path, method: dict, *extra: str) -> dict:
@@ -230,8 +236,11 @@ def test_results_json_records_the_budget(tmp_path, one_torch_thread):
                                      "weight entries (3.135 % of the backbone)")
     assert gps["counts"]["selected"] == 3 * (6 * 512 + 64) == 9_408
     assert gps["selection"]["mode"] == "train"
-    saved = (tmp_path / "gps" / "config.yaml").read_text()
-    assert "k: 3" in saved  # the run's config shows the budget it used
+    saved = yaml.safe_load((tmp_path / "gps" / "config.yaml").read_text())
+    assert saved["budget"] == {"fraction": None, "k": 3}  # the task budget the run was given
+    assert saved["model"]["method"]["init_args"]["k"] is None  # the method as configured: open
+    ckpt = torch.load(tmp_path / "gps" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["method_config"]["init_args"]["k"] == 3  # the effective budget
 
 
 def test_gps_masked_takes_the_task_k():

@@ -56,10 +56,21 @@ def test_fit_then_test_writes_the_run_directory(tmp_path, capsys):
 
 
 def test_resume_keeps_the_selection_and_continues_the_step_count(tmp_path, monkeypatch):
+    from grft_lightning.module import PEFTModule
+
     run = tmp_path / "run"
-    first = cli_main(tiny_args(run, epochs=1))
-    picked = selection_of(first.model)
-    assert first.trainer.global_step == 4
+    picked = {}
+
+    def preempted(self):  # once epoch 0's checkpoint is written
+        if self.current_epoch == 1:
+            picked.update(selection_of(self), global_step=self.global_step)
+            raise RuntimeError("preempted")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PEFTModule, "on_train_epoch_start", preempted, raising=False)
+        with pytest.raises(RuntimeError, match="preempted"):
+            cli_main(tiny_args(run, epochs=2))
+    assert picked.pop("global_step") == 4
 
     from grft_lightning.methods import GRFT
 
@@ -67,7 +78,7 @@ def test_resume_keeps_the_selection_and_continues_the_step_count(tmp_path, monke
         raise AssertionError("selection ran again on resume")
 
     monkeypatch.setattr(GRFT, "select", no_reselect)
-    second = cli_main(tiny_args(run, epochs=2))  # same command, one more epoch: resumes last.ckpt
+    second = cli_main(tiny_args(run, epochs=2))  # the same command: resumes last.ckpt
     assert second.trainer.global_step == 8
     again = selection_of(second.model)
     assert picked.keys() == again.keys() and all(torch.equal(picked[k], again[k]) for k in picked)

@@ -39,11 +39,7 @@ from grft_lightning.selection import Selection
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
-#: The method arguments that set a budget, in one place: a method whose arguments among these are
-#: all None takes the task's budget (the ``budget`` section of a task config).
-BUDGET_ARGUMENTS = ("fraction", "rows_per_matrix", "columns_per_matrix", "k")
-
-__all__ = ["Method", "BUDGET_ARGUMENTS", "NORM_TYPES"]
+__all__ = ["Method", "NORM_TYPES"]
 
 
 class Method:
@@ -111,19 +107,6 @@ class Method:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"
-
-    def with_budget(self, budget: dict[str, Any]) -> Method:
-        """A copy with the task's ``budget`` (``{"fraction": f, "k": k}``) given to the budget
-        arguments this method has, when it leaves all of them None; else itself."""
-        params = inspect.signature(type(self).__init__).parameters
-        config = self.config()
-        own = [name for name in BUDGET_ARGUMENTS if name in params]
-        if not own or any(config.get(name) is not None for name in own):
-            return self
-        given = {name: value for name, value in budget.items() if name in own and value is not None}
-        if not given:
-            return self
-        return type(self)(**{**config, **given})
 
     # -- select -----------------------------------------------------------------------------
     def eligible_layers(self, model: nn.Module, head=DEFAULT) -> list[tuple[str, nn.Module]]:
