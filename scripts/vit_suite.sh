@@ -7,7 +7,8 @@
 #
 #   bash scripts/vit_suite.sh [extra sweep arguments]              # the main table
 #   PART=ablations bash scripts/vit_suite.sh   # selection score (2 tasks, 5 seeds), selection loss and
-#                                              # regulariser (2 tasks, 3 seeds), budget curve (MNIST-M, 3 seeds)
+#                                              # regulariser (2 tasks, 3 seeds), budget curve (MNIST-M, 3 seeds;
+#                                              # one selection pass per seed and method, cut to each budget)
 #
 # Environment: RUNS (default runs/vit_suite; finished runs are skipped, so a re-launch continues),
 # OUT (default benchmarks/results: writes vit_suite.{md,json}, vit_suite_compare.json and
@@ -70,7 +71,17 @@ mkdir -p "$(dirname "$RUNS")" "$OUT"
         A=configs/vit_suite/ablations
         sweep "$LARGE_TASKS" "grft_row_fisher_batch grft_row_fisher_sample" $A "$SEEDS" "$@"
         sweep "$LARGE_TASKS" "grft_row_supcon grft_row_noreg grft_row_feature" $A "0 1 2" "$@"
-        sweep "$TASKS/mnistm.yaml" "$(echo {grft_row,random_rows,gps,lora}_x{2,4,8})" $A "0 1 2" "$@"
+        # Budget curve (MNIST-M, seeds 0-2): one selection pass per seed for GRFT and for GPS. The
+        # 8x run selects; the 2x and 4x runs take its selection cut to their budget
+        # (--selection.from_file: Selection.cut, equal to a fresh selection at that budget).
+        for s in 0 1 2; do
+            sweep "$TASKS/mnistm.yaml" "grft_row_x8 gps_x8" $A "$s" "$@"
+            for m in grft_row gps; do
+                sweep "$TASKS/mnistm.yaml" "${m}_x2 ${m}_x4" $A "$s" \
+                    --extra "--selection.from_file $SWEEP_RUNS/vit_suite/mnistm/${m}_x8/seed$s/tuned.safetensors" "$@"
+            done
+        done
+        sweep "$TASKS/mnistm.yaml" "$(echo {random_rows,lora}_x{2,4,8})" $A "0 1 2" "$@"
     fi
 } 2>&1 | tee "$SWEEP_RUNS.$PART.log"
 sweep_end=$(date +%s)
