@@ -1,6 +1,6 @@
 """Launch a grid of runs (task configs x method configs x seeds) locally, on SLURM or with W&B.
 
-    python -m grft_lightning.sweep --suite vtab|fgvc|offline|CONFIG.yaml ... --methods grft gps \\
+    python -m grft_lightning.sweep --suite vtab|fgvc|offline|CONFIG.yaml ... --methods grft_row gps \\
         --seeds 0 1 2 --runs-dir runs --mode local|inprocess|slurm|wandb [--dry-run] \\
         [--methods-dir configs/methods] [--extra "--trainer.max_epochs 1" ...]
 
