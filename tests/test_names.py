@@ -48,7 +48,8 @@ def test_random_rows_and_grft_name_their_mode():
 COMPARE = re.compile(r"(?<![\w/.])([a-z][a-z0-9_.]*):([a-z][a-z0-9_.]*)(?![\w/])")
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/reproduce.md", "scripts/vit_suite.sh",
+@pytest.mark.parametrize("doc", ["README.md", "docs/reproduce.md", "docs/results.md", "docs/training.md",
+                                 "scripts/vit_suite.sh",
                                  "scripts/offline_suite.sh", "grft_lightning/report.py"])
 def test_compared_names_are_method_names(doc):
     text = (ROOT / doc).read_text()

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 from grft_lightning import results as results_module  # noqa: E402
 from grft_lightning.results import Budget, Counts, Results, SelectionRecord, build_results  # noqa: E402
 
-INTERFACES = ROOT / "docs" / "INTERFACES.md"
+INTERFACES = ROOT / "docs/INTERFACES.md"
 BEGIN = "<!-- results.json keys: generated from grft_lightning/results.py by `python tests/test_results_schema.py` -->"
 END = "<!-- end of the results.json keys -->"
 NESTED = {"counts": Counts, "budget": Budget, "selection": SelectionRecord}
@@ -72,6 +72,13 @@ def test_interfaces_table_is_generated_from_the_schema():
     assert BEGIN in text and END in text, "docs/INTERFACES.md lost its results.json table"
     current = text[text.index(BEGIN):text.index(END) + len(END)]
     assert current == table(), "run `python tests/test_results_schema.py` to regenerate the table"
+
+
+def test_the_readme_names_only_schema_keys():
+    readme = (ROOT / "README.md").read_text()
+    [paragraph] = [p for p in readme.split("\n\n") if "`results.json` keys:" in p]
+    named = set(re.findall(r"`([a-z_]+(?:\.[a-z_]+)?)`", paragraph)) - {"results.json"}
+    assert named and named <= all_keys(), sorted(named - all_keys())
 
 
 def test_build_results_writes_schema_keys(tmp_path):
