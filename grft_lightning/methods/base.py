@@ -94,11 +94,7 @@ class Method:
         if missing:
             raise TypeError(f"{type(self).__name__} keeps no attribute for its argument(s) {missing}: a method stores "
                             "every __init__ argument under its own name")
-        config = {k: getattr(self, k) for k in params}
-        # Unset, tune_params is left out: a run's config then reads as before the option existed.
-        if config.get("tune_params", ()) is None:
-            del config["tune_params"]
-        return config
+        return {k: getattr(self, k) for k in params}
 
     def class_path(self) -> str:
         cls = type(self)
