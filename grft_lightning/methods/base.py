@@ -61,7 +61,9 @@ class Method:
     needs_gradients: ClassVar[bool] = False
     #: what the selection pass sums (``accumulate_gradients``' ``reduction``); GRFT's ``score`` changes it
     gradient_reduction: str = "sum"
-    #: the method's name: results.json ``method``, run directories, report rows
+    #: the method's name (:attr:`name`; GRFT and RandomRows add their mode: ``grft_row``,
+    #: ``random_column``), which is also its config file's name: results.json ``method``, run
+    #: directories, report rows
     tag: ClassVar[str] = "method"
 
     def __init__(
