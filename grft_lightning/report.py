@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.compare:
         a, sep, b = spec.partition(":")
         if not (sep and a and b):
-            parser.error(f"--compare {spec}: expected METHOD_A:METHOD_B, e.g. grft_row:random_rows")
+            parser.error(f"--compare {spec}: expected METHOD_A:METHOD_B, e.g. grft_row:random_row")
         pairs.append((a, b))
     try:
         comparisons = {family: compare(table, pairs) for family, table in tables.items()} if pairs else {}

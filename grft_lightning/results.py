@@ -1,6 +1,8 @@
-"""``results.json``: the small file of figures every run leaves behind (keys in docs/INTERFACES.md)."""
+"""``results.json``: the small file of figures every run leaves behind.
 
-from __future__ import annotations
+:class:`Results` is the one definition of its keys; the table in docs/INTERFACES.md is generated
+from it (``python tests/test_results_schema.py``) and a test keeps the two equal.
+"""
 
 import json
 import os
@@ -8,10 +10,133 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import NotRequired, TypedDict  # NotRequired: typing's from Python 3.11
+
 from grft_lightning.budgets import BUDGET_ARGUMENTS
 from grft_lightning.io import write_text_atomic
 
+# No ``from __future__ import annotations`` here: the TypedDicts' NotRequired keys must be evaluated
+# to be told apart (``__required_keys__``).
+
 REPO = Path(__file__).resolve().parent.parent
+
+
+class Counts(TypedDict):
+    """``results.json["counts"]``: the parts of ``tuned`` (``grft_lightning/accounting.py``)."""
+
+    #: tuned weight entries outside the head (active delta entries, trainable pre-trained weights, LoRA/adapter weights)
+    selected: int
+    #: tuned pre-trained biases
+    bias: int
+    #: parameters of the new head
+    head: int
+
+
+class Budget(TypedDict):
+    """``results.json["budget"]``: the budget the run used (:func:`budget_record`)."""
+
+    #: the selection's one line (``Selection.describe()``); empty for methods without a selection
+    description: str
+    #: GRFT / random rows: ``row``, ``column`` or ``auto``
+    mode: NotRequired[str]
+    #: GRFT / random rows: how the budget is spread over the matrices
+    allocation: NotRequired[str]
+    #: fraction of backbone parameters for the selected entries, as resolved (null when a count was given)
+    fraction: NotRequired[float | None]
+    #: rows per matrix, as resolved
+    rows_per_matrix: NotRequired[int | None]
+    #: columns per matrix, as resolved
+    columns_per_matrix: NotRequired[int | None]
+    #: GPS: input connections per output neuron
+    k: NotRequired[int | None]
+    #: LoRA / DoRA rank
+    r: NotRequired[int | None]
+    #: adapter bottleneck width
+    bottleneck: NotRequired[int | None]
+    #: per selected layer ``[axis, count]``: rows, columns, or entries per row (GPS)
+    per_matrix: NotRequired[dict[str, list]]
+    #: selected weight entries in all layers
+    entries: NotRequired[int]
+    #: the task config's ``budget`` section the run was given (unset values left out)
+    task: dict[str, Any]
+
+
+class SelectionRecord(TypedDict):
+    """``results.json["selection"]``: how the gradients for the selection were taken."""
+
+    #: ``supcon`` or ``ce``
+    loss: str
+    #: model mode during the pass: ``eval`` or ``train``
+    mode: str
+    #: SupCon temperature
+    temperature: float
+    #: the pass stopped after this many batches (null: the whole training split)
+    max_batches: int | None
+    #: the run took its selection from this ``tuned.safetensors`` (null: its own pass)
+    from_file: str | None
+
+
+class Results(TypedDict):
+    """The keys of ``results.json``, in the order they are written."""
+
+    #: the run's name in reports: the method's name (its config file's name) or ``--label``
+    method: str
+    #: ``<family>/<task>``, e.g. ``vtab/dtd``, ``offline/mnist_digit``
+    dataset: str
+    #: the timm model name
+    backbone: str
+    #: the run's seed (``seed_everything``)
+    seed: int
+    #: tuned parameters, head included (``selected + bias + head``)
+    tuned: int
+    #: pre-trained parameters outside the head
+    backbone_params: int
+    #: ``100 * tuned / backbone_params`` (percent, head included)
+    tuned_pct: float
+    #: seconds of the selection pass (0 without one)
+    selection_seconds: float
+    #: seconds of training
+    train_seconds: float
+    #: validation accuracy (fraction 0-1) at the last epoch
+    val_acc: float | None
+    #: test accuracy (fraction 0-1) at the last epoch: the VTAB protocol, never an epoch picked on test
+    test_acc: float | None
+    #: CUDA max allocated on a GPU, max RSS of the process on the CPU
+    peak_memory_bytes: int
+    #: the commit of the code (``+dirty`` with uncommitted changes)
+    git_sha: str
+    #: the parts of ``tuned``
+    counts: Counts
+    #: the budget the run used
+    budget: NotRequired[Budget]
+    #: the method's own name, when ``--label`` gave the run another
+    method_name: NotRequired[str]
+    #: the config files of the run, in order
+    config_files: NotRequired[list[str]]
+    #: methods selected by gradients: how the selection pass ran
+    selection: NotRequired[SelectionRecord]
+    #: the data's family: ``vtab-1k``, ``fgvc``, or an offline task's ``family`` (``offline`` by default)
+    benchmark: NotRequired[str]
+    #: VTAB-1k: ``natural``, ``specialized`` or ``structured``
+    task_group: NotRequired[str]
+    #: prepared folders: ``final`` (train on train+val, test on test) or ``tune`` (validation split as test split)
+    protocol: NotRequired[str]
+    #: prepared folders: images skipped as undecodable (``skip_bad_images``)
+    skipped_images: NotRequired[int]
+    #: prepared folders: the task folder, absolute
+    data_dir: NotRequired[str | None]
+    #: VTAB-1k: one line saying which extraction the task folder is
+    extraction: NotRequired[str]
+    #: VTAB-1k folders built by ``data/prepare_vtab_tfds.py``: the folder's ``extraction.json``
+    extraction_record: NotRequired[dict[str, Any]]
+    #: offline tasks: where the images come from
+    source: NotRequired[str]
+    #: offline tasks: training images
+    n_train: NotRequired[int]
+    #: offline tasks: validation images
+    n_val: NotRequired[int]
+    #: offline tasks: test images
+    n_test: NotRequired[int]
 
 
 def git_sha() -> str:
@@ -30,7 +155,7 @@ def _fraction(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def budget_record(method: Any, selection: Any, task_budget: dict[str, Any] | None = None) -> dict[str, Any]:
+def budget_record(method: Any, selection: Any, task_budget: dict[str, Any] | None = None) -> Budget:
     """The run's budget for ``results.json``: the selection's one-line description, the method's
     budget arguments as resolved (``mode``, ``allocation`` and those of
     :data:`~grft_lightning.budgets.BUDGET_ARGUMENTS` it has), the per-matrix counts that came out of the selection
@@ -43,7 +168,7 @@ def budget_record(method: Any, selection: Any, task_budget: dict[str, Any] | Non
         record["per_matrix"] = selection.counts()
         record["entries"] = selection.entries()
     record["task"] = {k: v for k, v in (task_budget or {}).items() if v is not None}
-    return record
+    return record  # type: ignore[return-value]
 
 
 def build_results(
@@ -58,12 +183,12 @@ def build_results(
     val_acc: Any,
     test_acc: Any,
     peak_memory_bytes: int,
-    budget: dict[str, Any] | None = None,
+    budget: Budget | None = None,
     extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> Results:
     """The fixed keys first, then ``budget`` (:func:`budget_record`), then extras (task group,
-    protocol, skipped images, ...)."""
-    results = {
+    protocol, skipped images, ...), each a key of :class:`Results`."""
+    results: Results = {
         "method": method,
         "dataset": dataset,
         "backbone": backbone,
@@ -77,13 +202,13 @@ def build_results(
         "test_acc": _fraction(test_acc),
         "peak_memory_bytes": int(peak_memory_bytes),
         "git_sha": git_sha(),
-        "counts": {k: counts[k] for k in ("selected", "bias", "head")},
+        "counts": {k: int(counts[k]) for k in ("selected", "bias", "head")},  # type: ignore[misc]
     }
     if budget is not None:
         results["budget"] = budget
-    results.update(extra or {})
+    results.update(extra or {})  # type: ignore[typeddict-item]
     return results
 
 
-def write_results(path: str | os.PathLike, results: dict[str, Any]) -> None:
+def write_results(path: str | os.PathLike, results: Results) -> None:
     write_text_atomic(path, json.dumps(results, indent=2, sort_keys=False) + "\n")

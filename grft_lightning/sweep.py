@@ -1,13 +1,16 @@
 """Launch a grid of runs (task configs x method configs x seeds) locally, on SLURM or with W&B.
 
-    python -m grft_lightning.sweep --suite vtab|fgvc|offline|CONFIG.yaml ... --methods grft gps \\
+    python -m grft_lightning.sweep --suite vtab|fgvc|offline|CONFIG.yaml ... --methods grft_row gps \\
         --seeds 0 1 2 --runs-dir runs --mode local|inprocess|slurm|wandb [--dry-run] \\
         [--methods-dir configs/methods] [--extra "--trainer.max_epochs 1" ...]
 
 Every run is one command, run from the repository root:
 
-    python train.py fit --config TASK --config METHOD --seed_everything SEED \\
+    python train.py fit --config TASK --config METHOD --label <method> --seed_everything SEED \\
         --run_dir RUNS/<suite>/<task>/<method>/seed<SEED> [extra ...]
+
+``<method>`` is the method config's file name: the run directory, results.json's ``method`` and
+the report's row all carry it.
 
 - Suites: ``vtab`` is ``configs/vtab/<task>.yaml`` for the 19 VTAB-1k tasks, ``fgvc`` the 5 FGVC
   datasets under ``configs/fgvc/``, any other name every ``configs/<name>/*.yaml`` except
@@ -83,8 +86,9 @@ class Run:
 
     @property
     def args(self) -> list[str]:
-        """Arguments after ``train.py``."""
-        return ["fit", "--config", self.task_config, "--config", self.method_config,
+        """Arguments after ``train.py``. ``--label`` is the method config's file name, so that the
+        run directory, results.json's ``method`` and the report's row carry the same name."""
+        return ["fit", "--config", self.task_config, "--config", self.method_config, "--label", self.method,
                 "--seed_everything", str(self.seed), "--run_dir", self.run_dir, *self.extra]
 
     def command(self, python: str = sys.executable, train_script: str = "train.py") -> list[str]:

@@ -26,7 +26,7 @@ load_start=$(load)
 status=0
 mkdir -p "$(dirname "$RUNS")"
 "$PYTHON" -m grft_lightning.sweep --suite offline --methods-dir configs/offline/methods \
-    --methods full linear bitfit lora gps random_rows grft_row random_columns grft_column --seeds 0 1 2 \
+    --methods full linear bitfit lora gps random_row grft_row random_column grft_column --seeds 0 1 2 \
     --mode inprocess --workers "$WORKERS" --runs-dir "$RUNS" --extra "--wandb.mode disabled" "$@" \
     2>&1 | tee "$RUNS.log" || status=$?
 sweep_end=$(date +%s)

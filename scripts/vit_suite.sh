@@ -25,25 +25,25 @@ WORKERS="${WORKERS:-2}"
 SEEDS="${SEEDS:-0 1 2 3 4}"
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 TASKS=configs/vit_suite
-SMALL="full linear bitfit lora adapter gps grft_row grft_column grft_auto random_rows random_columns linear_scratch full_scratch"
-LARGE="gps_1.2pct lora_1.2pct grft_row_1.2pct grft_column_1.2pct grft_auto_1.2pct random_rows_1.2pct random_columns_1.2pct"
+SMALL="full linear bitfit lora adapter gps grft_row grft_column grft_auto random_row random_column linear_scratch full_scratch"
+LARGE="gps_1.2pct lora_1.2pct grft_row_1.2pct grft_column_1.2pct grft_auto_1.2pct random_row_1.2pct random_column_1.2pct"
 LARGE_TASKS="$TASKS/mnist_digit.yaml $TASKS/mnistm.yaml"
 EXTRA="--wandb.mode disabled"
 if [ "${TINY:-0}" = 1 ]; then
-    SEEDS="0 1"; SMALL="linear grft_row random_rows"; LARGE=""; TASKS="$TASKS/mnist_digit.yaml $TASKS/mnistm.yaml"
+    SEEDS="0 1"; SMALL="linear grft_row random_row"; LARGE=""; TASKS="$TASKS/mnist_digit.yaml $TASKS/mnistm.yaml"
     EXTRA="$EXTRA --data.init_args.n_train 100 --data.init_args.n_val 50 --data.init_args.n_test 100 --trainer.max_epochs 1"
 fi
 COMPARE="grft_row:random_row grft_column:random_column grft_row:gps grft_column:gps grft_auto:grft_row \
 grft_column:grft_row grft_row:full grft_column:full gps:full lora:grft_row full:full_scratch linear:linear_scratch \
-grft_row_1.2pct:random_rows_1.2pct grft_column_1.2pct:random_columns_1.2pct grft_row_1.2pct:gps_1.2pct"
+grft_row_1.2pct:random_row_1.2pct grft_column_1.2pct:random_column_1.2pct grft_row_1.2pct:gps_1.2pct"
 [ "${TINY:-0}" = 1 ] && COMPARE="grft_row:random_row"
 PART="${PART:-main}"
 NAME=vit_suite
 if [ "$PART" = ablations ]; then
     NAME=vit_ablations
     COMPARE="grft_row_fisher_batch:grft_row grft_row_fisher_sample:grft_row grft_row_supcon:grft_row \
-grft_row_noreg:grft_row grft_row_feature:grft_row grft_row_x2:random_rows_x2 grft_row_x4:random_rows_x4 \
-grft_row_x8:random_rows_x8 grft_row_x2:gps_x2 grft_row_x4:gps_x4 grft_row_x8:gps_x8 grft_row_x4:lora_x4"
+grft_row_noreg:grft_row grft_row_feature:grft_row grft_row_x2:random_row_x2 grft_row_x4:random_row_x4 \
+grft_row_x8:random_row_x8 grft_row_x2:gps_x2 grft_row_x4:gps_x4 grft_row_x8:gps_x8 grft_row_x4:lora_x4"
 elif [ "$PART" != main ]; then
     echo "error: PART must be main or ablations, got '$PART'" >&2; exit 2
 fi
@@ -81,7 +81,7 @@ mkdir -p "$(dirname "$RUNS")" "$OUT"
                     --extra "--selection.from_file $SWEEP_RUNS/vit_suite/mnistm/${m}_x8/seed$s/tuned.safetensors" "$@"
             done
         done
-        sweep "$TASKS/mnistm.yaml" "$(echo {random_rows,lora}_x{2,4,8})" $A "0 1 2" "$@"
+        sweep "$TASKS/mnistm.yaml" "$(echo {random_row,lora}_x{2,4,8})" $A "0 1 2" "$@"
     fi
 } 2>&1 | tee "$SWEEP_RUNS.$PART.log"
 sweep_end=$(date +%s)

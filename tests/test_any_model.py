@@ -27,8 +27,8 @@ METHODS = {
     "grft_column": lambda: GRFT(mode="column", columns_per_matrix=2),
     "grft_auto": lambda: GRFT(mode="auto", rows_per_matrix=2),
     "gps": lambda: GPS(k=2),
-    "random_rows": lambda: RandomRows(mode="row", rows_per_matrix=2, seed=0),
-    "random_columns": lambda: RandomRows(mode="column", columns_per_matrix=2, seed=0),
+    "random_row": lambda: RandomRows(mode="row", rows_per_matrix=2, seed=0),
+    "random_column": lambda: RandomRows(mode="column", columns_per_matrix=2, seed=0),
     "bitfit": lambda: BitFit(),
     "gps_masked": lambda: GPSMasked(k=2, restore_unselected=True),
 }

@@ -26,7 +26,7 @@ METHODS = {
     "grft_column": lambda: GRFT(mode="column", columns_per_matrix=2),
     "grft_auto": lambda: GRFT(mode="auto", rows_per_matrix=3),
     "gps": lambda: GPS(k=2),
-    "random_rows": lambda: RandomRows(mode="column", seed=3),
+    "random_row": lambda: RandomRows(mode="column", seed=3),
     "full": Full,
     "linear": Linear,
     "bitfit": lambda: BitFit(tune_norm=True),

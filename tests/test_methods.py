@@ -33,7 +33,7 @@ METHODS = {
     "grft_column": lambda: GRFT(mode="column"),
     "grft_auto": lambda: GRFT(mode="auto", rows_per_matrix=2),
     "gps": lambda: GPS(k=2),
-    "random_rows": lambda: RandomRows(rows_per_matrix=3, seed=1),
+    "random_row": lambda: RandomRows(rows_per_matrix=3, seed=1),
     "full": Full,
     "linear": Linear,
     "bitfit": BitFit,
@@ -176,7 +176,7 @@ def test_grft_auto_picks_each_matrix_s_axis_on_the_tiny_vit(tiny_vit):
     (Full(), BACKBONE - LINEAR_BIASES - (2 * DEPTH + 1) * D, LINEAR_BIASES + (2 * DEPTH + 1) * D, HEAD),
     (Linear(), 0, 0, HEAD),
     (BitFit(), 0, LINEAR_BIASES, HEAD),
-], ids=["grft_rows4", "grft_columns2", "grft_auto3", "grft_fraction", "grft_no_bias", "grft_norm", "random_rows4",
+], ids=["grft_rows4", "grft_columns2", "grft_auto3", "grft_fraction", "grft_no_bias", "grft_norm", "random_row4",
         "gps_k1", "gps_k3", "full", "linear", "bitfit"])
 def test_tiny_vit_counts_equal_hand_computed(tiny_vit, method, selected, bias, head):
     assert BACKBONE == 300_096

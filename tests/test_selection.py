@@ -226,7 +226,7 @@ def test_select_leaves_the_model_alone_and_is_repeatable(method):
     assert all(torch.count_nonzero(layer.delta) == 0 for layer in _layers(model).values())
 
 
-def test_random_rows_is_seeded_and_within_budget():
+def test_random_row_is_seeded_and_within_budget():
     def pick(seed, mode="row"):
         kwargs = {"rows_per_matrix": 2} if mode == "row" else {"columns_per_matrix": 2}
         method = RandomRows(mode=mode, exclude=[], seed=seed, **kwargs)
@@ -246,7 +246,7 @@ def test_random_rows_is_seeded_and_within_budget():
         RandomRows(mode="auto")
 
 
-def test_random_rows_follows_the_run_seed_by_default(monkeypatch):
+def test_random_row_follows_the_run_seed_by_default(monkeypatch):
     def pick(run_seed, seed=None):
         monkeypatch.setenv("PL_GLOBAL_SEED", str(run_seed))
         method = RandomRows(rows_per_matrix=2, exclude=[], seed=seed)

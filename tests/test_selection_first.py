@@ -228,7 +228,7 @@ def test_matched_on_hand_made_gradients_keeps_the_known_counts():
     assert selection.entries() == 36
 
 
-def test_global_random_rows_go_to_matrices_in_proportion_to_their_rows(tiny_vit):
+def test_global_random_row_go_to_matrices_in_proportion_to_their_rows(tiny_vit):
     # tiny ViT: per block qkv and fc1 have 192 rows, proj and fc2 64; a row costs 64 entries in
     # qkv, proj, fc1 and 192 in fc2: every row equally likely means 3 qkv (or fc1) rows per proj
     # (or fc2) row, whatever they cost

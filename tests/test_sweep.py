@@ -60,7 +60,7 @@ def test_plan_runs_commands(repo):
         ("cub", "grft", 0), ("cub", "grft", 1), ("cub", "gps", 0), ("cub", "gps", 1)]
     assert runs[0].command("python") == [
         "python", "train.py", "fit", "--config", "configs/fgvc/cub.yaml",
-        "--config", "configs/methods/grft.yaml", "--seed_everything", "0",
+        "--config", "configs/methods/grft.yaml", "--label", "grft", "--seed_everything", "0",
         "--run_dir", "runs/fgvc/cub/grft/seed0", "--trainer.max_epochs", "1"]
     assert runs[-1].run_dir == "runs/fgvc/cars/gps/seed1"
 

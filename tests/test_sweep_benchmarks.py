@@ -28,7 +28,7 @@ def test_vtab_and_fgvc_suites_sweep_and_report(tmp_path, capfd):
     for dataset in FGVC_DATASETS:
         make_fgvc_folder(data, dataset)
     runs_dir = tmp_path / "runs"
-    argv = ["--suite", "vtab", "fgvc", "--methods", "grft", "--seeds", "0", "--runs-dir", str(runs_dir),
+    argv = ["--suite", "vtab", "fgvc", "--methods", "grft_row", "--seeds", "0", "--runs-dir", str(runs_dir),
             "--mode", "inprocess", "--workers", "2", "--extra", EXTRA, "--extra", f"--data.init_args.root {data}"]
     assert sweep.main(argv) == 0
     assert "24 runs planned: 0 done, 24 pending" in capfd.readouterr().out
@@ -54,4 +54,4 @@ def test_vtab_and_fgvc_suites_sweep_and_report(tmp_path, capfd):
     assert row.cells[report.MEAN].mean == pytest.approx(sum(fgvc_acc) / 5)
     for name in ("vtab.md", "vtab.csv", "vtab_tradeoff.png", "vtab_groups.png", "fgvc.md", "fgvc.csv", "report.md"):
         assert (tmp_path / "report" / name).stat().st_size > 0, name
-    assert json.loads((runs_dir / "vtab" / "dtd" / "grft" / "seed0" / "results.json").read_text())["task_group"] == "natural"
+    assert json.loads((runs_dir / "vtab" / "dtd" / "grft_row" / "seed0" / "results.json").read_text())["task_group"] == "natural"

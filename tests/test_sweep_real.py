@@ -68,7 +68,9 @@ def test_real_two_run_sweep_and_relaunch(configs, tmp_path, capfd, mode, workers
 
     run_dirs = {name: runs_dir / "tiny" / "synthetic" / name / "seed3" for name in METHODS}
     results = {name: json.loads((path / "results.json").read_text()) for name, path in run_dirs.items()}
-    assert (results["grft"]["method"], results["linear"]["method"]) == ("grft_row", "linear")
+    # the config file's name is the run's name everywhere; results.json keeps the method's own
+    assert (results["grft"]["method"], results["linear"]["method"]) == ("grft", "linear")
+    assert results["grft"]["method_name"] == "grft_row" and "method_name" not in results["linear"]
     for name, record in results.items():
         assert (record["dataset"], record["backbone"], record["seed"]) == ("synthetic", "test_vit", 3)
         assert 0.0 <= record["test_acc"] <= 1.0 and 0.0 <= record["val_acc"] <= 1.0
@@ -76,7 +78,7 @@ def test_real_two_run_sweep_and_relaunch(configs, tmp_path, capfd, mode, workers
     assert results["grft"]["counts"]["selected"] == 2 * (64 + 64 + 64 + 192) * 6  # 2 rows, 6 blocks
     assert results["linear"]["counts"]["selected"] == 0
     table = report.summarize(report.load_results(runs_dir))["other"]
-    assert [row.method for row in table.rows] == ["grft_row", "linear"]
+    assert [row.method for row in table.rows] == ["grft", "linear"]
 
     written = {name: (path / "results.json").stat().st_mtime_ns for name, path in run_dirs.items()}
     assert sweep.main(argv) == 0

@@ -107,9 +107,9 @@ def test_every_method_gets_the_task_budget(task):
     fam = family(task)
     assert len(VTAB) == 19 and len(FGVC) == 5 and len(OFFLINE) >= 3
     names = {p.stem for p in METHODS}
-    assert {"gps", "grft", "grft_column", "grft_auto", "random_rows", "random_columns"} <= names
+    assert {"gps", "grft_row", "grft_column", "grft_auto", "random_row", "random_column"} <= names
     resolved = {p.stem: resolve(task, p) for p in METHODS}
-    vit = resolved["grft"]["model"]["backbone"].startswith("vit_base_patch16_224")
+    vit = resolved["grft_row"]["model"]["backbone"].startswith("vit_base_patch16_224")
     assert vit == (fam in ("vtab", "fgvc"))
     for name, cfg in resolved.items():
         method = cfg["model"]["method"]
@@ -124,15 +124,15 @@ def test_every_method_gets_the_task_budget(task):
             assert not {"fraction", "k"} & set(args), name
 
     # the random ablations: GRFT's exact shapes, matrix by matrix, on every family
-    grft_row, grft_col = applied(resolved["grft"]), applied(resolved["grft_column"])
-    assert applied(resolved["random_rows"]) == grft_row
-    assert applied(resolved["random_columns"]) == grft_col
+    grft_row, grft_col = applied(resolved["grft_row"]), applied(resolved["grft_column"])
+    assert applied(resolved["random_row"]) == grft_row
+    assert applied(resolved["random_column"]) == grft_col
     assert {axis for axis, n in grft_row[0].values()} == {"row"} and 0 not in {n for _, n in grft_row[0].values()}
     assert {axis for axis, n in grft_col[0].values()} == {"column"} and 0 not in {n for _, n in grft_col[0].values()}
-    for name in ("grft", "grft_column", "grft_auto", "random_rows", "random_columns"):
+    for name in ("grft_row", "grft_column", "grft_auto", "random_row", "random_column"):
         for key in ("allocation", "targets", "exclude", "tune_bias", "tune_norm"):
             assert resolved[name]["model"]["method"]["init_args"][key] == \
-                resolved["grft"]["model"]["method"]["init_args"][key], (name, key)
+                resolved["grft_row"]["model"]["method"]["init_args"][key], (name, key)
 
     if vit:  # exact selected-entry counts on ViT-B/16
         assert grft_row[1] == VIT_SELECTED[fam, "row"] and grft_col[1] == VIT_SELECTED[fam, "column"]
@@ -151,7 +151,7 @@ def test_every_method_gets_the_task_budget(task):
         target = {"vtab": 0.30, "fgvc": 1.22}[fam]
         assert abs(100 * grft_row[1] / 85_798_656 - target) < 0.02  # 0.301 % and 1.203 %
     else:  # MobileNetV2: at least the target (every convolution gets one row or column at least)
-        backbone = count_parameters(_meta_model(resolved["grft"]["model"]["backbone"]))["backbone"]
+        backbone = count_parameters(_meta_model(resolved["grft_row"]["model"]["backbone"]))["backbone"]
         assert grft_row[1] >= 0.9 * FRACTION[fam] * backbone and grft_col[1] >= 0.9 * FRACTION[fam] * backbone
 
 
@@ -167,7 +167,7 @@ def test_the_benchmark_selection_pass_runs_in_train_mode():
 
 
 def test_an_explicit_budget_wins():
-    cub, gps, grft = CONFIGS / "fgvc" / "cub.yaml", CONFIGS / "methods" / "gps.yaml", CONFIGS / "methods" / "grft.yaml"
+    cub, gps, grft = CONFIGS / "fgvc" / "cub.yaml", CONFIGS / "methods" / "gps.yaml", CONFIGS / "methods" / "grft_row.yaml"
     assert resolve(cub, gps, extra=("--model.method.init_args.k", "3"))["model"]["method"]["init_args"]["k"] == 3
     assert resolve(cub, gps, extra=("--budget.k", "5"))["model"]["method"]["init_args"]["k"] == 5
     rows = resolve(cub, grft, extra=("--model.method.init_args.rows_per_matrix", "8"))["model"]["method"]["init_args"]
@@ -184,8 +184,8 @@ def test_an_explicit_budget_wins():
 
 def test_print_config_shows_the_task_budget_and_the_open_method_budget(capsys):
     for task, method, key, expected in [("fgvc/nabirds", "gps", "k", "  k: 20\n"),
-                                        ("fgvc/cars", "random_columns", "fraction", "  fraction: 0.0122\n"),
-                                        ("vtab/patch_camelyon", "random_rows", "fraction", "  fraction: 0.003\n")]:
+                                        ("fgvc/cars", "random_column", "fraction", "  fraction: 0.0122\n"),
+                                        ("vtab/patch_camelyon", "random_row", "fraction", "  fraction: 0.003\n")]:
         with pytest.raises(SystemExit) as exit_info:
             cli_main(["fit", "--config", str(CONFIGS / f"{task}.yaml"), "--config", str(CONFIGS / "methods" / f"{method}.yaml"),
                       "--print_config"])
@@ -211,7 +211,7 @@ def _tiny_fit(run_dir: Path, method: dict, *extra: str) -> dict:
 
 
 def test_results_json_records_the_budget(tmp_path, one_torch_thread):
-    grft = _tiny_fit(tmp_path / "grft", {"class_path": "grft_lightning.methods.GRFT", "init_args": {"mode": "row"}},
+    grft = _tiny_fit(tmp_path / "grft_row", {"class_path": "grft_lightning.methods.GRFT", "init_args": {"mode": "row"}},
                      "--budget.fraction", "0.05", "--budget.k", "3")
     budget = grft["budget"]
     # test_vit: 6 blocks of qkv/proj/fc1/fc2 (fan-in 64, 64, 64, 192), backbone 300,096 parameters:

@@ -35,7 +35,7 @@ def test_tiny_suite_end_to_end(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads((tmp_path / "out" / "vit_suite.json").read_text())
     cells = {(r["task"], r["method"]) for r in rows}
-    methods = {"linear", "grft_row", "random_row"}  # results.json names (RandomRows: random_row)
+    methods = {"linear", "grft_row", "random_row"}  # the method configs' names, as in results.json
     assert cells == {(t, m) for t in ("mnist_digit", "mnistm", "Mean") for m in methods}
     for row in rows:
         assert set(row) >= {"task", "method", "acc_mean", "acc_std", "tuned_pct", "seeds", "acc_per_seed"}

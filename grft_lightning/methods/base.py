@@ -61,7 +61,9 @@ class Method:
     needs_gradients: ClassVar[bool] = False
     #: what the selection pass sums (``accumulate_gradients``' ``reduction``); GRFT's ``score`` changes it
     gradient_reduction: str = "sum"
-    #: the method's name: results.json ``method``, run directories, report rows
+    #: the method's name (:attr:`name`; GRFT and RandomRows add their mode: ``grft_row``,
+    #: ``random_column``), which is also its config file's name: results.json ``method``, run
+    #: directories, report rows
     tag: ClassVar[str] = "method"
 
     def __init__(
@@ -94,11 +96,7 @@ class Method:
         if missing:
             raise TypeError(f"{type(self).__name__} keeps no attribute for its argument(s) {missing}: a method stores "
                             "every __init__ argument under its own name")
-        config = {k: getattr(self, k) for k in params}
-        # Unset, tune_params is left out: a run's config then reads as before the option existed.
-        if config.get("tune_params", ()) is None:
-            del config["tune_params"]
-        return config
+        return {k: getattr(self, k) for k in params}
 
     def class_path(self) -> str:
         cls = type(self)

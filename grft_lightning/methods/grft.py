@@ -18,7 +18,7 @@ of every eligible matrix by its score per parameter and spends one budget over t
 (``selection.py``), where ``uniform`` and ``proportional`` fix the count per matrix.
 
 The paper's exact text was not available when this was written: every choice below is an option,
-and the defaults are our reconstruction (docs/methods.md; README "Method defaults").
+and the defaults are our reconstruction (docs/methods.md; docs/training.md, "Method defaults").
 """
 
 from __future__ import annotations
