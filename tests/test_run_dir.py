@@ -19,6 +19,7 @@ import torch
 from grft_lightning.cli import cli_main, main
 from grft_lightning.module import PEFTModule
 from grft_lightning.rundir import LOCK_NAME, run_defining_config
+from test_errors import _error_line as error_line
 
 
 def args(run_dir: Path, *extra: str, epochs: int = 1) -> list[str]:
@@ -35,17 +36,6 @@ def args(run_dir: Path, *extra: str, epochs: int = 1) -> list[str]:
         "--selection.loss", "ce", "--selection.progress", "false", "--wandb.mode", "disabled",
         "--run_dir", str(run_dir), *extra,
     ]
-
-
-def error_line(capsys, argv: list[str], code: int = 1) -> str:
-    with pytest.raises(SystemExit) as stop:
-        main(argv)
-    assert stop.value.code == code
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def checkpoint(run_dir: Path) -> dict:
