@@ -63,6 +63,9 @@ class Method:
     gradient_reduction: str = "sum"
     #: the method's name: results.json ``method``, run directories, report rows
     tag: ClassVar[str] = "method"
+    #: arguments left out of :meth:`config` while they hold these (default) values, so that a run's
+    #: config, checkpoints and tuned files read as before the option existed
+    QUIET_DEFAULTS: ClassVar[dict[str, Any]] = {}
 
     def __init__(
         self,
@@ -98,6 +101,9 @@ class Method:
         # Unset, tune_params is left out: a run's config then reads as before the option existed.
         if config.get("tune_params", ()) is None:
             del config["tune_params"]
+        for key, value in self.QUIET_DEFAULTS.items():
+            if key in config and config[key] == value:
+                del config[key]
         return config
 
     def class_path(self) -> str:
