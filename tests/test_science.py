@@ -224,3 +224,37 @@ def test_probe_options_are_checked():
         GradientSelection(keep_probe_head=True)
     with pytest.raises(ValueError, match="selection.head"):
         GradientSelection(head="linear")
+
+
+# -- the harder structured tasks that may replace mnist_count -------------------------------------
+def _cells(canvas, grid: int = 3):
+    h = canvas.shape[0] // grid
+    return [canvas[r * h:(r + 1) * h, c * h:(c + 1) * h] for r in range(grid) for c in range(grid)]
+
+
+def test_count9_and_distance_canvases():
+    import numpy as np
+
+    from grft_lightning.data import MNISTDigits
+    from grft_lightning.data.offline import count_canvases, distance_canvases
+
+    digits = np.full((5, 28, 28), 200, dtype=np.uint8)  # every digit fills its cell: occupied = non-zero
+    canvases, labels = count_canvases(digits, 400, np.random.default_rng(0), grid=3)
+    assert canvases.shape == (400, 84, 84) and set(labels.tolist()) == set(range(9))
+    assert [sum(int(c.any()) for c in _cells(x)) for x in canvases] == (labels + 1).tolist()
+    # grid 2 draws exactly what the committed mnist_count canvases drew
+    two, two_labels = count_canvases(digits, 50, np.random.default_rng(3))
+    again, again_labels = count_canvases(digits, 50, np.random.default_rng(3), grid=2)
+    assert np.array_equal(two, again) and np.array_equal(two_labels, again_labels)
+    canvases, labels = distance_canvases(digits, 400, np.random.default_rng(0))
+    assert canvases.shape == (400, 84, 84) and np.bincount(labels, minlength=4).min() > 70
+    for canvas, label in zip(canvases, labels):
+        occupied = [i for i, c in enumerate(_cells(canvas)) if c.any()]
+        assert len(occupied) == 2
+        a, b = occupied
+        assert abs(a // 3 - b // 3) + abs(a % 3 - b % 3) == label + 1
+    for task, classes in (("count9", 9), ("distance", 4)):
+        module = MNISTDigits(task=task, n_train=100, n_val=50, n_test=2000, family="vit_science")
+        assert module.num_classes == classes and module.dataset_name == f"vit_science/mnist_{task}"
+        images, labels = module._split()["test"]
+        assert images.shape == (2000, 84, 84) and set(labels.tolist()) == set(range(classes))
