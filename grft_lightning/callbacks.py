@@ -74,6 +74,27 @@ class GradientSelection(L.Callback):
             back after the pass). ``eval`` (the default; a departure from GPS wherever the model
             has drop-path, dropout or BatchNorm) makes the gradients a deterministic function of
             the batches and the weights. The VTAB-1k and FGVC configs set ``train``.
+        views: the views ``supcon`` contrasts. ``two_augmented`` (the default, GPS's) gives two
+            augmented views per image (random resized crop, flip, colour jitter); ``one`` a single
+            deterministic view per image (the evaluation transform), whose positives are then the
+            other images of its label in the batch: for tasks whose labels the augmentations change
+            (rotation, position, orientation). Ignored by ``ce``.
+        head: the head the ``ce`` pass runs through (``supcon`` reads no head). ``random`` (the
+            default) is the freshly initialised head. ``probe`` first fits the model's own head as
+            a linear probe on the frozen pre-logits features of the whole training split
+            (evaluation transform, model in eval mode): ``probe_steps`` iterations of full-batch
+            L-BFGS (strong-Wolfe line search) on the mean cross-entropy plus ``1e-4 * ||W||^2``,
+            from the fresh head, so the probe is a deterministic function of the seed and the
+            data. Under DDP every rank fits it on the whole split (not its shard) and rank 0's head
+            is then broadcast, so every rank holds the same head. Its cost (``probe_seconds``) and
+            training accuracy (``probe_train_acc``) are logged and recorded in results.json
+            (``selection``). Methods that select without data (random rows) and runs with
+            ``from_file`` fit it only with ``keep_probe_head``.
+        keep_probe_head: with ``head: probe``, train from the probe head (linear probing then
+            fine-tuning, LP-FT: Kumar et al., ICLR 2022) instead of the fresh head, which is
+            otherwise put back after the pass. A resumed run restores the head from its
+            checkpoint and never fits the probe again.
+        probe_steps: L-BFGS iterations of the probe (full batch).
     """
 
     def __init__(
