@@ -49,6 +49,19 @@ def test_lowest_takes_the_lowest_rows_of_every_matrix(tiny_vit):
     assert bottom.cut(count=1) == GRFT(rows_per_matrix=1, order="lowest").select(tiny_vit, grads)
 
 
+def test_lowest_under_proportional_keeps_the_counts(tiny_vit):
+    high = GRFT(fraction=0.02, allocation="proportional")
+    low = GRFT(fraction=0.02, allocation="proportional", order="lowest")
+    grads = _grads(tiny_vit, high)
+    top, bottom = high.select(tiny_vit, grads), low.select(tiny_vit, grads)
+    assert bottom.counts() == top.counts()
+    counts = {name: n for name, (_, n) in bottom.counts().items()}
+    # 0.02 x 300,096 / 245,760 block entries = 2.44 % of each matrix's rows: 192 -> 5, 64 -> 2
+    assert counts["blocks.0.mlp.fc1"] == counts["blocks.0.attn.qkv"] == 5 and counts["blocks.0.mlp.fc2"] == 2
+    for name, layer in bottom.layers.items():
+        assert layer.index.tolist() == list(range(counts[name]))
+
+
 def test_lowest_under_global_spends_the_budget_from_the_bottom(tiny_vit):
     kwargs = dict(fraction=0.02, allocation="global")
     high, low = GRFT(**kwargs), GRFT(order="lowest", **kwargs)
