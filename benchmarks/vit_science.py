@@ -131,6 +131,8 @@ def analyse(runs: Path, out: Path) -> dict:
     text = [comparisons_markdown(primary, "Primary comparisons (mean over the tasks per seed; Holm over these)"),
             comparisons_markdown(primary_tasks, "Primary comparisons per task (exploratory)"),
             comparisons_markdown(exploratory + exploratory_tasks, "Exploratory comparisons (no adjustment)"),
+            "In the per-task and exploratory tables no p-value is adjusted: \"significant\" there means an "
+            "unadjusted p < 0.05, reported as exploratory.\n",
             "## Update size (median over runs of each run's median ||delta|| / ||W0||)\n",
             "| arm | update size |", "|---|---|"]
     text += [f"| {m} | {statistics.median(v):.3f} |" for m, v in sorted(moved.items())]
