@@ -271,3 +271,13 @@ def test_count9_and_distance_canvases():
         assert module.num_classes == classes and module.dataset_name == f"vit_science/mnist_{task}"
         images, labels = module._split()["test"]
         assert images.shape == (2000, 84, 84) and set(labels.tolist()) == set(range(classes))
+
+
+def test_grft_and_gps_configure_the_same_layers_with_and_without_the_stem(tiny_vit):
+    def names(method):
+        return [name for name, _ in method.eligible_layers(tiny_vit)]
+
+    with_stem, without = names(GPS()), names(GRFT())
+    assert with_stem[0] == "patch_embed.proj" and "patch_embed.proj" not in without
+    assert names(GRFT(exclude=[])) == with_stem and names(GPS(exclude=["patch_embed.*"])) == without
+    assert len(with_stem) == len(without) + 1 == 25
