@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from grft_lightning.deltas import SelectableLayer
+from grft_lightning.deltas import COLUMN, ROW, IndexDelta, SelectableLayer, StructuredDelta, selectable_layers
 from grft_lightning.heads import DEFAULT, head_parameter_ids
 
 
@@ -86,3 +87,54 @@ def format_summary(counts: dict[str, float]) -> str:
 def parameter_summary(model: nn.Module, head=DEFAULT) -> str:
     """``tuned params: N || backbone params: M || tuned%: P`` (see :func:`count_parameters`)."""
     return format_summary(count_parameters(model, head))
+
+
+# -- how far the tuned entries moved ---------------------------------------------------------------
+def update_ratios(delta: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, axis: str) -> torch.Tensor:
+    """Per tuned group, ``||delta of the group|| / ||W0 restricted to the group's entries||``.
+
+    A group is one selected row (``axis="row"``: ``delta`` is ``(n, fan_in)``, ``index`` the
+    ``n`` rows), one selected column (``"column"``: ``delta`` is ``(out, n)``), or one output
+    neuron's ``k`` entries (``"entry"``: ``delta`` and ``index`` are ``(out, k)``). ``weight`` is
+    the pre-trained ``out x fan_in`` matrix. Groups whose pre-trained entries are all zero have no
+    ratio and are left out. Returns a 1-D float64 tensor.
+    """
+    delta, weight = delta.detach().double(), weight.detach().double()
+    index = index.detach().long().to(weight.device)
+    if axis == "row":
+        num, den = delta.norm(dim=1), weight[index].norm(dim=1)
+    elif axis == "column":
+        num, den = delta.norm(dim=0), weight[:, index].norm(dim=0)
+    elif axis == "entry":
+        num, den = delta.norm(dim=1), weight.gather(1, index).norm(dim=1)
+    else:
+        raise ValueError(f"update_ratios: axis must be row, column or entry, got {axis!r}")
+    keep = den > 0
+    return (num[keep] / den[keep]).cpu()
+
+
+def update_size(model: nn.Module) -> dict[str, float] | None:
+    """How far training moved the tuned rows, columns or entry groups (results.json ``update_size``).
+
+    Over every group of every delta layer (:func:`update_ratios`: GRFT's and random rows' rows or
+    columns, GPS's output neurons), the median and the 90th percentile (linear interpolation
+    between order statistics, ``torch.quantile``) of ``||delta|| / ||W0 on the same entries||``,
+    and the number of groups. 1.0 means a group moved as far as its own pre-trained norm. None for
+    a model without such layers (full fine-tuning, LoRA, adapters, masked GPS).
+    """
+    ratios = []
+    for _, layer in selectable_layers(model):
+        if isinstance(layer, StructuredDelta):
+            axis = "row" if layer.selected_axis == ROW else "column" if layer.selected_axis == COLUMN else None
+        elif isinstance(layer, IndexDelta):
+            axis = "entry"
+        else:
+            continue
+        if axis is None or layer.delta.numel() == 0:
+            continue
+        ratios.append(update_ratios(layer.delta, layer.to_matrix(layer.base_layer.weight), layer.index, axis))
+    values = torch.cat(ratios) if ratios else torch.zeros(0, dtype=torch.float64)
+    if values.numel() == 0:
+        return None
+    return {"median": float(torch.quantile(values, 0.5)),
+            "p90": float(torch.quantile(values, 0.9)), "groups": int(values.numel())}

@@ -16,7 +16,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from grft_lightning.accounting import parameter_summary
 from grft_lightning.export import read_selection, read_tuned
-from grft_lightning.losses import selection_loss_fn
+from grft_lightning.heads import classifier
+from grft_lightning.losses import pre_logits, selection_loss_fn
 from grft_lightning.methods import method_class
 from grft_lightning.budgets import BUDGET_ARGUMENTS
 from grft_lightning.seeding import run_seed
@@ -73,6 +74,27 @@ class GradientSelection(L.Callback):
             back after the pass). ``eval`` (the default; a departure from GPS wherever the model
             has drop-path, dropout or BatchNorm) makes the gradients a deterministic function of
             the batches and the weights. The VTAB-1k and FGVC configs set ``train``.
+        views: the views ``supcon`` contrasts. ``two_augmented`` (the default, GPS's) gives two
+            augmented views per image (random resized crop, flip, colour jitter); ``one`` a single
+            deterministic view per image (the evaluation transform), whose positives are then the
+            other images of its label in the batch: for tasks whose labels the augmentations change
+            (rotation, position, orientation). Ignored by ``ce``.
+        head: the head the ``ce`` pass runs through (``supcon`` reads no head). ``random`` (the
+            default) is the freshly initialised head. ``probe`` first fits the model's own head as
+            a linear probe on the frozen pre-logits features of the whole training split
+            (evaluation transform, model in eval mode): ``probe_steps`` iterations of full-batch
+            L-BFGS (strong-Wolfe line search) on the mean cross-entropy plus ``1e-4 * ||W||^2``,
+            from the fresh head, so the probe is a deterministic function of the seed and the
+            data. Under DDP every rank fits it on the whole split (not its shard) and rank 0's head
+            is then broadcast, so every rank holds the same head. Its cost (``probe_seconds``) and
+            training accuracy (``probe_train_acc``) are logged and recorded in results.json
+            (``selection``). Methods that select without data (random rows) and runs with
+            ``from_file`` fit it only with ``keep_probe_head``.
+        keep_probe_head: with ``head: probe``, train from the probe head (linear probing then
+            fine-tuning, LP-FT: Kumar et al., ICLR 2022) instead of the fresh head, which is
+            otherwise put back after the pass. A resumed run restores the head from its
+            checkpoint and never fits the probe again.
+        probe_steps: L-BFGS iterations of the probe (full batch).
     """
 
     def __init__(
@@ -83,9 +105,27 @@ class GradientSelection(L.Callback):
         from_file: str | None = None,
         progress: bool = True,
         mode: Literal["train", "eval"] = "eval",
+        views: Literal["two_augmented", "one"] = "two_augmented",
+        head: Literal["random", "probe"] = "random",
+        keep_probe_head: bool = False,
+        probe_steps: int = 100,
     ):
         if mode not in ("train", "eval"):
             raise ValueError(f"selection.mode must be 'train' or 'eval', got {mode!r}")
+        if views not in ("two_augmented", "one"):
+            raise ValueError(f"selection.views must be 'two_augmented' or 'one', got {views!r}")
+        if head not in ("random", "probe"):
+            raise ValueError(f"selection.head must be 'random' or 'probe', got {head!r}")
+        if keep_probe_head and head != "probe":
+            raise ValueError("selection.keep_probe_head needs selection.head: probe")
+        if probe_steps < 1:
+            raise ValueError(f"selection.probe_steps must be >= 1, got {probe_steps}")
+        self.views = views
+        self.head = head
+        self.keep_probe_head = keep_probe_head
+        self.probe_steps = probe_steps
+        #: the probe's cost and training accuracy (kept in checkpoints: a resumed run reports them)
+        self.probe: dict[str, float] = {}
         self.loss = loss
         self.temperature = temperature
         self.mode = mode
@@ -93,8 +133,16 @@ class GradientSelection(L.Callback):
         self.from_file = from_file
         self.progress = progress
 
+    def state_dict(self) -> dict:
+        return {"probe": dict(self.probe)} if self.probe else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.probe = dict(state_dict.get("probe", {}))
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if pl_module.selection is not None:  # a method that needs no data selected at construction
+            if stage == "fit" and not trainer.ckpt_path and self.keep_probe_head:
+                self._fit_probe(trainer, pl_module)  # the head training starts from (LP-FT)
             return
         if trainer.ckpt_path:
             pl_module.apply_selection(pl_module.checkpoint_selection(str(trainer.ckpt_path)))
@@ -104,12 +152,18 @@ class GradientSelection(L.Callback):
             return  # validate/test/predict: the checkpoint's selection is applied when it is loaded
         start = time.perf_counter()
         method = pl_module.method
+        fresh_head = None
+        if self.head == "probe" and (self.keep_probe_head or not self.from_file):
+            pl_module.to(trainer.strategy.root_device)
+            fresh_head = self._fit_probe(trainer, pl_module)
         if self.from_file:
             selection = self._load(pl_module)
         else:
             pl_module.to(trainer.strategy.root_device)
             grads = self._gradients(trainer, pl_module)
             selection = method.select(pl_module.model, grads, seed=run_seed())
+        if fresh_head is not None and not self.keep_probe_head:
+            _head_module(pl_module.model).load_state_dict(fresh_head)  # training starts from the fresh head
         pl_module.apply_selection(selection)
         pl_module.selection_seconds = time.perf_counter() - start
         rank_zero_info(f"selection: {selection.describe()} in {pl_module.selection_seconds:.1f} s")
@@ -136,7 +190,10 @@ class GradientSelection(L.Callback):
         if datamodule is None or not hasattr(datamodule, "selection_dataloader"):
             raise RuntimeError("gradient selection needs a DataModule with selection_dataloader() "
                                "(subclass grft_lightning.data.ImageClassificationData)")
-        loader = datamodule.selection_dataloader(self.loss)
+        if self.views == "two_augmented":
+            loader = datamodule.selection_dataloader(self.loss)
+        else:
+            loader = datamodule.selection_dataloader(self.loss, views=self.views)
         batches = _on_device(loader, pl_module.device)
         if self.max_batches is not None:
             # A cap on the whole pass: this rank's share of the first max_batches batches
@@ -168,6 +225,49 @@ class GradientSelection(L.Callback):
                 torch.distributed.all_reduce(grad, op=torch.distributed.ReduceOp.SUM)
         return grads
 
+    def _fit_probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
+        """Fit the model's head as a linear probe (class docstring); returns the fresh head's state."""
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "probe_dataloader"):
+            raise RuntimeError("selection.head: probe needs a DataModule with probe_dataloader() "
+                               "(subclass grft_lightning.data.ImageClassificationData)")
+        pl_module.to(trainer.strategy.root_device)
+        head = _head_module(pl_module.model)
+        fresh = {k: v.detach().clone() for k, v in head.state_dict().items()}
+        start = time.perf_counter()
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad(), trainer.precision_plugin.forward_context():
+                parts = [(pre_logits(pl_module.model, images.to(pl_module.device)).float(), labels.to(pl_module.device))
+                         for images, labels in datamodule.probe_dataloader()]
+        finally:
+            pl_module.train(was_training)
+        features = torch.cat([f for f, _ in parts])
+        labels = torch.cat([y for _, y in parts])
+        accuracy = fit_linear_probe(head, features, labels, self.probe_steps)
+        if trainer.world_size > 1:  # identical on every rank whatever the float order: rank 0's
+            for tensor in head.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
+        seconds = time.perf_counter() - start
+        self.probe = {"probe_seconds": seconds, "probe_train_acc": accuracy}
+        rank_zero_info(f"selection: linear probe fitted on {len(labels)} images in {seconds:.1f} s "
+                       f"(training accuracy {accuracy:.4f}){'; training starts from it' if self.keep_probe_head else ''}")
+        for logger in trainer.loggers:
+            logger.log_metrics({"selection/probe_seconds": seconds, "selection/probe_train_acc": accuracy}, step=0)
+        return fresh
+
+    def record(self) -> dict:
+        """The ``selection`` section of results.json."""
+        record = {"loss": self.loss, "mode": self.mode, "temperature": self.temperature,
+                  "max_batches": self.max_batches, "from_file": self.from_file}
+        if self.views != "two_augmented":
+            record["views"] = self.views
+        if self.head != "random":
+            record.update(head=self.head, keep_probe_head=self.keep_probe_head, probe_steps=self.probe_steps,
+                          **self.probe)
+        return record
+
     def _load(self, pl_module: L.LightningModule):
         """The Selection of a previous run's tuned file, for the same method and budget."""
         tensors, meta = read_tuned(self.from_file)
@@ -186,6 +286,46 @@ class GradientSelection(L.Callback):
                 raise ValueError(f"{source}: {err}") from err
         raise ValueError(f"{source} was selected by {theirs!r}, this run uses {mine!r} (only the budget may "
                          "differ, and only downwards)")
+
+
+def _head_module(model: torch.nn.Module) -> torch.nn.Linear:
+    """The model's classification head, which the probe fits: one ``nn.Linear``."""
+    head = classifier(model)
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"selection.head: probe fits one nn.Linear head; this model's is {type(head).__name__}")
+    return head
+
+
+def fit_linear_probe(head: torch.nn.Linear, features: torch.Tensor, labels: torch.Tensor, steps: int = 100,
+                     weight_decay: float = 1e-4) -> float:
+    """Fit ``head`` in place on fixed ``features``: ``steps`` iterations of full-batch L-BFGS
+    (strong-Wolfe line search, history 20) on the mean cross-entropy plus ``weight_decay *
+    ||W||^2`` (the bias not decayed), in fp32, from the head's current values. Deterministic for
+    given features, labels and starting head. Returns the training accuracy."""
+    params = [p for p in head.parameters()]
+    dtype = head.weight.dtype
+    features = features.to(head.weight.device, torch.float32)
+    labels = labels.to(head.weight.device)
+    saved = [p.requires_grad for p in params]
+    with torch.enable_grad():
+        head.float().requires_grad_(True)
+        optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=steps, history_size=20,
+                                      line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(head(features), labels)
+            loss = loss + weight_decay * head.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    for p, flag in zip(params, saved):
+        p.grad = None
+        p.requires_grad_(flag)
+    head.to(dtype)
+    with torch.no_grad():
+        return float((head(features.to(dtype)).argmax(1) == labels).float().mean())
 
 
 class RunClock(L.Callback):

@@ -20,7 +20,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from grft_lightning.accounting import format_summary
+from grft_lightning.accounting import format_summary, update_size
 from grft_lightning.errors import CheckpointRefused
 from grft_lightning.export import save_tuned
 from grft_lightning.io import atomic_path
@@ -165,10 +165,11 @@ class RunRecorder(L.Callback):
         extra.setdefault("skipped_images", getattr(data, "skipped_images", 0))
         extra["config_files"] = self.config_files
         selection = next((c for c in trainer.callbacks if isinstance(c, GradientSelection)), None)
-        if selection is not None and model.method.needs_gradients:
-            extra["selection"] = {"loss": selection.loss, "mode": selection.mode,
-                                  "temperature": selection.temperature, "max_batches": selection.max_batches,
-                                  "from_file": selection.from_file}
+        if selection is not None and (model.method.needs_gradients or selection.probe):
+            extra["selection"] = selection.record()
+        moved = update_size(model.model)
+        if moved is not None:
+            extra["update_size"] = moved
         if self.label != model.method.name:
             extra["method_name"] = model.method.name
         results = build_results(

@@ -74,6 +74,30 @@ class SelectionRecord(TypedDict):
     max_batches: int | None
     #: the run took its selection from this ``tuned.safetensors`` (null: its own pass)
     from_file: str | None
+    #: the views SupCon contrasted, when not ``two_augmented`` (``one``: one deterministic view)
+    views: NotRequired[str]
+    #: ``probe``: the pass ran through a linear probe fitted on frozen features first
+    head: NotRequired[str]
+    #: with a probe head: whether training started from it (else from the fresh head)
+    keep_probe_head: NotRequired[bool]
+    #: with a probe head: the probe's optimisation steps
+    probe_steps: NotRequired[int]
+    #: with a probe head: seconds the probe took
+    probe_seconds: NotRequired[float]
+    #: with a probe head: the probe's accuracy on the training split (fraction 0-1)
+    probe_train_acc: NotRequired[float]
+
+
+class UpdateSize(TypedDict):
+    """``results.json["update_size"]``: how far training moved the tuned groups
+    (``accounting.update_size``, the one definition)."""
+
+    #: median over the selected rows, columns or (GPS) output neurons' entry groups of ``||delta|| / ||W0 on them||``
+    median: float
+    #: 90th percentile of the same ratio
+    p90: float
+    #: how many groups the ratios are over
+    groups: int
 
 
 class Results(TypedDict):
@@ -115,6 +139,8 @@ class Results(TypedDict):
     config_files: NotRequired[list[str]]
     #: methods selected by gradients: how the selection pass ran
     selection: NotRequired[SelectionRecord]
+    #: methods with row, column or entry deltas (GRFT, random rows, GPS): how far the tuned entries moved
+    update_size: NotRequired[UpdateSize]
     #: the data's family: ``vtab-1k``, ``fgvc``, or an offline task's ``family`` (``offline`` by default)
     benchmark: NotRequired[str]
     #: VTAB-1k: ``natural``, ``specialized`` or ``structured``

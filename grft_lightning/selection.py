@@ -25,6 +25,10 @@ How a budget becomes counts (``Rule.allocation``):
 
 Inside a matrix, candidates are taken in the order of their keys (the scores, unless random keys
 were drawn), ties broken by the lowest index, so a selection is a pure function of the scores.
+
+``Rule.order="lowest"`` (GRFT's control, ``GRFT(order="lowest")``) takes the candidates with the
+*lowest* scores instead: inside a matrix the lowest-scoring rows (columns) first, and under
+``global`` the lowest score per parameter first over the whole model. Cuts nest the same way.
 """
 
 from __future__ import annotations
@@ -51,12 +55,22 @@ class Rule:
         allocation: one of :data:`ALLOCATIONS` (module docstring).
         backbone_parameters: the backbone's parameter count a ``fraction`` refers to.
         per_parameter: ``global``/``matched``: rank candidates by score per parameter.
+        order: ``highest`` (take the best-scoring candidates first) or ``lowest`` (the worst first:
+            a control). Keys drawn at random (``layer.keys``) are always taken highest first.
     """
 
     mode: str
     allocation: str
     backbone_parameters: int
     per_parameter: bool = True
+    order: str = "highest"
+
+    def key(self, layer: LayerSelection, axis: str) -> torch.Tensor:
+        """The order candidates are taken in inside ``layer``: its keys, or its scores (negated
+        under ``order="lowest"``)."""
+        if axis in layer.keys or self.order == "highest":
+            return layer.order(axis)
+        return -layer.scores[axis].double()
 
 
 @dataclasses.dataclass
@@ -204,7 +218,10 @@ class Selection:
     # -- saving --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Plain data (JSON-able ``meta`` and CPU ``tensors``): what checkpoints and tuned files hold."""
-        meta = {"rule": dataclasses.asdict(self.rule) if self.rule else None, "budget": self.budget, "head": self.head,
+        rule = dataclasses.asdict(self.rule) if self.rule else None
+        if rule is not None and rule["order"] == "highest":
+            del rule["order"]  # the default: files read as before the option existed
+        meta = {"rule": rule, "budget": self.budget, "head": self.head,
                 "layers": {name: {"shape": list(layer.shape), "axis": layer.axis}
                            for name, layer in self.layers.items()}}
         tensors = {}
@@ -245,6 +262,8 @@ class Selection:
             raise ValueError(f"{source}: not a readable selection ({type(err).__name__}: {err})") from err
         if rule is not None and rule.allocation not in ALLOCATIONS:
             raise ValueError(f"{source}: unknown allocation {rule.allocation!r}")
+        if rule is not None and rule.order not in ("highest", "lowest"):
+            raise ValueError(f"{source}: unknown order {rule.order!r}")
         return cls(layers, rule, meta.get("budget", {}), meta.get("head"))
 
 
@@ -345,7 +364,11 @@ def _global_counts(layers: dict[str, LayerSelection], rule: Rule, target: float)
     for i, (name, layer) in enumerate(layers.items()):
         axis = axes[name] = _global_axis(layer, rule)
         cost = _entries(layer.shape, axis, 1)
-        key = layer.scores[axis].double() / cost if rule.per_parameter else layer.order(axis).double()
+        if rule.per_parameter:
+            key = layer.scores[axis].double() / cost
+            key = -key if rule.order == "lowest" else key
+        else:
+            key = layer.order(axis).double()
         values.append(key)
         costs.append(torch.full_like(key, cost))
         owners.append(torch.full(key.shape, i, dtype=torch.long))
@@ -372,6 +395,6 @@ def allocate(layers: dict[str, LayerSelection], rule: Rule, budget: dict[str, An
             chosen[name] = LayerSelection(layer.shape, axis, index.long().cpu(),
                                           {"entry": torch.gather(scores, 1, keep), "entry_index": index.long().cpu()})
             continue
-        index = top_k(layer.order(axis), n) if n else torch.zeros(0, dtype=torch.long)
+        index = top_k(rule.key(layer, axis), n) if n else torch.zeros(0, dtype=torch.long)
         chosen[name] = LayerSelection(layer.shape, axis, index.long().cpu(), layer.scores, layer.keys)
     return Selection(chosen, rule, budget, head)

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from grft_lightning.data.samplers import DealtBatches, EpochShuffle, ResumableLoader
 from grft_lightning.seeding import run_seed
 from grft_lightning.data.transforms import (
+    OneView,
     TwoViews,
     fgvc_eval_transform,
     fgvc_train_transform,
@@ -232,12 +233,21 @@ class ImageClassificationData(L.LightningDataModule, metaclass=abc.ABCMeta):
         """Predictions are made on the test split (``python train.py predict``)."""
         return self._eval_loader("test")
 
+    def probe_dataloader(self) -> DataLoader:
+        """The whole training split in order, with the evaluation transform, on every rank (not
+        dealt): the features the selection's linear probe is fitted on
+        (:class:`~grft_lightning.callbacks.GradientSelection`, ``head: probe``)."""
+        dataset = TransformedDataset(self.raw_split("train"), self.transform("test"))
+        return self._loader(dataset, self.eval_batch_size, shuffle=False)
+
     def selection_dataloader(self, loss: Literal["supcon", "ce"], shuffle: bool = True,
-                             drop_last: bool = True, seed: int | None = None) -> DataLoader:
+                             drop_last: bool = True, seed: int | None = None,
+                             views: Literal["two_augmented", "one"] = "two_augmented") -> DataLoader:
         """Loader for the gradient-selection pass over the training split.
 
         ``supcon`` yields ``(views, labels)`` with ``views`` of shape ``(B, 2, C, H, W)`` (two
-        augmented views per image, docs/methods.md); ``ce`` yields ``(images, labels)`` with the
+        augmented views per image, docs/methods.md), or ``(B, 1, C, H, W)`` with ``views="one"``
+        (the evaluation transform, deterministic); ``ce`` yields ``(images, labels)`` with the
         evaluation transform (deterministic). As in GPS's public code the batches are shuffled and
         the last partial batch is dropped (:class:`SelectionBatches`): a list file grouped by class
         would otherwise give single-class batches, in which SupCon has no negatives. The order
@@ -253,10 +263,13 @@ class ImageClassificationData(L.LightningDataModule, metaclass=abc.ABCMeta):
             drop_last: leave out the last partial batch (kept when the split is smaller than
                 one batch: there would be nothing to select from).
             seed: seed of the order (None: the run's seed).
+            views: ``supcon``'s views: ``two_augmented`` or ``one`` (above); ignored by ``ce``.
         """
         cfg = self.data_config
-        if loss == "supcon":
-            transform: Callable = TwoViews(supcon_view_transform(cfg))
+        if loss == "supcon" and views == "one":
+            transform: Callable = OneView(self.transform("test"))
+        elif loss == "supcon":
+            transform = TwoViews(supcon_view_transform(cfg))
         elif loss == "ce":
             transform = self.transform("test")
         else:

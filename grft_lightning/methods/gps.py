@@ -13,13 +13,16 @@ code's cost for comparison.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
-from grft_lightning.deltas import IndexDelta, to_matrix
-from grft_lightning.gradients import per_row_top_k
+from grft_lightning.deltas import IndexDelta, matrix_shape, to_matrix
+from grft_lightning.gradients import per_row_top_k, top_k
 from grft_lightning.heads import DEFAULT, head_spec
 from grft_lightning.methods.base import Method
+from grft_lightning.seeding import run_seed
 from grft_lightning.selection import LayerSelection, Rule, Selection, allocate
 
 
@@ -39,10 +42,17 @@ class GPS(Method):
         tune_params: ``fnmatch`` patterns of further pre-trained parameters trained in full (e.g.
             ``["*.gamma"]`` layer scales, ``["*.relative_position_bias_table"]`` on Swin, as GPS's
             public code trains them; see ``Method``). None: none.
+        order: ``gradient`` (the default: GPS) or ``random``: per output neuron ``k`` input
+            connections drawn at random (the same shapes and budget; no gradient pass). The
+            control that separates GPS's spread of entries over every neuron from its gradient.
+        seed: seed of the ``random`` draw (one generator walks the layers in model order; per
+            row, the ``k`` positions with the largest uniform keys, so that a cut to a smaller
+            ``k`` equals a fresh draw). None (the default) takes the run's seed, as ``RandomRows``
+            does; ignored by ``gradient``.
     """
 
-    needs_gradients = True
     tag = "gps"
+    QUIET_DEFAULTS = {"order": "gradient", "seed": None}
 
     def __init__(
         self,
@@ -52,12 +62,27 @@ class GPS(Method):
         tune_bias: bool = True,
         tune_norm: bool = False,
         tune_params: list[str] | None = None,
+        order: Literal["gradient", "random"] = "gradient",
+        seed: int | None = None,
     ):
         super().__init__(targets, exclude, tune_bias, tune_norm, tune_params)
         k = 1 if k is None else k
         if k < 1:
             raise ValueError(f"GPS.k must be >= 1, got {k}")
+        if order not in ("gradient", "random"):
+            raise ValueError(f"GPS.order must be gradient or random, got {order!r}")
         self.k = k
+        self.order = order
+        self.seed = seed
+
+    @property
+    def needs_gradients(self) -> bool:  # type: ignore[override]
+        """Only ``order="gradient"`` reads gradients."""
+        return self.order == "gradient"
+
+    @property
+    def name(self) -> str:
+        return self.tag if self.order == "gradient" else f"{self.tag}_random"
 
     def budget(self) -> dict:
         """The budget as a Selection takes it: ``{"k": k}``."""
@@ -65,6 +90,9 @@ class GPS(Method):
 
     def select(self, model: nn.Module, grads: dict[str, torch.Tensor] | None = None, head=DEFAULT,
                seed: int | None = None) -> Selection:
+        if self.order == "random":
+            seed = self.seed if self.seed is not None else seed if seed is not None else run_seed()
+            return random_entries(self, model, head, self.k, seed)
         return select_entries(self, model, grads, head, self.k)
 
     def inject(self, model: nn.Module, selection: Selection) -> None:
@@ -87,5 +115,26 @@ def select_entries(method: Method, model: nn.Module, grads: dict[str, torch.Tens
         index = per_row_top_k(grad, k)
         scores = {"entry": grad.abs().gather(1, index), "entry_index": index}
         found[name] = LayerSelection(tuple(grad.shape), "entry", index, scores)
+    rule = Rule("entry", "per_row", method.backbone_parameters(model, head))
+    return allocate(found, rule, {"k": k}, head)
+
+
+def random_entries(method: Method, model: nn.Module, head, k: int, seed: int) -> Selection:
+    """GPS's shapes with entries drawn at random: per output neuron of every eligible layer, the
+    ``k`` input positions with the largest uniform keys (one generator from ``seed``, layers in
+    model order). The keys are kept as the entries' scores, so a cut to a smaller ``k`` takes the
+    same positions a fresh draw at that ``k`` would."""
+    head = head_spec(model, head, required=True)
+    generator = torch.Generator().manual_seed(int(seed))
+    found = {}
+    for name, layer in method.required_layers(model, head):
+        out, fan_in = matrix_shape(layer)
+        if not 1 <= k <= fan_in:
+            raise ValueError(f"{name}: {k} input connections per row requested, but this matrix has {fan_in} "
+                             f"(k must be between 1 and {fan_in})")
+        keys = torch.rand(out, fan_in, generator=generator, dtype=torch.float64)
+        index = top_k(keys, k, dim=1)
+        scores = {"entry": keys.gather(1, index).float(), "entry_index": index}
+        found[name] = LayerSelection((out, fan_in), "entry", index, scores)
     rule = Rule("entry", "per_row", method.backbone_parameters(model, head))
     return allocate(found, rule, {"k": k}, head)

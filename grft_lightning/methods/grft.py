@@ -71,9 +71,17 @@ class GRFT(Method):
         tune_params: ``fnmatch`` patterns of further pre-trained parameters trained in full (e.g.
             ``["*.gamma"]`` layer scales, ``["*.relative_position_bias_table"]`` on Swin, as GPS's
             public code trains them; see ``Method``). None: none.
+        order: ``highest`` (the default: the best-scoring rows/columns) or ``lowest`` (the
+            lowest-scoring ones, the control that locates the effect: if the score matters, the
+            lowest rows should do worse than random rows of the same shapes). With ``uniform`` and
+            ``proportional`` the per-matrix counts are unchanged and the lowest rows of each matrix
+            are taken; with ``global`` one ranking by the lowest score per parameter over the whole
+            model is spent from the bottom (it goes to the matrices with the smallest gradients,
+            so the counts per matrix change too). ``mode="auto"`` takes only ``highest``.
     """
 
     needs_gradients = True
+    QUIET_DEFAULTS = {"order": "highest"}
     #: score -> the reduction of accumulate_gradients it needs
     SCORES = {"gradient": "sum", "fisher_batch": "sum_of_squares", "fisher_sample": "per_sample_squares"}
     ALLOCATIONS: tuple[str, ...] = ("uniform", "proportional", "global")
@@ -94,9 +102,15 @@ class GRFT(Method):
         reg_lambda: float = 1e-4,
         score: Literal["gradient", "fisher_batch", "fisher_sample"] = "gradient",
         tune_params: list[str] | None = None,
+        order: Literal["highest", "lowest"] = "highest",
     ):
         super().__init__(targets, ["patch_embed.*"] if exclude is None else exclude, tune_bias, tune_norm,
                          tune_params)
+        if order not in ("highest", "lowest"):
+            raise ValueError(f"{type(self).__name__}.order must be highest or lowest, got {order!r}")
+        if order == "lowest" and mode == "auto":
+            raise ValueError(f"{type(self).__name__}: order='lowest' takes mode row or column (auto compares the "
+                             "best rows with the best columns)")
         self._check_options(mode, rows_per_matrix, columns_per_matrix, fraction, allocation, regularization)
         if score not in self.SCORES:
             raise ValueError(f"GRFT.score must be one of {', '.join(self.SCORES)}, got {score!r}")
@@ -108,6 +122,7 @@ class GRFT(Method):
         self.regularization = regularization
         self.reg_lambda = reg_lambda
         self.score = score
+        self.order = order
 
     def _check_options(self, mode, rows_per_matrix, columns_per_matrix, fraction, allocation, regularization) -> None:
         kind = type(self).__name__
@@ -142,7 +157,7 @@ class GRFT(Method):
         return {"count": 3 if count is None and self.mode == "column" else 4 if count is None else count}
 
     def rule(self, model: nn.Module, head) -> Rule:
-        return Rule(self.mode, self.allocation, self.backbone_parameters(model, head))
+        return Rule(self.mode, self.allocation, self.backbone_parameters(model, head), order=self.order)
 
     # -- select -----------------------------------------------------------------------------
     @property

@@ -1,0 +1,168 @@
+"""The choices and the analysis of the pre-registered ViT study (benchmarks/vit_science_plan.md).
+
+    python benchmarks/vit_science.py choose-task RUNS/choice           # prints the chosen task config
+    python benchmarks/vit_science.py choose-setting RUNS/tune ARM      # prints the arm's chosen overrides
+    python benchmarks/vit_science.py analyse RUNS/main --out OUT/vit_science   # the comparisons
+
+Every choice reads ``val_acc`` only (never ``test_acc``): the task that replaces ``mnist_count``
+from full fine-tuning and linear probing, and each arm's learning rate and L2-SP weight. The
+analysis pairs runs by seed, pools the tasks per seed (the mean over the tasks), and adjusts with
+Holm over the primary comparisons only; every other comparison is exploratory (no adjustment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from grft_lightning.stats import comparisons_markdown, holm, paired  # noqa: E402
+
+CANDIDATES = ROOT / "configs" / "vit_suite" / "science" / "candidates"
+#: full fine-tuning's mean validation accuracy above which a candidate counts as saturated
+CEILING = 0.95
+PRIMARY = [("grft_row_probe", "random_row"), ("grft_row_probe", "grft_row_lowest_probe"),
+           ("grft_row_matched_probe", "gps_nostem_probe"), ("gps_nostem_probe", "gps_random_nostem")]
+EXPLORATORY = [("random_row", "grft_row_lowest_probe"), ("grft_row_probe", "grft_row"),
+               ("gps_probe", "gps_nostem_probe"), ("gps_probe", "gps_random"), ("gps", "gps_probe"),
+               ("gps_random_nostem", "random_row_global"), ("grft_row_stem_probe", "gps_probe"),
+               ("grft_row_lpft", "random_row_lpft"), ("grft_row_lpft", "grft_row_probe"),
+               ("grft_row_supcon1", "grft_row_probe"), ("grft_row_matched_probe", "grft_row_probe")]
+
+
+def _records(runs: Path) -> list[dict]:
+    out = []
+    for path in sorted(Path(runs).rglob("results.json")):
+        record = json.loads(path.read_text())
+        record["_path"] = str(path.relative_to(runs))
+        out.append(record)
+    return out
+
+
+def _task(record: dict) -> str:
+    return record["dataset"].split("/", 1)[-1]
+
+
+def choose_task(runs: Path) -> str:
+    """The candidate whose full fine-tuning is not saturated (mean validation accuracy at most
+    :data:`CEILING`) with the largest gap between full fine-tuning and linear probing (room for
+    the methods to differ); when every candidate is saturated, the one where full fine-tuning is
+    lowest. Ties: the name. Prints the figures it used to stderr."""
+    val: dict[tuple[str, str], list[float]] = {}
+    for record in _records(runs):
+        val.setdefault((_task(record), record["method"]), []).append(record["val_acc"])
+    tasks = sorted({task for task, _ in val})
+    figures = {t: (statistics.fmean(val[(t, "full")]), statistics.fmean(val[(t, "linear")])) for t in tasks
+               if (t, "full") in val and (t, "linear") in val}
+    if not figures:
+        raise SystemExit(f"choose-task: no full and linear runs under {runs}")
+    for task, (full, linear) in figures.items():
+        print(f"{task}: full {full:.4f}, linear {linear:.4f} (validation)", file=sys.stderr)
+    open_ = {t: f - lin for t, (f, lin) in figures.items() if f <= CEILING}
+    if open_:
+        best = max(sorted(open_), key=lambda t: open_[t])
+    else:
+        best = min(sorted(figures), key=lambda t: figures[t][0])
+    return str((CANDIDATES / f"{best}.yaml").relative_to(ROOT))
+
+
+def choose_setting(runs: Path, arm: str) -> str:
+    """``runs/<setting>/.../<arm>/seed*/results.json``: the setting (a folder ``lr<LR>_lam<L>``)
+    with the best mean validation accuracy over the tasks; ties: the smaller learning rate, then
+    the larger L2-SP weight (the smaller step). Prints the overrides."""
+    scores: dict[str, list[float]] = {}
+    for record in _records(runs):
+        setting, *_ = record["_path"].split("/")
+        if f"/{arm}/" in f"/{record['_path']}":
+            scores.setdefault(setting, []).append(record["val_acc"])
+    if not scores:
+        raise SystemExit(f"choose-setting: no run of {arm} under {runs}")
+
+    def key(setting: str):
+        lr, lam = _parse(setting)
+        return (statistics.fmean(scores[setting]), -lr, lam if lam is not None else 0.0)
+
+    best = max(sorted(scores), key=key)
+    lr, lam = _parse(best)
+    args = f"--model.optimizer.init_args.lr {lr}"
+    if lam is not None:
+        args += f" --model.method.init_args.reg_lambda {lam}"
+    return args
+
+
+def _parse(setting: str) -> tuple[float, float | None]:
+    lr, _, lam = setting.partition("_lam")
+    return float(lr.removeprefix("lr")), (None if lam in ("", "none") else float(lam))
+
+
+def analyse(runs: Path, out: Path) -> dict:
+    """Primary comparisons (Holm over them only) and exploratory ones, pooled over the tasks per
+    seed, plus per task; and per arm the mean ``update_size`` median."""
+    acc: dict[str, dict[str, dict[int, float]]] = {}
+    moved: dict[str, list[float]] = {}
+    for record in _records(runs):
+        if record.get("test_acc") is None:
+            continue
+        acc.setdefault(record["method"], {}).setdefault(_task(record), {})[int(record["seed"])] = 100 * record["test_acc"]
+        if record.get("update_size"):
+            moved.setdefault(record["method"], []).append(record["update_size"]["median"])
+
+    def pooled(method: str) -> dict[int, float]:
+        tasks = acc.get(method, {})
+        seeds = set.intersection(*(set(v) for v in tasks.values())) if tasks else set()
+        return {s: statistics.fmean(tasks[t][s] for t in tasks) for s in seeds}
+
+    def compare(pairs, adjust: bool):
+        rows = [paired(pooled(a), pooled(b), a, b, "Mean") for a, b in pairs if a in acc and b in acc]
+        if adjust:
+            holm(rows)
+        per_task = [paired(acc[a][t], acc[b][t], a, b, t) for a, b in pairs if a in acc and b in acc
+                    for t in sorted(set(acc[a]) & set(acc[b]))]
+        return rows, per_task
+
+    primary, primary_tasks = compare(PRIMARY, adjust=True)
+    exploratory, exploratory_tasks = compare(EXPLORATORY, adjust=False)
+    out.mkdir(parents=True, exist_ok=True)
+    text = [comparisons_markdown(primary, "Primary comparisons (mean over the tasks per seed; Holm over these)"),
+            comparisons_markdown(primary_tasks, "Primary comparisons per task (exploratory)"),
+            comparisons_markdown(exploratory + exploratory_tasks, "Exploratory comparisons (no adjustment)"),
+            "In the per-task and exploratory tables no p-value is adjusted: \"significant\" there means an "
+            "unadjusted p < 0.05, reported as exploratory.\n",
+            "## Update size (median over runs of each run's median ||delta|| / ||W0||)\n",
+            "| arm | update size |", "|---|---|"]
+    text += [f"| {m} | {statistics.median(v):.3f} |" for m, v in sorted(moved.items())]
+    (out / "analysis.md").write_text("\n".join(text) + "\n")
+    result = {"primary": [c.to_dict() for c in primary], "primary_per_task": [c.to_dict() for c in primary_tasks],
+              "exploratory": [c.to_dict() for c in exploratory + exploratory_tasks],
+              "update_size": {m: statistics.median(v) for m, v in moved.items()}}
+    (out / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("choose-task").add_argument("runs", type=Path)
+    setting = sub.add_parser("choose-setting")
+    setting.add_argument("runs", type=Path)
+    setting.add_argument("arm")
+    analysis = sub.add_parser("analyse")
+    analysis.add_argument("runs", type=Path)
+    analysis.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if args.command == "choose-task":
+        print(choose_task(args.runs))
+    elif args.command == "choose-setting":
+        print(choose_setting(args.runs, args.arm))
+    else:
+        analyse(args.runs, args.out)
+        print(f"wrote {args.out}/analysis.md, {args.out}/analysis.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The pre-registered study's arms (configs/vit_suite/science/) run end to end on tiny data: the
+committed testbed weights, the real task and arm configs, 1 epoch; what results.json records."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCIENCE = REPO / "configs" / "vit_suite" / "science"
+TINY = ["--data.init_args.n_train", "64", "--data.init_args.n_val", "32", "--data.init_args.n_test", "32",
+        "--data.init_args.batch_size", "32", "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1",
+        "--wandb.mode", "disabled", "--checkpoint_every_n_steps", "null"]
+
+
+def _run(tmp_path: Path, arm: str, task: str = "tasks/mnist_digit.yaml") -> dict:
+    from grft_lightning.cli import cli_main
+
+    run_dir = tmp_path / arm
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        cli_main(["fit", "--config", str(SCIENCE / task), "--config", str(SCIENCE / f"{arm}.yaml"),
+                  "--seed_everything", "0", "--run_dir", str(run_dir), *TINY])
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def test_every_arm_is_labelled_by_its_file_and_extends_a_suite_recipe():
+    import yaml
+
+    arms = sorted(SCIENCE.glob("*.yaml"))
+    assert len(arms) == 13
+    for path in arms:
+        config = yaml.safe_load(path.read_text())
+        assert config["label"] == path.stem
+        base = (SCIENCE / config["config"]).resolve()
+        assert base.parent == (REPO / "configs" / "vit_suite" / "methods") and base.is_file()
+
+
+@pytest.mark.slow
+def test_the_primary_arms_run_and_record_what_the_plan_reads(tmp_path, one_torch_thread):
+    probe = _run(tmp_path, "grft_row_probe")
+    assert probe["method"] == "grft_row_probe" and probe["dataset"] == "vit_science/mnist_digit"
+    assert probe["n_test"] == 32  # the tiny override of the 2,000-image split
+    section = probe["selection"]
+    assert section["head"] == "probe" and section["keep_probe_head"] is False and section["probe_seconds"] > 0
+    assert set(probe["update_size"]) == {"median", "p90", "groups"} and probe["update_size"]["groups"] == 24
+    assert probe["update_size"]["median"] > 0
+    lowest = _run(tmp_path, "grft_row_lowest_probe")
+    assert lowest["budget"]["mode"] == "row" and lowest["tuned"] == probe["tuned"]
+    matched = _run(tmp_path, "grft_row_matched_probe")
+    gps = _run(tmp_path, "gps_nostem_probe")
+    random_gps = _run(tmp_path, "gps_random_nostem")
+    # the same layers, the budget within one row: GPS's 6,912 block entries, GRFT's rows at most that
+    gps_selected = gps["tuned"] - probe["tuned"] + 5376  # same biases and head as GRFT's
+    assert gps_selected == 6912 and random_gps["tuned"] == gps["tuned"]
+    assert 6912 - 512 < matched["tuned"] - probe["tuned"] + 5376 <= 6912
+    assert "selection" not in random_gps and random_gps["update_size"]["groups"] == 6912 // 1
+    random_row = _run(tmp_path, "random_row")
+    assert random_row["tuned"] == probe["tuned"] and "selection" not in random_row
+
+
+def _science():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vit_science", REPO / "benchmarks" / "vit_science.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(path: Path, **record) -> None:
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps(record))
+
+
+def test_the_task_choice_reads_validation_only(tmp_path):
+    science = _science()
+    figures = {("mnist_count9", "full"): (0.90, 0.10), ("mnist_count9", "linear"): (0.60, 0.99),
+               ("mnist_distance", "full"): (0.80, 0.10), ("mnist_distance", "linear"): (0.40, 0.99)}
+    for (task, method), (val, test) in figures.items():
+        _write(tmp_path / task / method / "seed100", dataset=f"vit_science/{task}", method=method, val_acc=val,
+               test_acc=test)
+    # distance: gap 0.40 > count9's 0.30 (the test numbers would say the opposite; they are not read)
+    assert science.choose_task(tmp_path) == "configs/vit_suite/science/candidates/mnist_distance.yaml"
+    _write(tmp_path / "mnist_distance" / "full" / "seed101", dataset="vit_science/mnist_distance", method="full",
+           val_acc=1.0, test_acc=0.1)  # mean 0.90 <= 0.95: still open, gap 0.50
+    assert science.choose_task(tmp_path).endswith("mnist_distance.yaml")
+    _write(tmp_path / "mnist_distance" / "full" / "seed102", dataset="vit_science/mnist_distance", method="full",
+           val_acc=1.0, test_acc=0.1)  # mean 0.933: open; count9 too; distance's gap 0.533 still wins
+    assert science.choose_task(tmp_path).endswith("mnist_distance.yaml")
+    for seed in (103, 104):  # full's mean 0.96 > 0.95: distance saturated, count9 (open) is taken
+        _write(tmp_path / "mnist_distance" / "full" / f"seed{seed}", dataset="vit_science/mnist_distance",
+               method="full", val_acc=1.0, test_acc=0.1)
+    assert science.choose_task(tmp_path).endswith("mnist_count9.yaml")
+
+
+def test_the_setting_choice_breaks_ties_towards_small_steps(tmp_path):
+    science = _science()
+    scores = {"lr0.03_lam0.0001": 0.80, "lr0.01_lam0": 0.85, "lr0.001_lam0.1": 0.85, "lr0.001_lam1": 0.85}
+    for setting, val in scores.items():
+        for task in ("mnist_digit", "mnistm"):
+            _write(tmp_path / setting / "tasks" / task / "grft_row_probe" / "seed100", val_acc=val, test_acc=1 - val)
+    assert science.choose_setting(tmp_path, "grft_row_probe") == (
+        "--model.optimizer.init_args.lr 0.001 --model.method.init_args.reg_lambda 1.0")
+    _write(tmp_path / "lr0.003_lamnone" / "tasks" / "mnistm" / "gps_nostem_probe" / "seed100", val_acc=0.9,
+           test_acc=0.1)
+    assert science.choose_setting(tmp_path, "gps_nostem_probe") == "--model.optimizer.init_args.lr 0.003"
+    with pytest.raises(SystemExit, match="no run of random_row"):
+        science.choose_setting(tmp_path, "random_row")
+
+
+def test_power_script_minimum_detectable_effect():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("power", REPO / "benchmarks" / "power.py")
+    power = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(power)
+    # (t_{0.975, 9} + t_{0.8, 9}) * sd / sqrt(10) = (2.2622 + 0.8834) * 1 / 3.1623
+    assert power.mde(1.0, 10, 0.05) == pytest.approx(0.99472, abs=1e-4)
+    assert power.sd([1.0, 2.0, 3.0]) == 1.0
+    rows = [{"task": t, "method": m, "acc_per_seed": {"0": a, "1": b}}
+            for t, m, a, b in (("x", "A", 0.50, 0.60), ("x", "B", 0.40, 0.40), ("y", "A", 0.9, 0.9), ("y", "B", 0.8, 0.7))]
+    diffs = power.paired_differences(rows, "A", "B", ["x", "y"])
+    assert diffs["x"] == pytest.approx([10.0, 20.0]) and diffs["mean"] == pytest.approx([10.0, 20.0])
