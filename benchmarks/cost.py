@@ -3,7 +3,7 @@
     python benchmarks/cost.py --out benchmarks/results/cost_cpu   # ViT-B/16, 224 px, CPU fp32, batch 8
     python benchmarks/cost.py --small --out /tmp/cost             # tiny ViT, a few seconds (CI)
     python benchmarks/cost.py --model mobilenetv2_100 --img-size 48 --batch 32 --num-classes 10 \
-        --channels-last --out benchmarks/results/cost_cpu_cnn        # the offline suite's CNN
+        --channels-last --steps 40 --warmup 5 --out benchmarks/results/cost_cpu_cnn  # the offline suite's CNN
 
 A CNN (a model without transformer blocks' ``attn``/``mlp`` sub-modules) takes LoRA on its
 convolutions except the depthwise ones (``*conv*`` minus ``*conv_dw``, as the offline suite's
