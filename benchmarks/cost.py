@@ -131,7 +131,7 @@ class Run:
         import timm
         import torch
 
-        import grft_lightning.export  # noqa: F401  (every library is loaded before the baseline)
+        import grft_lightning.methods.export  # noqa: F401  (every library is loaded before the baseline)
 
         if name == "lora":
             import peft  # noqa: F401
@@ -156,7 +156,7 @@ class Run:
         self.labels = torch.randint(0, args.num_classes, (args.batch,), generator=gen).to(self.device)
         self.selection_seconds = self.pass_seconds = None
         if self.method.needs_gradients:
-            from grft_lightning.selection import Selection
+            from grft_lightning.core.selection import Selection
 
             path = os.path.join(selection_dir, f"{name}.pt")
             if select:  # on the pre-trained model, before any delta exists
@@ -225,7 +225,7 @@ class Run:
         training step's features and logits, ``losses.features_and_logits``)."""
         import torch.nn.functional as F
 
-        from grft_lightning.losses import features_and_logits
+        from grft_lightning.training.losses import features_and_logits
 
         model = self.model
         with self._autocast():

@@ -4,7 +4,7 @@
     python benchmarks/saved_activations.py --model test_vit --batch 2   # seconds
 
 One forward pass (train mode, cross-entropy) of the same backbone, batch and seed per method;
-:func:`grft_lightning.profiling.saved_tensor_bytes` then adds up the tensors the graph holds,
+:func:`grft_lightning.core.profiling.saved_tensor_bytes` then adds up the tensors the graph holds,
 per autograd node type, leaving out parameters and buffers. Selections come from one batch of
 cross-entropy gradients (the indices do not change the sizes). This explains the activation
 part of ``benchmarks/cost.py``'s peak memory; the rest is weights, gradients, optimizer state
@@ -32,7 +32,7 @@ def measure(name: str, model_name: str, batch: int, num_classes: int, seed: int)
     import torch.nn.functional as F
 
     from grft_lightning import accumulate_gradients
-    from grft_lightning.profiling import saved_tensor_bytes
+    from grft_lightning.core.profiling import saved_tensor_bytes
 
     torch.manual_seed(seed)
     model = timm.create_model(model_name, pretrained=False, num_classes=num_classes)
@@ -71,7 +71,7 @@ def markdown(result: dict) -> str:
         "first node that keeps it walking back from the loss",
         "- row and entry deltas (GRFT row, GPS) keep the input of the LayerNorm or GELU that feeds them and "
         "recompute its output in backward (`deltas.Recomputable`); those inputs, kept by the LayerNorm and GELU "
-        "nodes too, are counted under `_DeltaLinearBackward`",
+        "nodes too, are counted under `DeltaLinearBackward`",
         "",
         "| node | " + " | ".join(LABELS.get(m, m) for m in methods) + " |",
         "|---|" + "---:|" * len(methods),

@@ -28,7 +28,7 @@ SEEDS = (0, 1, 2)
 
 
 def sweep(runs_dir: Path, methods: list[str], seed: int, *extra: str) -> None:
-    command = [sys.executable, "-m", "grft_lightning.sweep", "--suite", TASK, "--methods-dir", ABLATIONS,
+    command = [sys.executable, "-m", "grft_lightning.experiments.sweep", "--suite", TASK, "--methods-dir", ABLATIONS,
                "--methods", *methods, "--seeds", str(seed), "--mode", "inprocess", "--workers", "2",
                "--runs-dir", str(runs_dir), "--extra", "--wandb.mode disabled", *extra]
     subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"})

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from grft_lightning.stats import comparisons_markdown, holm, paired  # noqa: E402
+from grft_lightning.experiments.stats import comparisons_markdown, holm, paired  # noqa: E402
 
 CANDIDATES = ROOT / "configs" / "vit_suite" / "science" / "candidates"
 #: full fine-tuning's mean validation accuracy above which a candidate counts as saturated

@@ -34,10 +34,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from grft_lightning.backbones import create_backbone  # noqa: E402
-from grft_lightning.data.offline import MNISTDigits  # noqa: E402
-from grft_lightning.gradients import accumulate_gradients, as_matrix, default_gradient_targets  # noqa: E402
-from grft_lightning.testbed import NAME, TAG, WEIGHTS  # noqa: E402
+from grft_lightning.core.backbones import create_backbone  # noqa: E402
+from grft_lightning.data.mnist import MNISTDigits  # noqa: E402
+from grft_lightning.core.gradients import accumulate_gradients, as_matrix, default_gradient_targets  # noqa: E402
+from grft_lightning.core.testbed import NAME, TAG, WEIGHTS  # noqa: E402
 
 TASKS = {"mnist_digit": "digit", "mnist_rotation": "rotation", "mnist_count": "count", "mnistm": "mnistm"}
 

@@ -33,7 +33,7 @@ GRID = {
 
 
 def run(task: str, method: str, option: str, value: str, runs_dir: Path) -> dict:
-    from grft_lightning.cli import cli_main
+    from grft_lightning.training.cli import cli_main
 
     run_dir = runs_dir / f"{task}-{method}-{value}"
     if not (run_dir / "results.json").is_file():

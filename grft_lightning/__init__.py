@@ -12,12 +12,12 @@ Library API (usable without Lightning), in two stages -- select, then apply::
     selection.cut(fraction=0.001)             # a smaller budget from the same pass (cuts nest)
 """
 
-from grft_lightning.accounting import count_parameters, parameter_summary
-from grft_lightning.deltas import merge
-from grft_lightning.export import load_tuned, read_selection, save_tuned
-from grft_lightning.gradients import accumulate_gradients
-from grft_lightning.selection import Selection
-from grft_lightning import testbed  # noqa: F401  (registers the testbed ViT with timm)
+from grft_lightning.core.accounting import count_parameters, parameter_summary
+from grft_lightning.core.deltas import merge
+from grft_lightning.methods.export import load_tuned, read_selection, save_tuned
+from grft_lightning.core.gradients import accumulate_gradients
+from grft_lightning.core.selection import Selection
+from grft_lightning.core import testbed  # noqa: F401  (registers the testbed ViT with timm)
 
 __all__ = [
     "Selection",

@@ -25,13 +25,13 @@ start=$(date +%s)
 load_start=$(load)
 status=0
 mkdir -p "$(dirname "$RUNS")"
-"$PYTHON" -m grft_lightning.sweep --suite offline --methods-dir configs/offline/methods \
+"$PYTHON" -m grft_lightning.experiments.sweep --suite offline --methods-dir configs/offline/methods \
     --methods full linear bitfit lora gps random_row grft_row random_column grft_column --seeds 0 1 2 \
     --mode inprocess --workers "$WORKERS" --runs-dir "$RUNS" --extra "--wandb.mode disabled" "$@" \
     2>&1 | tee "$RUNS.log" || status=$?
 sweep_end=$(date +%s)
 load_sweep_end=$(load)
-"$PYTHON" -m grft_lightning.report "$RUNS" --out "$OUT/offline_suite" --json "$OUT/offline_suite.json" \
+"$PYTHON" -m grft_lightning.experiments.report "$RUNS" --out "$OUT/offline_suite" --json "$OUT/offline_suite.json" \
     --compare grft_row:random_row grft_column:random_column grft_row:gps grft_column:gps grft_column:full \
     --compare-json "$OUT/offline_suite_compare.json" > /dev/null
 end=$(date +%s)

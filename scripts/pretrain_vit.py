@@ -33,8 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from grft_lightning.data.glyphs import CHARACTERS, glyph_batch, usable_fonts  # noqa: E402
-from grft_lightning.io import atomic_path  # noqa: E402
-from grft_lightning.testbed import NAME, TAG  # noqa: E402
+from grft_lightning.core.io import atomic_path  # noqa: E402
+from grft_lightning.core.testbed import NAME, TAG  # noqa: E402
 
 HELD_OUT_SEED_OFFSET = 1_000_003  # the held-out stream: another seed, never drawn in training
 
@@ -214,7 +214,7 @@ def card_markdown(card: dict) -> str:
     return "\n".join([
         f"# {card['model']}: the ViT testbed's pre-trained weights",
         "",
-        f"- **Model**: timm `VisionTransformer` with a convolutional stem (`grft_lightning/testbed.py`), "
+        f"- **Model**: timm `VisionTransformer` with a convolutional stem (`grft_lightning/core/testbed.py`), "
         f"{card['parameters']:,} parameters with its 62-class head, 32 px input, mean = std = 0.5.",
         f"- **Weights**: `{card['weights']}` ({card['bytes']:,} bytes, fp32 safetensors), "
         f"SHA-256 `{card['sha256']}`.",

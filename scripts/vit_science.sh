@@ -45,7 +45,7 @@ start=$(date +%s)
 mkdir -p "$RUNS" "$OUT/vit_science"
 LOG="$RUNS/vit_science.log"
 sweep() {  # TASKS METHOD_PATHS SEEDS RUNS_DIR EXTRA [extra sweep arguments]
-    "$PYTHON" -m grft_lightning.sweep --suite $1 --methods $2 --seeds $3 --mode inprocess \
+    "$PYTHON" -m grft_lightning.experiments.sweep --suite $1 --methods $2 --seeds $3 --mode inprocess \
         --workers "$WORKERS" --runs-dir "$4" --extra "$5" "${@:6}" 2>&1 | tee -a "$LOG"
 }
 arm() { if [ -f "$S/$1.yaml" ]; then echo "$S/$1.yaml"; else echo "$M/$1.yaml"; fi; }
@@ -85,7 +85,7 @@ sweep_end=$(date +%s)
 
 # 4. the analysis and the report
 "$PYTHON" benchmarks/vit_science.py analyse "$RUNS/main" --out "$OUT/vit_science"
-"$PYTHON" -m grft_lightning.report "$RUNS/main" --out "$OUT/vit_science" --json "$OUT/vit_science.json" > /dev/null
+"$PYTHON" -m grft_lightning.experiments.report "$RUNS/main" --out "$OUT/vit_science" --json "$OUT/vit_science.json" > /dev/null
 end=$(date +%s)
 {
     echo "# ViT study (pre-registered: benchmarks/vit_science_plan.md)"

@@ -59,7 +59,7 @@ if [ "$PART" = ablations ]; then
     REPORT_RUNS="$RUNS $SWEEP_RUNS"
 fi
 sweep() {  # TASKS METHODS METHODS_DIR SEEDS [extra sweep arguments]
-    "$PYTHON" -m grft_lightning.sweep --suite $1 --methods-dir "$3" --methods $2 \
+    "$PYTHON" -m grft_lightning.experiments.sweep --suite $1 --methods-dir "$3" --methods $2 \
         --seeds $4 --mode inprocess --workers "$WORKERS" --runs-dir "$SWEEP_RUNS" --extra "$EXTRA" "${@:5}"
 }
 mkdir -p "$(dirname "$RUNS")" "$OUT"
@@ -94,7 +94,7 @@ if ! grep -q " skip " "$LOG" && [ "$(grep -c 'runs planned: 0 done' "$LOG")" -gt
 fi
 # shellcheck disable=SC2086
 # shellcheck disable=SC2086
-"$PYTHON" -m grft_lightning.report $REPORT_RUNS --out "$OUT/$NAME" --json "$OUT/$NAME.json" \
+"$PYTHON" -m grft_lightning.experiments.report $REPORT_RUNS --out "$OUT/$NAME" --json "$OUT/$NAME.json" \
     --compare $COMPARE --compare-json "$OUT/${NAME}_compare.json" > /dev/null
 end=$(date +%s)
 cpu=$(grep -o '[0-9.]* CPU s' "$SWEEP_RUNS.$PART.log" | awk '{s += $1} END {printf "%.0f", s}' || true)

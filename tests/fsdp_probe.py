@@ -3,7 +3,7 @@
 ``python tests/fsdp_probe.py OUT_DIR`` spawns two ranks. Each one:
 
 1. builds timm's ``test_vit`` (32 px) with ``GRFT(rows_per_matrix=2)`` applied, from the same seed;
-2. selects as :class:`grft_lightning.callbacks.GradientSelection` does under DDP: its share of the
+2. selects as :class:`grft_lightning.training.callbacks.GradientSelection` does under DDP: its share of the
    selection batches (``selection_dataloader``, batch ``j`` to rank ``j % 2``), the gradient sums
    all-reduced, then ``method.select``;
 3. shards the model with ``torch.distributed.fsdp.fully_shard`` (each transformer block, then the
@@ -47,7 +47,7 @@ def _full(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _build(seed: int) -> tuple[torch.nn.Module, object]:
     """The pre-trained model (deltas come later, from the selection) and the method."""
-    from grft_lightning.backbones import create_backbone
+    from grft_lightning.core.backbones import create_backbone
     from grft_lightning.methods import GRFT
 
     torch.manual_seed(seed)
@@ -94,9 +94,9 @@ def _run(rank: int, out_dir: Path) -> None:
     )
 
     from grft_lightning.data import SyntheticImages
-    from grft_lightning.deltas import selectable_layers
-    from grft_lightning.losses import selection_loss_fn
-    from grft_lightning.gradients import accumulate_gradients
+    from grft_lightning.core.deltas import selectable_layers
+    from grft_lightning.training.losses import selection_loss_fn
+    from grft_lightning.core.gradients import accumulate_gradients
 
     data = SyntheticImages(num_classes=4, n_train=32, n_val=4, n_test=4, batch_size=4, backbone="test_vit",
                            image_size=32)

@@ -7,7 +7,7 @@ Passed to the real CLI with ``--trainer.callbacks '{"class_path": "rank_probe.Ra
   sample read (per step) and the RNG seed at each epoch's first step, the tuned tensors when fit ends,
   the number of validation/test samples and correct predictions this rank saw (per validation
   epoch, and for the test) and the same figures summed over ranks;
-* ``writes_rank<r>.txt``: one line per file this rank wrote through ``grft_lightning.io.atomic_path``
+* ``writes_rank<r>.txt``: one line per file this rank wrote through ``grft_lightning.core.io.atomic_path``
   (checkpoints, ``results.json``, ``tuned.safetensors``), with the global step at that moment.
 
 With ``hang_at_step`` (or the environment variable ``RANK_PROBE_HANG_AT_STEP``, so that the
@@ -51,8 +51,8 @@ class RankProbe(L.Callback):
         self._rank = trainer.global_rank
         self._trainer = trainer
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        import grft_lightning.export as export
-        import grft_lightning.io as io
+        import grft_lightning.methods.export as export
+        import grft_lightning.core.io as io
 
         if getattr(io.atomic_path, "_probed", False):
             return

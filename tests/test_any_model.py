@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from grft_lightning import accumulate_gradients, count_parameters, load_tuned, merge, read_selection, save_tuned
-from grft_lightning.deltas import COLUMN, ENTRY, ROW, SelectableLayer, selectable_layers
+from grft_lightning.core.deltas import SelectableLayer, selectable_layers
+from grft_lightning.core.layers import COLUMN, ENTRY, ROW
 from grft_lightning.methods import GPS, GRFT, BitFit, GPSMasked, RandomRows
 from tuning import random_grads
 

@@ -1,4 +1,4 @@
-"""Row and column deltas on convolutions (``_ConvDelta``): one convolution with ``W0 + delta``,
+"""Row and column deltas on convolutions (``ConvDelta``): one convolution with ``W0 + delta``,
 the kernel gradient at the selected entries only, channels-last kept through forward and backward.
 
 Every check compares with the dense computation: the plain convolution with ``W0 + dense`` where
@@ -15,7 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from grft_lightning.deltas import COLUMN, ROW, StructuredDelta, _select_channels
+from grft_lightning.core.deltas import StructuredDelta
+from grft_lightning.core.kernels import _select_channels
+
+from grft_lightning.core.layers import COLUMN, ROW
 from seeded_layers import seeded_layer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -215,7 +218,7 @@ def test_a_channels_last_layer_turns_a_contiguous_input_channels_last(name):
 
 def test_the_module_lays_image_batches_out_channels_last_when_asked():
     from grft_lightning.methods import GRFT
-    from grft_lightning.module import PEFTModule
+    from grft_lightning.training.module import PEFTModule
 
     images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
     for channels_last in (False, True):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from synthetic_folders import make_vtab_folder
 
-from grft_lightning.backbones import resolve_model_name
+from grft_lightning.core.backbones import resolve_model_name
 from grft_lightning.data import VTAB1k
 from grft_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resolve_data_config
 from grft_lightning.data.vtab import EXTRACTION_RECORD

@@ -293,7 +293,7 @@ def test_synthetic_empty_split_names_its_option():
 ])
 def test_an_image_size_the_backbone_cannot_take_is_refused(backbone, size, reason):
     from grft_lightning.data import SyntheticImages
-    from grft_lightning.errors import ConfigError
+    from grft_lightning.core.errors import ConfigError
 
     dm = SyntheticImages(backbone=backbone, image_size=size)
     with pytest.raises(ConfigError, match=f"model.image_size: backbone '{backbone}' cannot take {size} px images "
@@ -305,7 +305,7 @@ def test_an_image_size_the_backbone_cannot_take_is_refused(backbone, size, reaso
 @pytest.mark.parametrize("backbone, size", [("test_vit", 32), ("test_vit", None), ("vit_convstem_w128d6_32.glyphs62", 40),
                                             ("mobilenetv2_100", 33), ("no_such_backbone_xyz", 33)])
 def test_image_sizes_the_backbone_takes_pass(backbone, size):
-    from grft_lightning.backbones import check_image_size
+    from grft_lightning.core.backbones import check_image_size
 
     check_image_size(backbone, size)  # an unknown name is left to the model's own build
 
@@ -416,9 +416,9 @@ def _resolved(tmp_path, monkeypatch, config: str, *extra: str):
     """A shipped config as the real CLI parses and builds it (no fit). The backbone the module asks
     for is recorded and built as the tiny ``test_vit`` (nothing downloaded); everything else
     (trainer, method, optimizer factory, data module, links) is the real object."""
-    import grft_lightning.module as module
-    from grft_lightning.backbones import create_backbone
-    from grft_lightning.cli import cli_main
+    import grft_lightning.training.module as module
+    from grft_lightning.core.backbones import create_backbone
+    from grft_lightning.training.cli import cli_main
 
     asked = {}
 
@@ -619,7 +619,7 @@ def _cli_args(tmp_path, configs):
 
 def test_cli_fit_on_vtab_config(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    from grft_lightning.cli import cli_main
+    from grft_lightning.training.cli import cli_main
 
     args = _cli_args(tmp_path, ["configs/vtab/base.yaml", "configs/vtab/dtd.yaml"])
     ranges = {"train800": ("train", 0, 800), "val200": ("validation", 0, 200), "test": ("test", 0, 1880)}
@@ -635,7 +635,7 @@ def test_cli_fit_on_vtab_config(tmp_path, monkeypatch):
 
 def test_cli_task_config_includes_its_base(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    from grft_lightning.cli import cli_main, expand_config_includes
+    from grft_lightning.training.cli import cli_main, expand_config_includes
 
     expanded = expand_config_includes(["fit", "--config", str(REPO / "configs/vtab/dtd.yaml")])
     assert expanded == ["fit", "--config", str(REPO / "configs/vtab/base.yaml"),

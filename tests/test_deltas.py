@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grft_lightning.deltas import COLUMN, ENTRY, ROW, DeltaLayer, IndexDelta, StructuredDelta, merge, selectable_layers
+from grft_lightning.core.deltas import DeltaLayer, IndexDelta, StructuredDelta, merge, selectable_layers
+
+from grft_lightning.core.layers import COLUMN, ENTRY, ROW
 from grft_lightning.methods import GPS, GRFT
 from seeded_layers import seeded_layer
 from tuning import random_grads

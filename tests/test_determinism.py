@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grft_lightning.cli import cli_main
+from grft_lightning.training.cli import cli_main
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grft_lightning.deltas import selectable_layers
+from grft_lightning.core.deltas import selectable_layers
 from grft_lightning.methods import GPS, GRFT, RandomRows
 from tuning import tune
 
@@ -68,8 +68,8 @@ def test_delta_layers_under_bf16_autocast(tiny_vit, kind):
 def test_a_resumed_ema_follows_the_module_to_its_device():
     """Lightning restores a checkpoint (the EMA callback's state) before it moves the module to its
     device; the EMA, plain tensors, must follow at fit start."""
-    from grft_lightning.ema import TunedEMA, tuned_tensors
-    from grft_lightning.module import PEFTModule
+    from grft_lightning.training.ema import TunedEMA, tuned_tensors
+    from grft_lightning.training.module import PEFTModule
 
     module = PEFTModule(RandomRows(rows_per_matrix=1), backbone="test_vit", num_classes=3, pretrained=False,
                         image_size=32, ema_decay=0.9)

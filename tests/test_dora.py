@@ -76,7 +76,7 @@ def test_dora_trains_merges_and_reloads_with_the_same_logits(tiny_vit, tmp_path,
 
 
 def test_dora_method_config_parses():
-    from grft_lightning.cli import config_parser
+    from grft_lightning.training.cli import config_parser
 
     cfg = config_parser().parse_args(["fit", "--config", str(REPO / "configs/demo.yaml"),
                                       "--config", str(REPO / "configs/methods/dora.yaml")])

@@ -1,4 +1,4 @@
-"""EMA of the tuned tensors (grft_lightning.ema.TunedEMA, added by ``model.ema_decay``): one update
+"""EMA of the tuned tensors (grft_lightning.training.ema.TunedEMA, added by ``model.ema_decay``): one update
 per optimizer step, validation and the end of fit with the EMA, exact across a resume."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from grft_lightning.data import SyntheticImages
-from grft_lightning.ema import TunedEMA, tuned_tensors
+from grft_lightning.training.ema import TunedEMA, tuned_tensors
 from grft_lightning.methods import BitFit
-from grft_lightning.module import PEFTModule
+from grft_lightning.training.module import PEFTModule
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

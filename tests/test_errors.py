@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from grft_lightning.cli import cli_main, main
+from grft_lightning.training.cli import cli_main, main
 from grft_lightning.data.folders import DatasetError
-from grft_lightning.errors import is_user_error, report_user_errors
+from grft_lightning.core.errors import is_user_error, report_user_errors
 from synthetic_folders import make_vtab_folder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -163,7 +163,7 @@ def test_parser_errors_keep_their_reason(tmp_path, capsys):
 
 
 def test_condense_parser_error_shapes():
-    from grft_lightning.errors import condense_parser_error
+    from grft_lightning.core.errors import condense_parser_error
 
     nested = ('Parser key "model.method":\n\n  - Expected a path but {...} either not accessible or invalid\n'
               "  - Problem with given class_path 'grft_lightning.methods.GRFT':\n    Parser key \"mode\":\n"
@@ -183,7 +183,7 @@ def test_condense_parser_error_shapes():
     ("--model.image_size", "33", "error: model.image_size: backbone 'test_vit' cannot take 33 px images"),
 ])
 def test_bad_data_ends_in_one_line_before_the_model(tmp_path, capsys, monkeypatch, option, value, expected):
-    import grft_lightning.module as module
+    import grft_lightning.training.module as module
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was built")
@@ -238,7 +238,7 @@ def test_a_checkpoint_of_another_shape_is_refused_in_one_line(tmp_path, capsys, 
 
 @pytest.mark.parametrize("case", ["image_size", "run_dir"])
 def test_debug_shows_the_traceback_of_the_new_checks(tmp_path, monkeypatch, case):
-    from grft_lightning.errors import ConfigError
+    from grft_lightning.core.errors import ConfigError
 
     monkeypatch.setenv("GRFT_DEBUG", "1")
     if case == "image_size":

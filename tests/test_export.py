@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from grft_lightning import load_tuned, merge, read_selection, save_tuned
-from grft_lightning.deltas import DeltaLayer, matrix_shape
-from grft_lightning.export import read_tuned
+from grft_lightning.core.deltas import DeltaLayer
+from grft_lightning.core.layers import matrix_shape
+from grft_lightning.methods.export import read_tuned
 from tuning import tune
 from grft_lightning.methods import GPS, GRFT, BitFit, Full, Linear, RandomRows
 

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from grft_lightning import load_tuned, save_tuned
-from grft_lightning.export import read_tuned
+from grft_lightning.methods.export import read_tuned
 from grft_lightning.methods import GPS, GRFT, REGISTRY, GPSMasked, method_from_config
-from grft_lightning.gradients import accumulate_gradients
+from grft_lightning.core.gradients import accumulate_gradients
 from test_errors import _error_line, _synthetic_args
 from test_export import _batch, _ce
 from conftest import _tiny_vit
@@ -30,7 +30,7 @@ def _hostile_file(path: Path, marker: Path, class_path: str = "subprocess.Popen"
     return path
 
 
-@pytest.mark.parametrize("class_path", ["subprocess.Popen", "os.system", "grft_lightning.cli.main",
+@pytest.mark.parametrize("class_path", ["subprocess.Popen", "os.system", "grft_lightning.training.cli.main",
                                         "grft_lightning.methods.base.Method"])
 def test_a_tuned_file_naming_a_foreign_class_is_refused_and_nothing_runs(tmp_path, class_path):
     marker = tmp_path / "pwned"

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from grft_lightning.methods import GRFT, RandomRows
-from grft_lightning.gradients import accumulate_gradients
-from grft_lightning.plots import save_selection_figure
+from grft_lightning.core.gradients import accumulate_gradients
+from grft_lightning.core.selection_figure import save_selection_figure
 from tuning import random_grads, tune
 
 

@@ -11,8 +11,8 @@ import re
 import pytest
 import torch
 
-from grft_lightning.export import read_tuned, save_tuned
-from grft_lightning.io import load_checkpoint_safely, make_atomic_checkpoint_io, write_text_atomic
+from grft_lightning.methods.export import read_tuned, save_tuned
+from grft_lightning.core.io import load_checkpoint_safely, make_atomic_checkpoint_io, write_text_atomic
 from grft_lightning.methods import RandomRows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -156,7 +156,7 @@ def test_checkpoints_load_weights_only_a_pickled_class_is_never_rebuilt(tmp_path
 
 def test_the_cli_refuses_a_damaged_last_checkpoint_naming_it(tmp_path):
     """Auto-resume finds ``<run_dir>/checkpoints/last.ckpt``; a damaged one stops the run."""
-    from grft_lightning.cli import cli_main
+    from grft_lightning.training.cli import cli_main
 
     run = tmp_path / "run"
     raw = _good_checkpoint(tmp_path / "good.ckpt").read_bytes()
@@ -173,7 +173,7 @@ def test_the_cli_refuses_a_damaged_last_checkpoint_naming_it(tmp_path):
 
 
 def test_leftovers_of_a_killed_save_are_removed_and_live_ones_kept(tmp_path):
-    from grft_lightning.io import remove_stale_temporaries
+    from grft_lightning.core.io import remove_stale_temporaries
 
     folder = tmp_path / "checkpoints"
     folder.mkdir()

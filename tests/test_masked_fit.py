@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grft_lightning.cli import cli_main
+from grft_lightning.training.cli import cli_main
 from grft_lightning.methods.masked import MaskedWeight
 
 WEIGHT_DECAY = 0.5

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from grft_lightning import count_parameters, merge, parameter_summary
-from grft_lightning.deltas import COLUMN, ROW, IndexDelta, StructuredDelta, matrix_shape, selectable_layers
+from grft_lightning.core.deltas import IndexDelta, StructuredDelta, selectable_layers
+from grft_lightning.core.layers import COLUMN, ROW, matrix_shape
 from grft_lightning.methods import GPS, GRFT, BitFit, Full, Linear, RandomRows
 from tuning import random_grads, tune
 

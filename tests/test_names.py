@@ -50,7 +50,7 @@ COMPARE = re.compile(r"(?<![\w/.])([a-z][a-z0-9_.]*):([a-z][a-z0-9_.]*)(?![\w/])
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/reproduce.md", "docs/results.md", "docs/training.md",
                                  "scripts/vit_suite.sh",
-                                 "scripts/offline_suite.sh", "grft_lightning/report.py"])
+                                 "scripts/offline_suite.sh", "grft_lightning/experiments/report.py"])
 def test_compared_names_are_method_names(doc):
     text = (ROOT / doc).read_text()
     pairs = [m.groups() for line in text.splitlines() if "compare" in line.lower() or line.startswith("grft")

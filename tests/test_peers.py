@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grft_lightning import accumulate_gradients, count_parameters, load_tuned, merge, save_tuned
-from grft_lightning.deltas import selectable_layers
+from grft_lightning.core.deltas import selectable_layers
 from grft_lightning.methods import Adapter, GPSMasked, LoRA
 from grft_lightning.methods.adapter import BottleneckAdapter
 from grft_lightning.methods.masked import MaskedWeight
@@ -320,7 +320,7 @@ def test_config_round_trips_through_the_constructor():
 @pytest.mark.parametrize("k", [1, 2, 5])  # 1 and 2 gather the gradient entry by entry; 5 takes the dense product
 @pytest.mark.parametrize("autocast", [False, True])
 def test_index_delta_linear_equals_dense_weight(k, autocast):
-    from grft_lightning.deltas import IndexDelta
+    from grft_lightning.core.deltas import IndexDelta
 
     torch.manual_seed(0)
     layer = nn.Linear(64, 7)

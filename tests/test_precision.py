@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grft_lightning.methods import GRFT
-from grft_lightning.gradients import accumulate_gradients
+from grft_lightning.core.gradients import accumulate_gradients
 
 REPO = Path(__file__).resolve().parent.parent
 DOMINANT = {"fc1": [3, 17, 40], "fc2": [5, 22, 33]}  # the rows the construction makes win
@@ -95,9 +95,9 @@ def test_benchmark_configs_train_in_bf16_mixed(tmp_path, monkeypatch, one_torch_
     output is bf16) and the loss is fp32."""
     from synthetic_folders import make_fgvc_folder, make_vtab_folder
 
-    from grft_lightning.cli import cli_main
+    from grft_lightning.training.cli import cli_main
     from grft_lightning.methods.base import classifier
-    from grft_lightning.module import PEFTModule
+    from grft_lightning.training.module import PEFTModule
 
     root = tmp_path / "data"
     if "vtab" in config:

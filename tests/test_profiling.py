@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grft_lightning.methods import RandomRows
-from grft_lightning.profiling import saved_tensor_bytes
+from grft_lightning.core.profiling import saved_tensor_bytes
 
 N = 5  # batch
 
@@ -41,10 +41,10 @@ def test_row_deltas_keep_each_layer_input_and_columns_only_their_columns():
     row, column = _saved("row"), _saved("column")
     f32 = 4
     # rows: fc1 keeps x (N x 8), fc2 keeps gelu's output (N x 16); gelu keeps fc1's output (N x 16)
-    assert row["_DeltaLinearBackward"] == N * (8 + 16) * f32
+    assert row["DeltaLinearBackward"] == N * (8 + 16) * f32
     assert row["GeluBackward0"] == N * 16 * f32
     # columns: each delta keeps the 2 selected input columns only
-    assert column["_DeltaLinearBackward"] == 2 * N * 2 * f32
+    assert column["DeltaLinearBackward"] == 2 * N * 2 * f32
     assert column["GeluBackward0"] == N * 16 * f32
     # the trained head keeps its input (fc2's output, N x 16) in either mode
     assert row["AddmmBackward0"] == column["AddmmBackward0"] == N * 16 * f32

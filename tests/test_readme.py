@@ -33,8 +33,8 @@ COMMANDS = {
     "python train.py fit --config configs/vtab/dtd.yaml": PRINT_CONFIG,
     "python train.py fit --config configs/vtab/dtd.yaml --config configs/methods/gps.yaml": PRINT_CONFIG,
     "python train.py fit --config configs/demo.yaml --print_config": AS_WRITTEN,
-    "python -m grft_lightning.sweep --suite vtab --methods grft_row gps full --seeds 0 1 2 --mode local": DRY_RUN,
-    "python -m grft_lightning.report runs --compare grft_row:random_row grft_row:gps": AS_WRITTEN,
+    "python -m grft_lightning.experiments.sweep --suite vtab --methods grft_row gps full --seeds 0 1 2 --mode local": DRY_RUN,
+    "python -m grft_lightning.experiments.report runs --compare grft_row:random_row grft_row:gps": AS_WRITTEN,
     **SKIPPED,
 }
 
@@ -83,7 +83,7 @@ def test_readme_command_runs(command, tmp_path):
         argv.append("--print_config")
     elif how == DRY_RUN:
         argv += ["--dry-run", "--runs-dir", str(tmp_path / "runs")]
-    elif "grft_lightning.report" in command:
+    elif "grft_lightning.experiments.report" in command:
         fake_runs(tmp_path)
         cwd = tmp_path
     out = subprocess.run(argv, cwd=cwd, env=env(), capture_output=True, text=True, timeout=300)

@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from grft_lightning import merge
-from grft_lightning.deltas import (ROW, SOURCE_ATTRIBUTE, StructuredDelta, _record_source, input_source,
-                                   track_layer_inputs, untrack_layer_inputs)
+from grft_lightning.core.deltas import StructuredDelta
+from grft_lightning.core.layers import ROW
+from grft_lightning.core.profiling import saved_tensor_bytes
+from grft_lightning.core.recompute import (SOURCE_ATTRIBUTE, input_source, is_tracked, track_layer_inputs,
+                                           untrack_layer_inputs)
 from grft_lightning.methods import GPS, GRFT
-from grft_lightning.profiling import saved_tensor_bytes
 
 METHODS = {"grft_row": lambda: GRFT(mode="row", rows_per_matrix=2), "gps": lambda: GPS(k=2),
            "grft_column": lambda: GRFT(mode="column", columns_per_matrix=2)}
@@ -44,7 +46,7 @@ def _grads(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, autocast: bo
 
 
 def _hooked(model: nn.Module) -> int:
-    return sum(_record_source in m._forward_hooks.values() for m in model.modules())
+    return sum(is_tracked(m) for m in model.modules())
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])

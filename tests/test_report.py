@@ -1,4 +1,4 @@
-"""grft_lightning.report on synthetic results.json files, with hand-computed numbers.
+"""grft_lightning.experiments.report on synthetic results.json files, with hand-computed numbers.
 
 Data (accuracies in %):
 - VTAB grft, seeds 0 and 1, all 19 tasks: task i (standard order) scores 50 + i + 2 * seed, so
@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from grft_lightning import report
-from grft_lightning.report import MEAN, MEAN_19, MEAN_GROUPS, VTAB_TASKS
+from grft_lightning.experiments import report
+from grft_lightning.experiments import tables as run_tables
+from grft_lightning.experiments.tables import MEAN, MEAN_19, MEAN_GROUPS, VTAB_COLUMNS
 
 REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "reference.yaml"
 
@@ -39,17 +40,17 @@ def write_result(root: Path, dataset: str, method: str, seed: int, acc_pct: floa
 @pytest.fixture
 def runs_dir(tmp_path: Path) -> Path:
     root = tmp_path / "runs"
-    for i, task in enumerate(VTAB_TASKS):
+    for i, task in enumerate(VTAB_COLUMNS):
         for seed in (0, 1):
             write_result(root, f"vtab/{task}", "grft", seed, 50 + i + 2 * seed, 0.3)
-    for task in report.VTAB_GROUPS["Natural"]:
+    for task in run_tables.VTAB_GROUPS["Natural"]:
         for seed in (0, 1, 2):
             acc = {0: 60, 1: 62, 2: 67}[seed] if task == "dtd" else 70 + seed
             write_result(root, f"vtab/{task}", "gps", seed, acc, 0.4 if task == "dtd" else 0.2)
     for task in ("patch_camelyon", "eurosat", "resisc45"):
         for seed in (0, 1, 2):
             write_result(root, f"vtab/{task}", "gps", seed, 75.0, 0.2)
-    for dataset, acc in zip(report.FGVC_DATASETS, (80, 70, 99, 85, 86)):
+    for dataset, acc in zip(run_tables.FGVC_DATASETS, (80, 70, 99, 85, 86)):
         write_result(root, f"fgvc/{dataset}", "grft", 0, acc, 1.2)
     write_result(root, "fgvc/cub", "gps", 0, 81, 0.5)
     write_result(root, "fgvc/cub", "gps", 1, 83, 0.5)
@@ -61,17 +62,17 @@ def runs_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def tables(runs_dir: Path) -> dict:
-    return report.summarize(report.load_results(runs_dir))
+    return run_tables.summarize(run_tables.load_results(runs_dir))
 
 
-def row(table: report.Table, method: str) -> report.Row:
+def row(table: run_tables.Table, method: str) -> run_tables.Row:
     return next(r for r in table.rows if r.label == method)
 
 
 def test_families_and_columns(tables):
     assert list(tables) == ["vtab", "fgvc", "offline"]
     vtab = tables["vtab"]
-    assert vtab.tasks == VTAB_TASKS
+    assert vtab.tasks == VTAB_COLUMNS
     assert vtab.aggregates == ["Natural", "Specialized", "Structured", MEAN_19, MEAN_GROUPS]
     assert tables["fgvc"].columns == ["cub", "nabirds", "flowers", "dogs", "cars", MEAN]
     assert tables["offline"].columns == ["mnist", "rotation", MEAN]
@@ -112,10 +113,10 @@ def test_missing_task_leaves_group_mean_blank(tables):
 
 
 def test_aggregate_std_only_when_seeds_align():
-    one = report.Cell(10.0, 1.0, {0: 9.0, 1: 11.0})
-    other = report.Cell(20.0, None, {0: 20.0})
-    assert report.aggregate([one, other]) == report.Cell(15.0)
-    assert report.aggregate([one, None]).mean is None
+    one = run_tables.Cell(10.0, 1.0, {0: 9.0, 1: 11.0})
+    other = run_tables.Cell(20.0, None, {0: 20.0})
+    assert run_tables.aggregate([one, other]) == run_tables.Cell(15.0)
+    assert run_tables.aggregate([one, None]).mean is None
 
 
 def test_fgvc_single_seed_and_blank_mean(tables):
@@ -133,9 +134,9 @@ def test_other_family_mean(tables):
 
 
 def test_vtab_folder_names_map_to_config_names():
-    assert report.split_dataset("vtab/cifar") == ("vtab", "cifar100")
-    assert report.split_dataset("vtab/oxford_iiit_pet") == ("vtab", "pets")
-    assert report.split_dataset("offline/mnist") == ("offline", "mnist")
+    assert run_tables.split_dataset("vtab/cifar") == ("vtab", "cifar100")
+    assert run_tables.split_dataset("vtab/oxford_iiit_pet") == ("vtab", "pets")
+    assert run_tables.split_dataset("offline/mnist") == ("offline", "mnist")
 
 
 def test_written_csv_markdown_and_pngs(runs_dir, tmp_path):
@@ -161,7 +162,7 @@ def test_written_csv_markdown_and_pngs(runs_dir, tmp_path):
 
 
 def test_reference_rows(tables):
-    report.add_reference(tables, REFERENCE)
+    run_tables.add_reference(tables, REFERENCE)
     gps = row(tables["vtab"], "GPS (reported)")
     assert gps.reported
     assert gps.cells["cifar100"].mean == pytest.approx(81.1)
@@ -186,7 +187,7 @@ def test_reference_rejects_unknown_column(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("rows:\n  - method: X\n    source: {paper: P}\n    fgvc: {birds: 1}\n")
     with pytest.raises(ValueError, match="birds"):
-        report.add_reference({}, bad)
+        run_tables.add_reference({}, bad)
 
 
 def test_wandb_logs_each_table(runs_dir, tmp_path, monkeypatch):
@@ -265,12 +266,12 @@ def test_one_bad_results_file_is_skipped_with_a_warning(runs_dir, tmp_path):
     (runs_dir / "bad" / "seed_text" / "results.json").write_text(json.dumps(
         {"method": "grft", "dataset": "fgvc/cub", "seed": "1", "test_acc": 0.78}))
     with pytest.warns(UserWarning) as caught:
-        results = report.load_results(runs_dir)
+        results = run_tables.load_results(runs_dir)
     messages = [str(w.message) for w in caught]
     for name, (_, reason) in BAD_RECORDS.items():
         assert f"{runs_dir / 'bad' / name / 'results.json'}: {reason}; skipped" in messages, (name, messages)
     assert any(m.startswith(f"{runs_dir / 'bad' / 'truncated' / 'results.json'}: unreadable") for m in messages)
-    cub = report.summarize(results)["fgvc"].rows[1]
+    cub = run_tables.summarize(results)["fgvc"].rows[1]
     assert cub.method == "grft" and cub.cells["cub"].per_seed == {0: 80.0, 1: 78.0}
     out = tmp_path / "report"
     with pytest.warns(UserWarning):

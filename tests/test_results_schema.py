@@ -1,4 +1,4 @@
-"""``results.json`` has one schema, ``grft_lightning.results.Results``: what ``build_results`` and the
+"""``results.json`` has one schema, ``grft_lightning.training.results.Results``: what ``build_results`` and the
 DataModules write is in it, the table in docs/INTERFACES.md is generated from it, and the keys the
 README names are its keys.
 
@@ -15,11 +15,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from grft_lightning import results as results_module  # noqa: E402
-from grft_lightning.results import Budget, Counts, Results, SelectionRecord, build_results  # noqa: E402
+from grft_lightning.training import results as results_module  # noqa: E402
+from grft_lightning.training.results import Budget, Counts, Results, SelectionRecord, build_results  # noqa: E402
 
 INTERFACES = ROOT / "docs/INTERFACES.md"
-BEGIN = "<!-- results.json keys: generated from grft_lightning/results.py by `python tests/test_results_schema.py` -->"
+BEGIN = "<!-- results.json keys: generated from grft_lightning/training/results.py by `python tests/test_results_schema.py` -->"
 END = "<!-- end of the results.json keys -->"
 NESTED = {"counts": Counts, "budget": Budget, "selection": SelectionRecord}
 

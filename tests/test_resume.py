@@ -115,7 +115,7 @@ def test_killed_mid_epoch_and_restarted_equals_uninterrupted(tmp_path):
     # the final checkpoints agree: step count, optimizer moments and scheduler state
     ca, cb = _checkpoint(whole / "checkpoints" / "last.ckpt"), _checkpoint(last)
     assert ca["global_step"] == cb["global_step"] == EPOCHS * STEPS_PER_EPOCH
-    # the lr follows the optimizer step count (grft_lightning/schedules.py): at the last step, min_lr
+    # the lr follows the optimizer step count (grft_lightning/training/schedules.py): at the last step, min_lr
     lrs = [[g["lr"] for g in c["optimizer_states"][0]["param_groups"]] for c in (ca, cb)]
     assert lrs[0] == lrs[1] and all(lr == pytest.approx(1e-8) for lr in lrs[0])
     _equal_nested(ca["lr_schedulers"], cb["lr_schedulers"], "lr_schedulers")

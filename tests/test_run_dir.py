@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from grft_lightning.cli import cli_main, main
-from grft_lightning.module import PEFTModule
-from grft_lightning.rundir import LOCK_NAME, run_defining_config
+from grft_lightning.training.cli import cli_main, main
+from grft_lightning.training.module import PEFTModule
+from grft_lightning.training.rundir import LOCK_NAME, run_defining_config
 from test_errors import _error_line as error_line
 
 
@@ -70,7 +70,7 @@ def preempted_at_epoch_1(monkeypatch):
 
 # -- item 2: a finished run is recognised as finished -------------------------------------------
 def test_a_finished_run_is_left_alone_and_overwrite_retrains(tmp_path, capsys, monkeypatch, one_torch_thread):
-    import grft_lightning.module
+    import grft_lightning.training.module
 
     run = tmp_path / "run"
     cli_main(args(run))
@@ -83,7 +83,7 @@ def test_a_finished_run_is_left_alone_and_overwrite_retrains(tmp_path, capsys, m
         raise AssertionError("the model of a finished run was built")
 
     with pytest.raises(SystemExit) as stop, monkeypatch.context() as patch:
-        patch.setattr(grft_lightning.module, "create_backbone", no_model)  # --run_dir given: decided first
+        patch.setattr(grft_lightning.training.module, "create_backbone", no_model)  # --run_dir given: decided first
         main(args(run))
     assert stop.value.code == 0
     out = capsys.readouterr().out
@@ -253,7 +253,7 @@ def test_a_second_start_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys,
 
 
 def test_only_rank_zero_takes_the_lock(monkeypatch):
-    from grft_lightning.rundir import holds_run_lock
+    from grft_lightning.training.rundir import holds_run_lock
 
     for variable in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK", "GROUP_RANK"):
         monkeypatch.delenv(variable, raising=False)
@@ -269,8 +269,8 @@ def test_only_rank_zero_takes_the_lock(monkeypatch):
 
 
 def test_lock_of_an_earlier_run_of_the_same_slurm_job_is_taken_over(tmp_path, monkeypatch, capsys):
-    from grft_lightning.errors import RunDirectoryBusy
-    from grft_lightning.rundir import RunLock
+    from grft_lightning.core.errors import RunDirectoryBusy
+    from grft_lightning.training.rundir import RunLock
 
     for variable in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
         monkeypatch.delenv(variable, raising=False)

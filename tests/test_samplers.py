@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from grft_lightning.callbacks import RankSeed
+from grft_lightning.training.callbacks import RankSeed
 from grft_lightning.data import SyntheticImages
 from grft_lightning.data.samplers import DealtBatches, EpochShuffle, ResumableLoader
 
@@ -127,7 +127,7 @@ def test_each_rank_and_epoch_gets_its_own_random_stream(monkeypatch):
 def test_selection_max_batches_caps_the_whole_pass_not_each_rank(monkeypatch, world):
     import contextlib
 
-    import grft_lightning.callbacks as callbacks
+    import grft_lightning.training.callbacks as callbacks
     from torch.utils.data import DataLoader
 
     seen: list[int] = []

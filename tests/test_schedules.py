@@ -1,4 +1,4 @@
-"""The default learning-rate schedule (grft_lightning.schedules): timm's warm-up + cosine gives, at
+"""The default learning-rate schedule (grft_lightning.training.schedules): timm's warm-up + cosine gives, at
 every optimizer step, the lr of the project's formula, through Lightning and across a resume."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from grft_lightning.schedules import WarmupCosine, step_scheduler, warmup_cosine
+from grft_lightning.training.schedules import WarmupCosine, step_scheduler, warmup_cosine
 
 
 def formula(step: int, base_lr: float, total: int, warmup: int, start_lr: float, min_lr: float) -> float:
@@ -101,7 +101,7 @@ def test_lightning_steps_it_once_per_optimizer_step(tmp_path, one_torch_thread, 
     of every batch is the formula's at the number of optimizer steps taken before it."""
     from grft_lightning.data import SyntheticImages
     from grft_lightning.methods import BitFit
-    from grft_lightning.module import PEFTModule
+    from grft_lightning.training.module import PEFTModule
 
     module = PEFTModule(BitFit(), backbone="test_vit", num_classes=4, pretrained=False, image_size=32,
                         optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-3), head_lr=0.02,
@@ -132,7 +132,7 @@ def test_training_ends_bit_identical_to_the_former_lambda_schedule(tmp_path, one
 
     from grft_lightning.data import SyntheticImages
     from grft_lightning.methods import BitFit
-    from grft_lightning.module import PEFTModule
+    from grft_lightning.training.module import PEFTModule
 
     total, warmup = 12, 4
 

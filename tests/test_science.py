@@ -12,13 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from grft_lightning.accounting import update_ratios, update_size
-from grft_lightning.callbacks import GradientSelection, fit_linear_probe
+from grft_lightning.core.accounting import update_ratios, update_size
+from grft_lightning.training.callbacks import GradientSelection, fit_linear_probe
 from grft_lightning.data import SyntheticImages
-from grft_lightning.deltas import selectable_layers
+from grft_lightning.core.deltas import selectable_layers
 from grft_lightning.methods import GPS, GRFT
-from grft_lightning.module import PEFTModule
-from grft_lightning.selection import Selection
+from grft_lightning.training.module import PEFTModule
+from grft_lightning.core.selection import Selection
 
 
 def _grads(model: nn.Module, method) -> dict[str, torch.Tensor]:
@@ -249,7 +249,7 @@ def test_count9_and_distance_canvases():
     import numpy as np
 
     from grft_lightning.data import MNISTDigits
-    from grft_lightning.data.offline import count_canvases, distance_canvases
+    from grft_lightning.data.mnist import count_canvases, distance_canvases
 
     digits = np.full((5, 28, 28), 200, dtype=np.uint8)  # every digit fills its cell: occupied = non-zero
     canvases, labels = count_canvases(digits, 400, np.random.default_rng(0), grid=3)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from grft_lightning.methods import GRFT
-from grft_lightning.gradients import accumulate_gradients
+from grft_lightning.core.gradients import accumulate_gradients
 
 
 def _setup():
@@ -71,8 +71,8 @@ def test_score_option_ranks_rows_by_its_statistic():
 def test_select_uses_the_score(score):
     import timm
 
-    from grft_lightning.deltas import selectable_layers
-    from grft_lightning.gradients import default_gradient_targets
+    from grft_lightning.core.deltas import selectable_layers
+    from grft_lightning.core.gradients import default_gradient_targets
 
     model = timm.create_model("test_vit", pretrained=False, num_classes=3, img_size=32)
     method = GRFT(mode="row", rows_per_matrix=1, score=score)
@@ -89,9 +89,9 @@ def test_select_uses_the_score(score):
 
 
 def test_score_reaches_the_selection_pass(tmp_path, monkeypatch, one_torch_thread):
-    from grft_lightning import callbacks
+    from grft_lightning.training import callbacks
     from tests.test_training import tiny_args
-    from grft_lightning.cli import cli_main
+    from grft_lightning.training.cli import cli_main
 
     seen = []
     real = callbacks.accumulate_gradients

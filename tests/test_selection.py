@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grft_lightning.deltas import COLUMN, ROW, selectable_layers
-from grft_lightning.gradients import (
+from grft_lightning.core.deltas import selectable_layers
+
+from grft_lightning.core.layers import COLUMN, ROW
+from grft_lightning.core.gradients import (
     accumulate_gradients,
     column_scores,
     per_row_top_k,

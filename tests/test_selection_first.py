@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from grft_lightning import count_parameters, read_selection, save_tuned
-from grft_lightning.deltas import COLUMN, ROW, StructuredDelta, selectable_layers
+from grft_lightning.core.deltas import StructuredDelta, selectable_layers
+from grft_lightning.core.layers import COLUMN, ROW
 from grft_lightning.methods import GPS, GRFT, Linear, RandomRows
-from grft_lightning.selection import Selection
+from grft_lightning.core.selection import Selection
 from tuning import random_grads
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -10,13 +10,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from grft_lightning.callbacks import GradientSelection
+from grft_lightning.training.callbacks import GradientSelection
 from grft_lightning.data import SyntheticImages
 from grft_lightning.data.base import SelectionBatches
-from grft_lightning.losses import selection_loss_fn, supcon_loss
+from grft_lightning.training.losses import selection_loss_fn, supcon_loss
 from grft_lightning.methods import GRFT
-from grft_lightning.module import PEFTModule
-from grft_lightning.gradients import row_scores, top_k
+from grft_lightning.training.module import PEFTModule
+from grft_lightning.core.gradients import row_scores, top_k
 
 
 # -- batches -------------------------------------------------------------------------------

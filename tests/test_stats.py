@@ -1,4 +1,4 @@
-"""Paired statistics (grft_lightning.stats) and ``report --compare`` on synthetic results with known answers.
+"""Paired statistics (grft_lightning.experiments.stats) and ``report --compare`` on synthetic results with known answers.
 
 Reference values were computed independently (Student's t tables / a statistics package):
 t_{0.975, 4} = 2.7764451052, t_{0.975, 1} = 12.7062047362, t_{0.975, 19} = 2.0930240544,
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from grft_lightning import report, stats
+from grft_lightning.experiments import report, stats, tables
 
 
 @pytest.mark.parametrize("df, expected", [(1, 12.7062047362), (4, 2.7764451052), (19, 2.0930240544)])
@@ -102,15 +102,15 @@ def test_report_compare(tmp_path):
     assert report.main([str(runs), "--out", str(out), "--compare", "grft:random",
                         "--compare-json", str(tmp_path / "cmp.json")]) == 0
     rows = {r["task"]: r for r in json.loads((tmp_path / "cmp.json").read_text())}
-    assert set(rows) == {"a", "b", report.MEAN}
+    assert set(rows) == {"a", "b", tables.MEAN}
     assert rows["a"]["mean"] == pytest.approx(1.8) and rows["a"]["wins"] == 5
     direct = stats.paired({s: 0.0 for s in range(5)}, {s: -(1 if s == 4 else 2) for s in range(5)})
     assert rows["a"]["p"] == pytest.approx(direct.p)
     assert rows["b"]["mean"] == pytest.approx(-0.8) and rows["b"]["wins"] == 0
     # the mean column pairs per-seed means over the two tasks: (2 - 1) / 2, ..., (1 - 0.5) / 2
     per_seed = [(d_a + d_b) / 2 for d_a, d_b in zip([2, 2, 2, 2, 1], [-1, -0.5, -1, -0.5, -1])]
-    assert rows[report.MEAN]["mean"] == pytest.approx(sum(per_seed) / 5)
-    assert rows[report.MEAN]["n"] == 5
+    assert rows[tables.MEAN]["mean"] == pytest.approx(sum(per_seed) / 5)
+    assert rows[tables.MEAN]["n"] == 5
     assert all(r["p_holm"] >= r["p"] for r in rows.values())
     text = (out / "comparisons.md").read_text()
     assert "| grft - random | a | 5 | +1.80 |" in text
@@ -132,7 +132,7 @@ def test_compare_skips_the_mean_of_a_method_that_missed_a_task(tmp_path):
         write(runs, "a", "grft", seed, 80 + seed)
         write(runs, "b", "grft", seed, 70 + seed)
         write(runs, "a", "variant", seed, 81 + seed)  # task "a" only
-    [table] = report.summarize(report.load_results(runs)).values()
+    [table] = tables.summarize(tables.load_results(runs)).values()
     compared = report.compare(table, [("variant", "grft")])
     assert [(c.task, c.n, c.mean) for c in compared] == [("a", 3, pytest.approx(1.0))]
 
@@ -144,4 +144,4 @@ def test_report_reads_several_run_folders(tmp_path):
     assert report.main([str(tmp_path / "main"), str(tmp_path / "extra"), "--out", str(tmp_path / "o"),
                         "--compare", "variant:grft", "--compare-json", str(tmp_path / "c.json")]) == 0
     [row, mean] = json.loads((tmp_path / "c.json").read_text())
-    assert (row["task"], row["n"], row["mean"]) == ("a", 2, pytest.approx(2.0)) and mean["task"] == report.MEAN
+    assert (row["task"], row["n"], row["mean"]) == ("a", 2, pytest.approx(2.0)) and mean["task"] == tables.MEAN

@@ -1,4 +1,4 @@
-"""grft_lightning.sweep: planning, skipping finished runs, failures, and the three launch modes.
+"""grft_lightning.experiments.sweep: planning, skipping finished runs, failures, and the three launch modes.
 
 The runs go through a small stand-in for train.py (``fake_train.py``, written per test) that
 reads the same arguments and writes a results.json.
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grft_lightning import report, sweep
-from grft_lightning.report import FGVC_DATASETS, VTAB_TASKS
+from grft_lightning.experiments import report, sweep, tables
+from grft_lightning.experiments.tables import FGVC_DATASETS, VTAB_COLUMNS
 
 FAKE_TRAIN = textwrap.dedent("""
     import json, os, sys
@@ -40,7 +40,7 @@ FAKE_TRAIN = textwrap.dedent("""
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     root = tmp_path / "repo"
-    for suite, tasks in (("vtab", VTAB_TASKS), ("fgvc", FGVC_DATASETS)):
+    for suite, tasks in (("vtab", VTAB_COLUMNS), ("fgvc", FGVC_DATASETS)):
         (root / "configs" / suite).mkdir(parents=True)
         (root / "configs" / suite / "base.yaml").write_text("trainer: {max_epochs: 1}\n")
         for task in tasks:
@@ -67,7 +67,7 @@ def test_plan_runs_commands(repo):
 
 def test_vtab_suite_is_the_19_tasks_in_order_without_base(repo):
     runs = sweep.plan_runs(["vtab"], ["grft"], [0], repo / "runs", root=repo)
-    assert [r.task for r in runs] == VTAB_TASKS
+    assert [r.task for r in runs] == VTAB_COLUMNS
 
 
 def test_config_paths_and_folders_as_suites(repo):
@@ -116,10 +116,10 @@ def test_local_sweep_end_to_end_and_relaunch(repo, capsys):
             "--runs-dir", str(repo / "runs"), "--root", str(repo),
             "--train-script", "fake_train.py", "--extra", "--trainer.max_epochs 1"]
     assert sweep.main(argv) == 0
-    results = report.load_results(repo / "runs")
+    results = tables.load_results(repo / "runs")
     assert [r["seed"] for r in results] == [0, 1]
     assert results[0]["argv"][-2:] == ["--trainer.max_epochs", "1"]
-    cub = report.summarize(results)["fgvc"].rows[0].cells["cub"]
+    cub = tables.summarize(results)["fgvc"].rows[0].cells["cub"]
     assert cub.mean == pytest.approx(50.5) and cub.std == pytest.approx(2 ** 0.5 / 2)
 
     capsys.readouterr()

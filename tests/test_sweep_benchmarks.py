@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from grft_lightning import report, sweep
+from grft_lightning.experiments import report, sweep
+from grft_lightning.experiments import tables as run_tables
 from grft_lightning.data.fgvc import FGVC_DATASETS
 from grft_lightning.data.vtab import VTAB_TASKS
 from synthetic_folders import make_fgvc_folder, make_vtab_folder
@@ -33,13 +34,13 @@ def test_vtab_and_fgvc_suites_sweep_and_report(tmp_path, capfd):
     assert sweep.main(argv) == 0
     assert "24 runs planned: 0 done, 24 pending" in capfd.readouterr().out
 
-    results = report.load_results(runs_dir)
+    results = run_tables.load_results(runs_dir)
     assert sorted(r["dataset"] for r in results) == sorted(
         [f"vtab/{t}" for t in VTAB_TASKS] + [f"fgvc/{d}" for d in FGVC_DATASETS])
     assert {r["method"] for r in results} == {"grft_row"} and {r["backbone"] for r in results} == {"test_vit"}
 
     assert report.main([str(runs_dir), "--out", str(tmp_path / "report")]) == 0
-    tables = report.summarize(results)
+    tables = run_tables.summarize(results)
     vtab, fgvc = tables["vtab"], tables["fgvc"]
     [row] = vtab.rows
     accuracy = {t: 100 * next(r["test_acc"] for r in results if r["dataset"] == f"vtab/{t}") for t in VTAB_TASKS}
@@ -47,11 +48,11 @@ def test_vtab_and_fgvc_suites_sweep_and_report(tmp_path, capfd):
     group_means = {g: sum(accuracy[t] for t in tasks) / len(tasks) for g, tasks in groups.items()}
     for group, mean in group_means.items():
         assert row.cells[group.capitalize()].mean == pytest.approx(mean)
-    assert row.cells[report.MEAN_19].mean == pytest.approx(sum(accuracy.values()) / 19)
-    assert row.cells[report.MEAN_GROUPS].mean == pytest.approx(sum(group_means.values()) / 3)
+    assert row.cells[run_tables.MEAN_19].mean == pytest.approx(sum(accuracy.values()) / 19)
+    assert row.cells[run_tables.MEAN_GROUPS].mean == pytest.approx(sum(group_means.values()) / 3)
     [row] = fgvc.rows
     fgvc_acc = [100 * r["test_acc"] for r in results if r["dataset"].startswith("fgvc/")]
-    assert row.cells[report.MEAN].mean == pytest.approx(sum(fgvc_acc) / 5)
+    assert row.cells[run_tables.MEAN].mean == pytest.approx(sum(fgvc_acc) / 5)
     for name in ("vtab.md", "vtab.csv", "vtab_tradeoff.png", "vtab_groups.png", "fgvc.md", "fgvc.csv", "report.md"):
         assert (tmp_path / "report" / name).stat().st_size > 0, name
     assert json.loads((runs_dir / "vtab" / "dtd" / "grft_row" / "seed0" / "results.json").read_text())["task_group"] == "natural"

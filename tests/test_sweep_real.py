@@ -1,4 +1,4 @@
-"""grft_lightning.sweep with real runs: two tiny runs (timm ``test_vit``, SyntheticImages) through
+"""grft_lightning.experiments.sweep with real runs: two tiny runs (timm ``test_vit``, SyntheticImages) through
 train.py (``local``: one process per run) and through ``cli_main`` in the sweep's own process
 (``inprocess``) or in two worker processes; every run writes its results.json, and launching the
 same sweep again skips them."""
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from grft_lightning import report, sweep
+from grft_lightning.experiments import report, sweep, tables
 
 TASK = textwrap.dedent("""
     trainer:
@@ -77,7 +77,7 @@ def test_real_two_run_sweep_and_relaunch(configs, tmp_path, capfd, mode, workers
         assert record["tuned_pct"] > 0 and (run_dirs[name] / "tuned.safetensors").is_file()
     assert results["grft"]["counts"]["selected"] == 2 * (64 + 64 + 64 + 192) * 6  # 2 rows, 6 blocks
     assert results["linear"]["counts"]["selected"] == 0
-    table = report.summarize(report.load_results(runs_dir))["other"]
+    table = tables.summarize(tables.load_results(runs_dir))["other"]
     assert [row.method for row in table.rows] == ["grft", "linear"]
 
     written = {name: (path / "results.json").stat().st_mtime_ns for name, path in run_dirs.items()}

@@ -14,9 +14,9 @@ import timm
 import torch
 import yaml
 
-from grft_lightning.accounting import count_parameters
-from grft_lightning.budgets import effective_method_config
-from grft_lightning.cli import cli_main, config_parser, expand_config_includes
+from grft_lightning.core.accounting import count_parameters
+from grft_lightning.training.budgets import effective_method_config
+from grft_lightning.training.cli import cli_main, config_parser, expand_config_includes
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"

@@ -11,12 +11,12 @@ import timm
 import torch
 
 import grft_lightning  # noqa: F401  (registers the testbed model)
-from grft_lightning.backbones import create_backbone
+from grft_lightning.core.backbones import create_backbone
 from grft_lightning.data.glyphs import CHARACTERS, difficulty_at, glyph_batch, usable_fonts
-from grft_lightning.data.offline import MNISTDigits
+from grft_lightning.data.mnist import MNISTDigits
 from grft_lightning.data.transforms import resolve_data_config
 from grft_lightning.methods import GRFT
-from grft_lightning.testbed import NAME, TAG
+from grft_lightning.core.testbed import NAME, TAG
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from grft_lightning.cli import cli_main
+from grft_lightning.training.cli import cli_main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,7 +56,7 @@ def test_fit_then_test_writes_the_run_directory(tmp_path, capsys):
 
 
 def test_resume_keeps_the_selection_and_continues_the_step_count(tmp_path, monkeypatch):
-    from grft_lightning.module import PEFTModule
+    from grft_lightning.training.module import PEFTModule
 
     run = tmp_path / "run"
     picked = {}
@@ -113,7 +113,7 @@ def test_every_method_trains_through_the_cli(tmp_path, one_torch_thread, method)
     import timm
 
     from grft_lightning import load_tuned
-    from grft_lightning.backbones import create_backbone
+    from grft_lightning.core.backbones import create_backbone
 
     torch.manual_seed(1)
     weights = tmp_path / "pretrained.pth"
@@ -179,7 +179,7 @@ def test_missing_config_file_is_named(tmp_path):
 
 def test_non_finite_loss_names_the_step_and_last_finite_loss():
     from grft_lightning.methods import Linear
-    from grft_lightning.module import PEFTModule
+    from grft_lightning.training.module import PEFTModule
 
     module = PEFTModule(Linear(), backbone="test_vit", num_classes=3, pretrained=False, image_size=32,
                         check_finite_every_n_batches=1)
@@ -197,7 +197,7 @@ def test_non_finite_loss_names_the_step_and_last_finite_loss():
 def _nan_features_at(monkeypatch, batch: int) -> list[int]:
     """Make the training forward of the ``batch``-th training step (0-based) produce NaN
     logits; returns the list the patched function counts training steps in."""
-    import grft_lightning.module as module
+    import grft_lightning.training.module as module
 
     original, calls = module.features_and_logits, []
 
@@ -212,7 +212,7 @@ def _nan_features_at(monkeypatch, batch: int) -> list[int]:
 
 
 def test_nan_loss_stops_training_at_the_next_read_naming_its_step(tmp_path, monkeypatch, one_torch_thread):
-    from grft_lightning.module import PEFTModule
+    from grft_lightning.training.module import PEFTModule
 
     losses = []
     record = PEFTModule._record_loss
@@ -246,7 +246,7 @@ def test_nan_loss_is_read_at_the_end_of_the_epoch(tmp_path, monkeypatch, one_tor
 def test_loss_check_reads_the_device_only_every_n_batches(tmp_path, monkeypatch, one_torch_thread):
     """No host read (item, tolist, cpu, numpy, float/int/bool conversion) in the per-batch
     check, except the one read every ``check_finite_every_n_batches`` batches."""
-    from grft_lightning.module import PEFTModule
+    from grft_lightning.training.module import PEFTModule
 
     inside, reads_per_call = [False], []
     for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__"):
@@ -276,7 +276,7 @@ def test_loss_check_reads_the_device_only_every_n_batches(tmp_path, monkeypatch,
 
 def test_optimizer_sees_only_tuned_tensors_without_decay_on_1d(tmp_path):
     from grft_lightning.methods import GRFT
-    from grft_lightning.module import PEFTModule
+    from grft_lightning.training.module import PEFTModule
 
     module = PEFTModule(GRFT(rows_per_matrix=2), backbone="test_vit", num_classes=3, pretrained=False,
                         image_size=32, head_lr=0.5)
@@ -294,7 +294,7 @@ def test_optimizer_sees_only_tuned_tensors_without_decay_on_1d(tmp_path):
 def test_weight_file_of_another_architecture_is_refused(tmp_path):
     import timm
 
-    from grft_lightning.backbones import create_backbone
+    from grft_lightning.core.backbones import create_backbone
 
     path = tmp_path / "cnn.pth"
     torch.save(timm.create_model("test_efficientnet", pretrained=False).state_dict(), path)
@@ -305,7 +305,7 @@ def test_weight_file_of_another_architecture_is_refused(tmp_path):
 def test_timm_layout_weight_file_keeps_backbone_and_replaces_head(tmp_path):
     import timm
 
-    from grft_lightning.backbones import create_backbone
+    from grft_lightning.core.backbones import create_backbone
 
     source = timm.create_model("test_vit", pretrained=False, img_size=32, num_classes=1000)
     path = tmp_path / "vit.pth"

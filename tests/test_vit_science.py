@@ -18,7 +18,7 @@ TINY = ["--data.init_args.n_train", "64", "--data.init_args.n_val", "32", "--dat
 
 
 def _run(tmp_path: Path, arm: str, task: str = "tasks/mnist_digit.yaml") -> dict:
-    from grft_lightning.cli import cli_main
+    from grft_lightning.training.cli import cli_main
 
     run_dir = tmp_path / arm
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from grft_lightning.paths import resolve_path
-from grft_lightning.testbed import WEIGHTS
+from grft_lightning.core.paths import resolve_path
+from grft_lightning.core.testbed import WEIGHTS
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from grft_lightning import accumulate_gradients
-from grft_lightning.heads import DEFAULT
-from grft_lightning.selection import Selection
+from grft_lightning.core.heads import DEFAULT
+from grft_lightning.core.selection import Selection
 
 
 def cross_entropy(model: nn.Module, batch) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from grft_lightning.data.samplers import DealtBatches, EpochShuffle, ResumableLoader
-from grft_lightning.seeding import run_seed
+from grft_lightning.core.seeding import run_seed
 from grft_lightning.data.transforms import (
     OneView,
     TwoViews,
@@ -141,7 +141,7 @@ class ImageClassificationData(L.LightningDataModule, metaclass=abc.ABCMeta):
 
     def check(self) -> None:
         """Check the data before the model exists: at least 2 classes, an ``image_size`` the
-        backbone can take (:func:`~grft_lightning.backbones.check_image_size`, on the meta device),
+        backbone can take (:func:`~grft_lightning.core.backbones.check_image_size`, on the meta device),
         then build (and so validate) every split: a missing root, list file or image raises an
         error naming it, and so does a split without images. The CLI calls it right after creating
         the DataModule, before the model and its pre-trained weights; the splits are kept, so
@@ -153,7 +153,7 @@ class ImageClassificationData(L.LightningDataModule, metaclass=abc.ABCMeta):
             raise DatasetError(f"data: {self.dataset_name} has {classes} class{'es' if classes != 1 else ''}; "
                                "classification needs at least 2 (data.init_args.num_classes)")
         if self.backbone is not None and self._size_checked != (self.backbone, self.image_size):
-            from grft_lightning.backbones import check_image_size
+            from grft_lightning.core.backbones import check_image_size
 
             check_image_size(self.backbone, self.image_size)
             self._size_checked = (self.backbone, self.image_size)
@@ -195,7 +195,7 @@ class ImageClassificationData(L.LightningDataModule, metaclass=abc.ABCMeta):
     def train_dataloader(self) -> DataLoader:
         """Shuffled from ``(seed, epoch)`` only and dealt across ranks; resumable mid-epoch
         (:mod:`grft_lightning.data.samplers`). The seed is the run's
-        (:func:`~grft_lightning.seeding.run_seed`), the same on every rank."""
+        (:func:`~grft_lightning.core.seeding.run_seed`), the same on every rank."""
         dataset = self.dataset("train")
         world, rank = _distributed_world()
         sampler = EpochShuffle(dataset, world, rank, seed=run_seed())
@@ -236,7 +236,7 @@ class ImageClassificationData(L.LightningDataModule, metaclass=abc.ABCMeta):
     def probe_dataloader(self) -> DataLoader:
         """The whole training split in order, with the evaluation transform, on every rank (not
         dealt): the features the selection's linear probe is fitted on
-        (:class:`~grft_lightning.callbacks.GradientSelection`, ``head: probe``)."""
+        (:class:`~grft_lightning.training.callbacks.GradientSelection`, ``head: probe``)."""
         dataset = TransformedDataset(self.raw_split("train"), self.transform("test"))
         return self._loader(dataset, self.eval_batch_size, shuffle=False)
 
@@ -251,7 +251,7 @@ class ImageClassificationData(L.LightningDataModule, metaclass=abc.ABCMeta):
         evaluation transform (deterministic). As in GPS's public code the batches are shuffled and
         the last partial batch is dropped (:class:`SelectionBatches`): a list file grouped by class
         would otherwise give single-class batches, in which SupCon has no negatives. The order
-        comes from ``seed`` (default: the run's, :func:`~grft_lightning.seeding.run_seed`) alone, so
+        comes from ``seed`` (default: the run's, :func:`~grft_lightning.core.seeding.run_seed`) alone, so
         it is the same on every rank and in every run with that seed. Under DDP the single-process
         batches are dealt to the ranks: each batch is read once, by one rank, with the same images
         as with one process, so the all-reduced sum of per-batch gradients equals the

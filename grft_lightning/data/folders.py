@@ -16,7 +16,7 @@ from typing import Iterable, NamedTuple
 
 from PIL import Image
 
-from grft_lightning.errors import UserError
+from grft_lightning.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Synthetic printed characters: the pre-training data of the ViT testbed (``grft_lightning.testbed``).
+"""Synthetic printed characters: the pre-training data of the ViT testbed (``grft_lightning.core.testbed``).
 
 62 classes (``0-9``, ``A-Z``, ``a-z``) rendered from the TrueType fonts that ship inside
 matplotlib (DejaVu, STIX, Computer Modern: every font that draws all 62 characters distinctly),

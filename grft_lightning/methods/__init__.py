@@ -2,7 +2,8 @@
 
 from grft_lightning.methods.base import Method
 from grft_lightning.methods.adapter import Adapter
-from grft_lightning.methods.baselines import BitFit, Full, Linear, RandomRows
+from grft_lightning.methods.baselines import BitFit, Full, Linear
+from grft_lightning.methods.random_rows import RandomRows
 from grft_lightning.methods.gps import GPS
 from grft_lightning.methods.grft import GRFT
 from grft_lightning.methods.lora import LoRA

@@ -25,9 +25,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from grft_lightning.deltas import set_submodule
-from grft_lightning.heads import DEFAULT, head_module_ids
-from grft_lightning.selection import Selection
+from grft_lightning.core.deltas import set_submodule
+from grft_lightning.core.heads import DEFAULT, head_module_ids
+from grft_lightning.core.selection import Selection
 from grft_lightning.methods.base import Method
 
 #: the attention and MLP sub-blocks of every timm ViT block.

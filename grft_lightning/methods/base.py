@@ -31,11 +31,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from grft_lightning.accounting import backbone_parameter_count
-from grft_lightning.deltas import (DeltaLayer, SelectableLayer, eligible_layers, is_layer, matrix_shape,
-                                   selectable_layers, set_submodule, track_layer_inputs)
-from grft_lightning.heads import DEFAULT, classifier, head_parameter_ids, head_spec
-from grft_lightning.selection import Selection
+from grft_lightning.core.accounting import backbone_parameter_count
+from grft_lightning.core.deltas import DeltaLayer, SelectableLayer, selectable_layers, set_submodule
+from grft_lightning.core.layers import eligible_layers, is_layer, matrix_shape
+from grft_lightning.core.recompute import track_layer_inputs
+from grft_lightning.core.heads import DEFAULT, classifier, head_parameter_ids, head_spec
+from grft_lightning.core.selection import Selection
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
@@ -106,7 +107,12 @@ class Method:
         return config
 
     def class_path(self) -> str:
+        """The class path files record: ``grft_lightning.methods.<Name>`` for the package's methods
+        (so that a file does not depend on which module defines the class), the defining module's
+        path for any other."""
         cls = type(self)
+        if cls.__module__.startswith("grft_lightning.methods."):
+            return f"grft_lightning.methods.{cls.__qualname__}"
         return f"{cls.__module__}.{cls.__qualname__}"
 
     def __repr__(self) -> str:
@@ -115,7 +121,7 @@ class Method:
 
     # -- select -----------------------------------------------------------------------------
     def eligible_layers(self, model: nn.Module, head=DEFAULT) -> list[tuple[str, nn.Module]]:
-        """This method's layers: :func:`~grft_lightning.deltas.eligible_layers` with its
+        """This method's layers: :func:`~grft_lightning.core.layers.eligible_layers` with its
         ``targets``, ``exclude`` and the head."""
         return eligible_layers(model, self.targets, self.exclude, head)
 

@@ -18,12 +18,14 @@ from typing import Literal
 import torch
 from torch import nn
 
-from grft_lightning.deltas import IndexDelta, matrix_shape, to_matrix
-from grft_lightning.gradients import per_row_top_k, top_k
-from grft_lightning.heads import DEFAULT, head_spec
+from grft_lightning.core.deltas import IndexDelta
+
+from grft_lightning.core.layers import matrix_shape, to_matrix
+from grft_lightning.core.gradients import per_row_top_k, top_k
+from grft_lightning.core.heads import DEFAULT, head_spec
 from grft_lightning.methods.base import Method
-from grft_lightning.seeding import run_seed
-from grft_lightning.selection import LayerSelection, Rule, Selection, allocate
+from grft_lightning.core.seeding import run_seed
+from grft_lightning.core.selection import LayerSelection, Rule, Selection, allocate
 
 
 class GPS(Method):

@@ -28,11 +28,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from grft_lightning.deltas import AXES, StructuredDelta, selectable_layers, to_matrix
-from grft_lightning.gradients import column_scores, row_scores
-from grft_lightning.heads import DEFAULT, head_spec
+from grft_lightning.core.deltas import StructuredDelta, selectable_layers
+
+from grft_lightning.core.layers import AXES, to_matrix
+from grft_lightning.core.gradients import column_scores, row_scores
+from grft_lightning.core.heads import DEFAULT, head_spec
 from grft_lightning.methods.base import Method
-from grft_lightning.selection import LayerSelection, Rule, Selection, allocate
+from grft_lightning.core.selection import LayerSelection, Rule, Selection, allocate
 
 
 class GRFT(Method):

@@ -18,9 +18,9 @@ import re
 
 from torch import nn
 
-from grft_lightning.deltas import has_plain_forward, is_transposed
+from grft_lightning.core.layers import has_plain_forward, is_transposed
 from grft_lightning.methods.base import Method
-from grft_lightning.selection import Selection
+from grft_lightning.core.selection import Selection
 
 #: qkv, proj, fc1 and fc2 of every timm ViT block.
 VIT_TARGETS = ["*.attn.qkv", "*.attn.proj", "*.mlp.fc1", "*.mlp.fc2"]

@@ -33,17 +33,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from grft_lightning.deltas import SelectableLayer, checked_index, selectable_layers
-from grft_lightning.heads import DEFAULT
+from grft_lightning.core.deltas import SelectableLayer, checked_index, selectable_layers
+from grft_lightning.core.heads import DEFAULT
 from grft_lightning.methods.base import Method
 from grft_lightning.methods.gps import select_entries
-from grft_lightning.selection import Selection
+from grft_lightning.core.selection import Selection
 
 
 class MaskedWeight(SelectableLayer):
     """A layer whose own weight is trained, with a boolean ``mask`` of the entries allowed to move.
 
-    A :class:`~grft_lightning.deltas.SelectableLayer`, so the selection machinery (gradient targets
+    A :class:`~grft_lightning.core.deltas.SelectableLayer`, so the selection machinery (gradient targets
     named as in the original model, ``Method.select``, checkpoints' ``selected`` flag, export)
     treats it like the delta layers; it holds no delta (no added parameter, no ``dense_delta``):
     the pre-trained weight is not kept. ``merge`` unwraps it (the trained weight is the merged

@@ -1,6 +1,6 @@
 """Launch a grid of runs (task configs x method configs x seeds) locally, on SLURM or with W&B.
 
-    python -m grft_lightning.sweep --suite vtab|fgvc|offline|CONFIG.yaml ... --methods grft_row gps \\
+    python -m grft_lightning.experiments.sweep --suite vtab|fgvc|offline|CONFIG.yaml ... --methods grft_row gps \\
         --seeds 0 1 2 --runs-dir runs --mode local|inprocess|slurm|wandb [--dry-run] \\
         [--methods-dir configs/methods] [--extra "--trainer.max_epochs 1" ...]
 
@@ -28,7 +28,7 @@ Modes:
 - ``local``: runs the pending runs one after the other (same Python interpreter), prints each run
   directory and its status, goes on after a failure, and exits non-zero if any run failed. A run
   that exits 0 without writing results.json counts as failed.
-- ``inprocess``: like ``local``, but every run is a call of ``grft_lightning.cli.cli_main`` in
+- ``inprocess``: like ``local``, but every run is a call of ``grft_lightning.training.cli.cli_main`` in
   this process, which saves the start-up of one interpreter per run (imports: seconds on a
   small CPU machine; the offline suite runs 81 short runs this way). Between runs it restores
   the global state a run may change (current directory, grad mode, default dtype, torch
@@ -41,7 +41,7 @@ Modes:
   ``RUNS/slurm/`` and prints the ``sbatch`` command.
 - ``wandb``: writes a grid sweep YAML under ``RUNS/wandb/`` and prints the ``wandb sweep`` and
   ``wandb agent`` commands. W&B passes grid values as ``--name=value``, which ``train.py`` cannot
-  take as two ``--config`` files, so each agent run goes through ``python -m grft_lightning.sweep
+  take as two ``--config`` files, so each agent run goes through ``python -m grft_lightning.experiments.sweep
   agent-run``, which builds the command above (and skips done runs) and then executes train.py.
 """
 
@@ -61,10 +61,10 @@ from string import Template
 
 import yaml
 
-from grft_lightning.report import FGVC_DATASETS, VTAB_TASKS
+from grft_lightning.experiments.tables import FGVC_DATASETS, VTAB_COLUMNS
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-KNOWN_SUITES = {"vtab": VTAB_TASKS, "fgvc": FGVC_DATASETS}
+REPO_ROOT = Path(__file__).resolve().parents[2]
+KNOWN_SUITES = {"vtab": VTAB_COLUMNS, "fgvc": FGVC_DATASETS}
 
 
 class SweepError(ValueError):
@@ -278,7 +278,7 @@ def _call_cli(run: Run, root: Path) -> int:
 
     import torch
 
-    from grft_lightning.cli import cli_main
+    from grft_lightning.training.cli import cli_main
 
     cwd, grad, dtype, threads = os.getcwd(), torch.is_grad_enabled(), torch.get_default_dtype(), torch.get_num_threads()
     code = 0
@@ -307,7 +307,7 @@ class _Script(Template):
 
 
 SBATCH_ARRAY = _Script("""#!/bin/bash
-# Job array written by `python -m grft_lightning.sweep --mode slurm`: array index i runs line i+1
+# Job array written by `python -m grft_lightning.experiments.sweep --mode slurm`: array index i runs line i+1
 # of RUNS_FILE (a run directory, then the train.py arguments, shell-quoted).
 #SBATCH --job-name=@@name
 #SBATCH --array=0-@@last@@throttle
@@ -377,7 +377,7 @@ def write_wandb(runs: list[Run], path: Path, runs_dir: str) -> Path:
                        "seed": {"values": values("seed")}},
         # train.py takes two --config files, which W&B's ${args} cannot express; agent-run
         # builds the real command (see the module docstring).
-        "command": ["${env}", "${interpreter}", "-m", "grft_lightning.sweep", "agent-run",
+        "command": ["${env}", "${interpreter}", "-m", "grft_lightning.experiments.sweep", "agent-run",
                     "--runs-dir", runs_dir, "${args}", "--", *extra],
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -389,7 +389,7 @@ def agent_command(argv: list[str], root: Path = REPO_ROOT) -> tuple[Run, list[st
     """The run and train.py command for ``agent-run --runs-dir R --task_config=T ... -- extra``."""
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(prog="python -m grft_lightning.sweep agent-run")
+    parser = argparse.ArgumentParser(prog="python -m grft_lightning.experiments.sweep agent-run")
     parser.add_argument("--runs-dir", default="runs")
     parser.add_argument("--task_config", required=True)
     parser.add_argument("--method_config", required=True)
@@ -415,7 +415,7 @@ def _agent_run(argv: list[str]) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m grft_lightning.sweep", description=__doc__,
+        prog="python -m grft_lightning.experiments.sweep", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", nargs="+", required=True,
                         help="vtab, fgvc, offline (any folder under configs/), a folder of "

@@ -1,7 +1,7 @@
 """Exponential moving average (EMA) of the tuned tensors, as a Lightning callback.
 
 The FGVC recipes evaluate and export an EMA of the tuned tensors (``model.ema_decay``;
-:meth:`PEFTModule.configure_callbacks <grft_lightning.module.PEFTModule.configure_callbacks>`
+:meth:`PEFTModule.configure_callbacks <grft_lightning.training.module.PEFTModule.configure_callbacks>`
 adds this callback when it is set). It owns the average's whole life:
 
 - **update**: once per optimizer step (after the step; with ``accumulate_grad_batches`` the

@@ -1,4 +1,4 @@
-"""PNG figures for grft_lightning.report tables (matplotlib Agg canvas, no pyplot state).
+"""PNG figures for grft_lightning.experiments.report tables (matplotlib Agg canvas, no pyplot state).
 
 - ``<family>_tradeoff.png``: headline accuracy against tuned % (log x), one point per method, the
   usual PEFT trade-off figure. The headline is "Mean (19 tasks)" for VTAB and "Mean" otherwise;
@@ -17,7 +17,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from grft_lightning.report import MEAN, MEAN_19, MEAN_GROUPS, VTAB_GROUPS, Cell, Table
+from grft_lightning.experiments.tables import MEAN, MEAN_19, MEAN_GROUPS, VTAB_GROUPS, Cell, Table
 
 
 def headline_column(table: Table) -> str:

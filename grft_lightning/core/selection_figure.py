@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from grft_lightning.selection import Selection
+if TYPE_CHECKING:  # for the annotations only: selection.py draws its figure with this module
+    from grft_lightning.core.selection import Selection
 
 BINS = 128
 

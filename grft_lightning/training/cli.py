@@ -10,27 +10,27 @@ run directory, and the trainer's wiring. On top of Lightning's behaviour it:
 * gives every run a directory (``run_dir``, default ``runs/<dataset>/<method>/seed<seed>``)
   holding ``config.yaml``, ``metrics.csv``, ``checkpoints/last.ckpt``, ``selection.png``,
   ``tuned.safetensors`` and ``results.json``, and a lock (``run.lock``) while a ``fit`` runs
-  in it: a second start in the same directory is refused (``grft_lightning/rundir.py``);
+  in it: a second start in the same directory is refused (``grft_lightning/training/rundir.py``);
 * ``fit``: a directory with ``results.json`` holds a finished run, which is left as it is (the
   command says where its results are and exits 0); otherwise ``fit`` resumes from
   ``<run_dir>/checkpoints/last.ckpt`` when it exists (same command after a crash or
   preemption; a checkpoint of another run config is refused), and ``--overwrite`` trains from
   scratch. Checkpoints are written atomically and loaded weights-only;
 * after ``fit``, tests the last-epoch model on the test split; the
-  :class:`~grft_lightning.records.RunRecorder` callback then writes ``results.json`` and
+  :class:`~grft_lightning.training.records.RunRecorder` callback then writes ``results.json`` and
   ``tuned.safetensors``;
 * resolves config includes (``config: base.yaml`` inside a config file, below);
 * checks the data (every split's files) before the model and its pre-trained weights are built,
   so a wrong data root fails in seconds;
 * from ``train.py`` (:func:`main`), reports a user's mistake as one ``error: ...`` line without a
-  traceback (``grft_lightning/errors.py``).
+  traceback (``grft_lightning/core/errors.py``).
 
 **Budgets.** A task config states its published budget once, in a top-level ``budget`` section
 (per family in ``base.yaml``, per task where it differs): ``fraction`` for the methods with a
 ``fraction`` argument (GRFT and its random ablations) and ``k`` for those with a ``k`` argument
 (GPS). Method configs do not state a budget. The section and the method are linked
 (``link_arguments``) to ``model.task_budget``: the task's values for a method whose budget
-arguments are all null, with which the module builds it (``grft_lightning/budgets.py``). The
+arguments are all null, with which the module builds it (``grft_lightning/training/budgets.py``). The
 config (``--print_config``, the run's ``config.yaml``, which leave link targets out) therefore
 shows the method as configured, with its open budget null, and the task's ``budget`` section; the effective budget is recorded in ``results.json``
 (``budget``), in every checkpoint's ``hyper_parameters.method_config`` and in
@@ -60,16 +60,16 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from grft_lightning.budgets import TaskBudget, task_budget_for
-from grft_lightning.callbacks import GradientSelection, RankSeed, RunClock
+from grft_lightning.training.budgets import TaskBudget, task_budget_for
+from grft_lightning.training.callbacks import GradientSelection, RankSeed, RunClock
 from grft_lightning.data.base import ImageClassificationData
-from grft_lightning.errors import ConfigError, condense_parser_error, debug_enabled, report_user_errors
-from grft_lightning.io import make_atomic_checkpoint_io, remove_stale_temporaries
-from grft_lightning.module import PEFTModule
-from grft_lightning.paths import make_run_dir
-from grft_lightning.records import AppendingCSVLogger, RunRecorder, refuse_another_run
-from grft_lightning.results import git_sha
-from grft_lightning.rundir import RunLock, clear_run, holds_run_lock, run_defining_config
+from grft_lightning.core.errors import ConfigError, condense_parser_error, debug_enabled, report_user_errors
+from grft_lightning.core.io import make_atomic_checkpoint_io, remove_stale_temporaries
+from grft_lightning.training.module import PEFTModule
+from grft_lightning.core.paths import make_run_dir
+from grft_lightning.training.records import AppendingCSVLogger, RunRecorder, refuse_another_run
+from grft_lightning.training.results import git_sha
+from grft_lightning.training.rundir import RunLock, clear_run, holds_run_lock, run_defining_config
 
 _STARTED = time.time()  # temporaries older than this process are leftovers of a killed one
 
@@ -124,7 +124,7 @@ class GRFTCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(TaskBudget, "budget")
         # The task's budget reaches the module, which gives it to a method whose budget is open
-        # (grft_lightning/budgets.py).
+        # (grft_lightning/training/budgets.py).
         parser.link_arguments(("budget.fraction", "budget.k", "model.method"), "model.task_budget",
                               compute_fn=task_budget_for, apply_on="parse")
         parser.add_argument("--run_dir", type=str | None, default=None,
@@ -215,7 +215,7 @@ class GRFTCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def run_config(self) -> dict[str, Any]:
-        """The values of this run's config that define it (``grft_lightning.rundir``)."""
+        """The values of this run's config that define it (``grft_lightning.training.rundir``)."""
         import yaml
 
         if getattr(self, "_run_config", None) is not None:
@@ -444,7 +444,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> GRFTCLI:
 def main(args: list[str] | None = None) -> None:
     """``python train.py ...``: :func:`cli_main`, with a user's mistake (bad data, config value,
     checkpoint, missing weights) reported as one ``error: ...`` line on stderr and exit status 1,
-    without a traceback (``GRFT_DEBUG=1`` shows it; ``grft_lightning/errors.py``)."""
+    without a traceback (``GRFT_DEBUG=1`` shows it; ``grft_lightning/core/errors.py``)."""
     with report_user_errors():
         cli_main(args)
 
@@ -468,7 +468,7 @@ def config_parser() -> LightningArgumentParser:
     ``config_parser().parse_args(["fit", "--config", TASK, "--config", METHOD])`` gives the config a
     run would use, includes resolved (what ``--print_config`` prints), in a fraction of a second
     per call once the parser exists. The method as the run builds it, its open budget filled from
-    ``model.task_budget``: :func:`grft_lightning.budgets.effective_method_config`.
+    ``model.task_budget``: :func:`grft_lightning.training.budgets.effective_method_config`.
     """
     return _build(_ParserOnly, None).parser
 

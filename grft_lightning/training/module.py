@@ -20,17 +20,17 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.classification import MulticlassAccuracy
 
-from grft_lightning.accounting import count_parameters
-from grft_lightning.backbones import WeightsFormat, create_backbone
-from grft_lightning.budgets import with_task_budget
-from grft_lightning.ema import TunedEMA
-from grft_lightning.errors import CheckpointRefused, TrainingDiverged
-from grft_lightning.heads import DEFAULT, head_parameter_ids
-from grft_lightning.losses import features_and_logits
+from grft_lightning.core.accounting import count_parameters
+from grft_lightning.core.backbones import WeightsFormat, create_backbone
+from grft_lightning.training.budgets import with_task_budget
+from grft_lightning.training.ema import TunedEMA
+from grft_lightning.core.errors import CheckpointRefused, TrainingDiverged
+from grft_lightning.core.heads import DEFAULT, head_parameter_ids
+from grft_lightning.training.losses import features_and_logits
 from grft_lightning.methods.base import Method
-from grft_lightning.schedules import step_scheduler, warmup_cosine
-from grft_lightning.seeding import run_seed
-from grft_lightning.selection import Selection
+from grft_lightning.training.schedules import step_scheduler, warmup_cosine
+from grft_lightning.core.seeding import run_seed
+from grft_lightning.core.selection import Selection
 
 
 class PEFTModule(L.LightningModule):
@@ -59,7 +59,7 @@ class PEFTModule(L.LightningModule):
         cutmix: cutmix alpha (0 disables).
         ema_decay: keep an exponential moving average of the tuned tensors with this decay,
             updated once per optimizer step, and evaluate/export with it (None disables; the
-            callback :class:`~grft_lightning.ema.TunedEMA`, from :meth:`configure_callbacks`).
+            callback :class:`~grft_lightning.training.ema.TunedEMA`, from :meth:`configure_callbacks`).
         freeze_norm_stats: keep BatchNorm running statistics fixed (BatchNorm layers in eval mode
             during training).
         channels_last: hold 4-D weights channels-last, so convolutions run in NHWC (on the CPU
@@ -73,8 +73,8 @@ class PEFTModule(L.LightningModule):
             too: no checkpoint holds non-finite weights.
         task_budget: the task's budget values for a method whose budget is open, e.g.
             ``{"fraction": 0.003}`` (the command line links them from the config's top-level
-            ``budget`` section; ``grft_lightning/budgets.py``); the method is built with them
-            (:func:`~grft_lightning.budgets.with_task_budget`). The effective method config is
+            ``budget`` section; ``grft_lightning/training/budgets.py``); the method is built with them
+            (:func:`~grft_lightning.training.budgets.with_task_budget`). The effective method config is
             in ``hparams.method_config``, every checkpoint and results.json.
     """
 
@@ -342,7 +342,7 @@ class PEFTModule(L.LightningModule):
 
     # -- EMA of tuned tensors ---------------------------------------------------------------
     def configure_callbacks(self) -> list[L.Callback]:
-        """With ``ema_decay``, the EMA of the tuned tensors (:class:`~grft_lightning.ema.TunedEMA`);
+        """With ``ema_decay``, the EMA of the tuned tensors (:class:`~grft_lightning.training.ema.TunedEMA`);
         a later stage of the same trainer (``test`` after ``fit``) keeps the one it has."""
         if self.hparams.ema_decay is None or any(isinstance(c, TunedEMA) for c in self.trainer.callbacks):
             return []

@@ -12,17 +12,17 @@ from typing import Any
 
 from typing_extensions import NotRequired, TypedDict  # NotRequired: typing's from Python 3.11
 
-from grft_lightning.budgets import BUDGET_ARGUMENTS
-from grft_lightning.io import write_text_atomic
+from grft_lightning.training.budgets import BUDGET_ARGUMENTS
+from grft_lightning.core.io import write_text_atomic
 
 # No ``from __future__ import annotations`` here: the TypedDicts' NotRequired keys must be evaluated
 # to be told apart (``__required_keys__``).
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Counts(TypedDict):
-    """``results.json["counts"]``: the parts of ``tuned`` (``grft_lightning/accounting.py``)."""
+    """``results.json["counts"]``: the parts of ``tuned`` (``grft_lightning/core/accounting.py``)."""
 
     #: tuned weight entries outside the head (active delta entries, trainable pre-trained weights, LoRA/adapter weights)
     selected: int
@@ -184,7 +184,7 @@ def _fraction(value: Any) -> float | None:
 def budget_record(method: Any, selection: Any, task_budget: dict[str, Any] | None = None) -> Budget:
     """The run's budget for ``results.json``: the selection's one-line description, the method's
     budget arguments as resolved (``mode``, ``allocation`` and those of
-    :data:`~grft_lightning.budgets.BUDGET_ARGUMENTS` it has), the per-matrix counts that came out of the selection
+    :data:`~grft_lightning.training.budgets.BUDGET_ARGUMENTS` it has), the per-matrix counts that came out of the selection
     (``per_matrix``: ``{layer: [axis, count]}``, rows or columns per matrix, entries per row for GPS)
     and the task's ``budget`` section the run was given (``task``)."""
     config = method.config() if hasattr(method, "config") else {}

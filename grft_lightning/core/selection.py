@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import torch
 
-from grft_lightning.gradients import captured_energy, top_k
+from grft_lightning.core.gradients import captured_energy, top_k
 
 Axis = Literal["row", "column", "entry"]
 AXES = ("row", "column", "entry")
@@ -168,8 +168,8 @@ class Selection:
                 f"= {self.entries():,} weight entries ({share:.3f} % of the backbone)")
 
     def figure(self, path: str):
-        """Draw ``selection.png`` (``plots.py``); returns the figure, or None when nothing is selected."""
-        from grft_lightning.plots import save_selection_figure
+        """Draw ``selection.png`` (``selection_figure.py``); returns the figure, or None when nothing is selected."""
+        from grft_lightning.core.selection_figure import save_selection_figure
 
         return save_selection_figure(self, path)
 

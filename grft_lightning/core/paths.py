@@ -44,7 +44,7 @@ def make_run_dir(path: str | os.PathLike, option: str = "--run_dir") -> Path:
             that is a regular file, a file system that refuses new folders or files (``/proc``, a
             read-only mount), no permission.
     """
-    from grft_lightning.errors import ConfigError
+    from grft_lightning.core.errors import ConfigError
 
     path = Path(path)
     problem = None

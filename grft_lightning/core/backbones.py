@@ -21,9 +21,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from grft_lightning.errors import WeightsUnavailable
-from grft_lightning.heads import head_parameter_names
-from grft_lightning.paths import resolve_path
+from grft_lightning.core.errors import WeightsUnavailable
+from grft_lightning.core.heads import head_parameter_names
+from grft_lightning.core.paths import resolve_path
 
 WeightsFormat = Literal["auto", "timm", "ordered"]
 
@@ -173,7 +173,7 @@ def check_image_size(name: str, image_size: int | None) -> None:
         return
     import timm
 
-    from grft_lightning.errors import ConfigError
+    from grft_lightning.core.errors import ConfigError
 
     name = resolve_model_name(name)
     if image_size < 1:

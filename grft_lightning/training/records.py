@@ -1,7 +1,7 @@
 """What a run leaves behind: ``results.json``, ``tuned.safetensors`` and ``metrics.csv``.
 
 :class:`RunRecorder` is the callback that writes the results once ``fit`` has been followed by
-the test pass (``train.py fit`` runs it; ``grft_lightning/cli.py``), keeps the run-defining config
+the test pass (``train.py fit`` runs it; ``grft_lightning/training/cli.py``), keeps the run-defining config
 in every checkpoint and refuses to resume one of another config. :class:`AppendingCSVLogger` is
 Lightning's CSV logger, except that a resumed run appends to ``metrics.csv`` instead of starting
 it over.
@@ -20,12 +20,12 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from grft_lightning.accounting import format_summary, update_size
-from grft_lightning.errors import CheckpointRefused
-from grft_lightning.export import save_tuned
-from grft_lightning.io import atomic_path
-from grft_lightning.results import budget_record, build_results, write_results
-from grft_lightning.rundir import differing_keys
+from grft_lightning.core.accounting import format_summary, update_size
+from grft_lightning.core.errors import CheckpointRefused
+from grft_lightning.methods.export import save_tuned
+from grft_lightning.core.io import atomic_path
+from grft_lightning.training.results import budget_record, build_results, write_results
+from grft_lightning.training.rundir import differing_keys
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -104,7 +104,7 @@ def refuse_another_run(checkpoint: dict, run_config: dict[str, Any] | None, path
 class RunRecorder(L.Callback):
     """Records a ``fit`` run: after the test pass that follows it, ``tuned.safetensors`` and
     ``results.json`` in ``run_dir`` (global rank 0), and a summary on stdout; in every
-    checkpoint, the run-defining config (``grft_lightning.rundir.run_defining_config``), and on
+    checkpoint, the run-defining config (``grft_lightning.training.rundir.run_defining_config``), and on
     resume a refusal, naming the keys, of a checkpoint whose run-defining config differs.
 
     Args:
@@ -156,7 +156,7 @@ class RunRecorder(L.Callback):
             self.record(trainer, pl_module, test_acc)
 
     def record(self, trainer, model, test_acc: float | None) -> dict[str, Any]:
-        from grft_lightning.callbacks import GradientSelection, RunClock
+        from grft_lightning.training.callbacks import GradientSelection, RunClock
 
         data = trainer.datamodule
         clock = next((c for c in trainer.callbacks if isinstance(c, RunClock)), None)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from grft_lightning.deltas import COLUMN, ROW, IndexDelta, SelectableLayer, StructuredDelta, selectable_layers
-from grft_lightning.heads import DEFAULT, head_parameter_ids
+from grft_lightning.core.deltas import IndexDelta, SelectableLayer, StructuredDelta, selectable_layers
+
+from grft_lightning.core.layers import COLUMN, ROW
+from grft_lightning.core.heads import DEFAULT, head_parameter_ids
 
 
 def added_parameter_owners(model: nn.Module) -> dict[int, nn.Module]:

@@ -2,7 +2,7 @@
 
 :func:`saved_tensor_bytes` walks the autograd graph behind a loss (after forward, before
 backward) and adds up the bytes of every tensor a node saved, per node type
-(``NativeLayerNormBackward0``, ``GeluBackward0``, ``_DeltaLinearBackward``, ...). A storage is
+(``NativeLayerNormBackward0``, ``GeluBackward0``, ``DeltaLinearBackward``, ...). A storage is
 counted once, under the first node met that holds it, and storages of parameters and buffers
 are left out (they exist whether or not anything is trained). This is the part of the training
 peak that a tuning method changes besides gradients and optimizer state: for example a row delta

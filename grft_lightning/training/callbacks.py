@@ -14,14 +14,14 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from grft_lightning.accounting import parameter_summary
-from grft_lightning.export import read_selection, read_tuned
-from grft_lightning.heads import classifier
-from grft_lightning.losses import pre_logits, selection_loss_fn
+from grft_lightning.core.accounting import parameter_summary
+from grft_lightning.methods.export import read_selection, read_tuned
+from grft_lightning.core.heads import classifier
+from grft_lightning.training.losses import pre_logits, selection_loss_fn
 from grft_lightning.methods import method_class
-from grft_lightning.budgets import BUDGET_ARGUMENTS
-from grft_lightning.seeding import run_seed
-from grft_lightning.gradients import accumulate_gradients
+from grft_lightning.training.budgets import BUDGET_ARGUMENTS
+from grft_lightning.core.seeding import run_seed
+from grft_lightning.core.gradients import accumulate_gradients
 
 
 def _on_device(loader, device: torch.device) -> Iterator:

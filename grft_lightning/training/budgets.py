@@ -3,10 +3,10 @@
 A task config states its published budget once, in a top-level ``budget`` section
 (:class:`TaskBudget`; per family in ``base.yaml``, per task where it differs). The command line
 links that section and the configured method to the module (``model.task_budget``, a
-jsonargparse ``link_arguments`` with :func:`task_budget_for`: ``grft_lightning/cli.py``): a
+jsonargparse ``link_arguments`` with :func:`task_budget_for`: ``grft_lightning/training/cli.py``): a
 method whose :data:`BUDGET_ARGUMENTS` are all null in its config (its budget is *open*) gets the
 task's values for the arguments it has (``fraction`` for GRFT and its random ablations, ``k``
-for GPS), and :class:`~grft_lightning.module.PEFTModule` builds the method with them
+for GPS), and :class:`~grft_lightning.training.module.PEFTModule` builds the method with them
 (:func:`with_task_budget`). A budget set by a method config or on the command
 line is never replaced, and methods without such arguments are not touched.
 

@@ -7,7 +7,7 @@ groups. Step ``s < warmup_steps``: linear from ``warmup_start_lr`` to the group'
 cosine from the group's lr down to ``min_lr`` at ``total_steps``, and ``min_lr`` beyond.
 
 A timm scheduler is not a torch ``LRScheduler``: :meth:`PEFTModule.lr_scheduler_step
-<grft_lightning.module.PEFTModule.lr_scheduler_step>` steps it with Lightning's global step, so
+<grft_lightning.training.module.PEFTModule.lr_scheduler_step>` steps it with Lightning's global step, so
 the lr is a function of the step count alone and a resumed run continues it exactly. (torch's
 ``LinearLR`` has one start factor for all groups, so it cannot start every group at the same
 absolute lr, and ``CosineAnnealingLR`` updates the lr recursively, which drifts from the closed
@@ -43,7 +43,7 @@ class WarmupCosine(CosineLRScheduler):
 
 def warmup_cosine(optimizer: Optimizer, total_steps: int, warmup_steps: int, warmup_start_lr: float,
                   min_lr: float) -> WarmupCosine:
-    """The default per-step schedule of :class:`~grft_lightning.module.PEFTModule`."""
+    """The default per-step schedule of :class:`~grft_lightning.training.module.PEFTModule`."""
     return WarmupCosine(optimizer, total_steps, warmup_steps, warmup_start_lr, min_lr)
 
 

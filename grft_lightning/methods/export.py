@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from grft_lightning.deltas import selectable_layers
-from grft_lightning.heads import TIMM_HEAD, head_spec, num_classes
-from grft_lightning.io import atomic_path
+from grft_lightning.core.deltas import selectable_layers
+from grft_lightning.core.heads import TIMM_HEAD, head_spec, num_classes
+from grft_lightning.core.io import atomic_path
 from grft_lightning.methods.base import Method
-from grft_lightning.selection import Selection
+from grft_lightning.core.selection import Selection
 
 FORMAT = "grft-lightning/tuned/2"
 #: the sections of a tuned file's keys (``<section>/...``)

@@ -17,7 +17,9 @@ from typing import Any, Callable, Iterable, Literal
 import torch
 from torch import nn
 
-from grft_lightning.deltas import eligible_layers, selectable_layers
+from grft_lightning.core.deltas import selectable_layers
+
+from grft_lightning.core.layers import eligible_layers
 
 
 def as_matrix(grad: torch.Tensor) -> torch.Tensor:
@@ -59,7 +61,7 @@ def default_gradient_targets(model: nn.Module) -> dict[str, nn.Parameter]:
     """The weights whose gradients a selection needs.
 
     Before a method is applied (the selection pass runs there): the weight of every eligible layer
-    (:func:`~grft_lightning.deltas.eligible_layers`: ``nn.Linear``/``nn.Conv2d`` and their
+    (:func:`~grft_lightning.core.layers.eligible_layers`: ``nn.Linear``/``nn.Conv2d`` and their
     subclasses and transformers' ``Conv1D``, outside the head). After ``method.apply``: the base
     weights of the inserted selectable layers, named as in the original model.
     """

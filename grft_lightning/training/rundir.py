@@ -21,7 +21,7 @@ Left out: :data:`FREE_KEYS` (loader workers and host memory pinning, the progres
 selection pass, how often the loss is read on the host), and everything else (logging, W&B,
 progress bars, checkpoint frequency, the run directory, the label, devices). Every checkpoint
 holds it, and a resume with other values is refused naming the keys that differ
-(``grft_lightning.records.RunRecorder``).
+(``grft_lightning.training.records.RunRecorder``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from grft_lightning.errors import RunDirectoryBusy
+from grft_lightning.core.errors import RunDirectoryBusy
 
 LOCK_NAME = "run.lock"
 

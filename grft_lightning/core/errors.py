@@ -23,7 +23,7 @@ from typing import Iterator
 #: ``GRFT_DEBUG=1``: show the traceback of user errors too.
 DEBUG_VARIABLE = "GRFT_DEBUG"
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # grft_lightning/
 
 
 class UserError(Exception):

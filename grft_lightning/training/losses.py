@@ -1,4 +1,10 @@
-"""Losses of the selection pass."""
+"""The losses of training and of the selection pass, on a timm model's pooled features and logits.
+
+The selection pass uses cross-entropy through the head or the head-free supervised contrastive
+loss on pooled features (GPS's choice; the views are the data module's), :func:`selection_loss_fn`.
+Training reads the features (for the feature regulariser) and the logits from one pass
+(:func:`features_and_logits`).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grft_lightning.heads import HeadGroup, classifier
+from grft_lightning.core.heads import HeadGroup, classifier
 
 
 def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
@@ -47,7 +53,7 @@ def features_and_logits(model: nn.Module, images: torch.Tensor) -> tuple[torch.T
     logits its own forward gives, from one pass through the backbone.
 
     The logits are the head applied to the features, except for a model with several heads
-    (:class:`~grft_lightning.heads.HeadGroup`): DeiT's distilled ViTs pool two tokens, and their
+    (:class:`~grft_lightning.core.heads.HeadGroup`): DeiT's distilled ViTs pool two tokens, and their
     forward applies each head to its own token and averages the logits, where the pooled features
     average the tokens first. The logits then come from the model's ``forward_head``, so that
     training optimises the function evaluation measures.

