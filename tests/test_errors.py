@@ -249,3 +249,16 @@ def test_debug_shows_the_traceback_of_the_new_checks(tmp_path, monkeypatch, case
     with pytest.raises(ValueError, match=match) as raised:
         main(args)
     assert isinstance(raised.value, ConfigError) or isinstance(raised.value.__cause__, ConfigError)
+
+
+def test_a_bad_choice_has_one_wording():
+    from grft_lightning.core.errors import check_choice
+    from grft_lightning.methods import GPS, GRFT
+
+    check_choice("x", "b", ("a", "b"))  # a good choice passes
+    with pytest.raises(ValueError, match=r"^GRFT\.order must be highest or lowest, got 'middle'$"):
+        GRFT(mode="row", rows_per_matrix=1, order="middle")
+    with pytest.raises(ValueError, match=r"^GPS\.order must be gradient or random, got 'best'$"):
+        GPS(k=1, order="best")
+    with pytest.raises(ValueError, match=r"^GRFT\.allocation must be uniform, proportional or global, got 'x'$"):
+        GRFT(mode="row", fraction=0.01, allocation="x")

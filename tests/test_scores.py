@@ -38,7 +38,7 @@ def test_reductions_known_answer(reduction):
 
 def test_unknown_reduction_and_unsplittable_batches():
     model, batches, _ = _setup()
-    with pytest.raises(ValueError, match="reduction must be one of"):
+    with pytest.raises(ValueError, match="^accumulate_gradients: reduction must be sum, sum_of_squares or per_sample_squares, got .mean.$"):
         accumulate_gradients(model, batches, loss_fn, reduction="mean")
     with pytest.raises(TypeError, match="tuples or dicts of tensors"):
         accumulate_gradients(model, [(batches[0][0], "text")], lambda m, b: m(b[0]).sum(), reduction="per_sample_squares")

@@ -51,6 +51,16 @@ class WeightsUnavailable(UserError, RuntimeError):
     """Pre-trained weights that cannot be loaded (offline without a local copy, no such tag)."""
 
 
+def check_choice(option: str, value: object, choices) -> None:
+    """A ``ValueError`` ``"<option> must be a, b or c, got 'x'"`` unless ``value`` is one of
+    ``choices``: the one wording of a bad choice, for arguments a library caller passes without the
+    command line's type check."""
+    if value not in choices:
+        names = [str(c) for c in choices]
+        listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+        raise ValueError(f"{option} must be {listed}, got {value!r}")
+
+
 def _raised_in_package(err: BaseException) -> bool:
     """Whether the innermost frame of ``err``'s traceback is in this package's source."""
     tb = err.__traceback__

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Literal
 import torch
 from torch import nn
 
+from grft_lightning.core.errors import check_choice
 from grft_lightning.core.deltas import selectable_layers
 
 from grft_lightning.core.layers import eligible_layers
@@ -128,8 +129,7 @@ def accumulate_gradients(
         description: label of the progress bar.
         reduction: ``sum``, ``sum_of_squares`` or ``per_sample_squares`` (above).
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"accumulate_gradients: reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    check_choice("accumulate_gradients: reduction", reduction, REDUCTIONS)
     targets = default_gradient_targets(model)
     if names is not None:
         names = list(names)

@@ -113,10 +113,6 @@ class FGVC(PreparedFolderData):
         return FGVC_DATASETS[self.dataset_key]
 
     @property
-    def num_classes(self) -> int:
-        return self.info.num_classes
-
-    @property
     def dataset_name(self) -> str:
         return f"fgvc/{self.dataset_key}"
 

@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
+from grft_lightning.core.errors import check_choice
 from grft_lightning.data.base import ImageClassificationData, ListDataset
 from grft_lightning.core.paths import resolve_path
 
@@ -171,8 +172,7 @@ class MNISTDigits(ImageClassificationData):
         if not family or "/" in family:
             raise ValueError(f"data.family must be a non-empty name without '/', got {family!r}")
         self.family = family
-        if task not in TASK_CLASSES:
-            raise ValueError(f"data.task must be one of {', '.join(TASK_CLASSES)}, got {task!r}")
+        check_choice("data.task", task, TASK_CLASSES)
         self.task, self.csv, self.split_seed = task, csv, split_seed
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] | None = None

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from torch.utils.data import Dataset
 
+from grft_lightning.core.errors import check_choice
 from grft_lightning.data.base import ImageClassificationData, ListDataset, Split
 from grft_lightning.data.folders import DatasetError, Sample, check_samples, load_rgb
 
@@ -48,14 +49,22 @@ class PreparedFolderData(ImageClassificationData):
     ):
         super().__init__(**kwargs)
         self.allow_outside_root = allow_outside_root
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"data.protocol must be 'final' or 'tune', got {protocol!r}")
+        check_choice("data.protocol", protocol, PROTOCOLS)
         self.root = root
         self.protocol = protocol
         self.skip_bad_images = skip_bad_images
         self.verify_images = verify_images
         self._skipped: dict[str, str] = {}
         self._probed: dict = {}
+
+    @property
+    @abc.abstractmethod
+    def info(self):
+        """This dataset's or task's facts: its folder and ``num_classes`` at least."""
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
 
     @property
     @abc.abstractmethod

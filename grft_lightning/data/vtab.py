@@ -171,10 +171,6 @@ class VTAB1k(PreparedFolderData):
         return VTAB_TASKS[self.task]
 
     @property
-    def num_classes(self) -> int:
-        return self.info.num_classes
-
-    @property
     def dataset_name(self) -> str:
         return f"vtab/{self.task}"
 

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from grft_lightning.core.errors import check_choice
 from grft_lightning.core.deltas import set_submodule
 from grft_lightning.core.heads import DEFAULT, head_module_ids
 from grft_lightning.core.selection import Selection
@@ -109,8 +110,7 @@ class Adapter(Method):
         super().__init__(list(VIT_SITES) if targets is None else targets, exclude, tune_bias, tune_norm)
         if bottleneck < 1:
             raise ValueError(f"Adapter.bottleneck must be >= 1, got {bottleneck}")
-        if placement not in ("sequential", "parallel"):
-            raise ValueError(f"Adapter.placement must be sequential or parallel, got {placement!r}")
+        check_choice("Adapter.placement", placement, ("sequential", "parallel"))
         self.bottleneck = bottleneck
         self.scale = scale
         self.placement = placement

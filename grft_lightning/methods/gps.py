@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from grft_lightning.core.errors import check_choice
 from grft_lightning.core.deltas import IndexDelta
 
 from grft_lightning.core.layers import matrix_shape, to_matrix
@@ -71,8 +72,7 @@ class GPS(Method):
         k = 1 if k is None else k
         if k < 1:
             raise ValueError(f"GPS.k must be >= 1, got {k}")
-        if order not in ("gradient", "random"):
-            raise ValueError(f"GPS.order must be gradient or random, got {order!r}")
+        check_choice("GPS.order", order, ("gradient", "random"))
         self.k = k
         self.order = order
         self.seed = seed

@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from grft_lightning.core.errors import check_choice
 from grft_lightning.core.deltas import StructuredDelta, selectable_layers
 
 from grft_lightning.core.layers import AXES, to_matrix
@@ -108,14 +109,12 @@ class GRFT(Method):
     ):
         super().__init__(targets, ["patch_embed.*"] if exclude is None else exclude, tune_bias, tune_norm,
                          tune_params)
-        if order not in ("highest", "lowest"):
-            raise ValueError(f"{type(self).__name__}.order must be highest or lowest, got {order!r}")
+        check_choice(f"{type(self).__name__}.order", order, ("highest", "lowest"))
         if order == "lowest" and mode == "auto":
             raise ValueError(f"{type(self).__name__}: order='lowest' takes mode row or column (auto compares the "
                              "best rows with the best columns)")
         self._check_options(mode, rows_per_matrix, columns_per_matrix, fraction, allocation, regularization)
-        if score not in self.SCORES:
-            raise ValueError(f"GRFT.score must be one of {', '.join(self.SCORES)}, got {score!r}")
+        check_choice("GRFT.score", score, self.SCORES)
         self.mode = mode
         self.rows_per_matrix = rows_per_matrix
         self.columns_per_matrix = columns_per_matrix
@@ -138,10 +137,8 @@ class GRFT(Method):
             raise ValueError(f"{kind}: rows_per_matrix does not apply to mode='column' (use columns_per_matrix)")
         if mode in ("row", "auto") and columns_per_matrix is not None:
             raise ValueError(f"{kind}: columns_per_matrix does not apply to mode={mode!r} (use rows_per_matrix)")
-        if allocation not in self.ALLOCATIONS:
-            raise ValueError(f"{kind}.allocation must be one of {', '.join(self.ALLOCATIONS)}, got {allocation!r}")
-        if regularization not in ("none", "l2sp", "feature"):
-            raise ValueError(f"{kind}.regularization must be none, l2sp or feature, got {regularization!r}")
+        check_choice(f"{kind}.allocation", allocation, self.ALLOCATIONS)
+        check_choice(f"{kind}.regularization", regularization, ("none", "l2sp", "feature"))
 
     @property
     def name(self) -> str:

@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from grft_lightning.core.errors import check_choice
 from grft_lightning.core.heads import DEFAULT, head_spec
 from grft_lightning.core.layers import matrix_shape
 from grft_lightning.core.seeding import run_seed
@@ -70,8 +71,7 @@ class RandomRows(GRFT):
         seed: int | None = None,
         tune_params: list[str] | None = None,
     ):
-        if mode == "auto":
-            raise ValueError("RandomRows.mode must be row or column")
+        check_choice("RandomRows.mode", mode, ("row", "column"))
         super().__init__(mode, rows_per_matrix, columns_per_matrix, fraction, allocation, targets, exclude,
                          tune_bias, tune_norm, regularization, reg_lambda, tune_params=tune_params)
         self.seed = seed

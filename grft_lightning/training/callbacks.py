@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from grft_lightning.core.errors import check_choice
 from grft_lightning.core.accounting import parameter_summary
 from grft_lightning.methods.export import read_selection, read_tuned
 from grft_lightning.core.heads import classifier
@@ -110,12 +111,9 @@ class GradientSelection(L.Callback):
         keep_probe_head: bool = False,
         probe_steps: int = 100,
     ):
-        if mode not in ("train", "eval"):
-            raise ValueError(f"selection.mode must be 'train' or 'eval', got {mode!r}")
-        if views not in ("two_augmented", "one"):
-            raise ValueError(f"selection.views must be 'two_augmented' or 'one', got {views!r}")
-        if head not in ("random", "probe"):
-            raise ValueError(f"selection.head must be 'random' or 'probe', got {head!r}")
+        check_choice("selection.mode", mode, ("train", "eval"))
+        check_choice("selection.views", views, ("two_augmented", "one"))
+        check_choice("selection.head", head, ("random", "probe"))
         if keep_probe_head and head != "probe":
             raise ValueError("selection.keep_probe_head needs selection.head: probe")
         if probe_steps < 1:
