@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import Union
 
-import torch
 from torch import nn
 
 #: ``head=TIMM_HEAD``: the modules ``model.get_classifier()`` returns (the default on timm models).
@@ -47,17 +46,15 @@ class HeadGroup(nn.Module):
 
     ``get_classifier()`` of DeiT's distilled ViTs (and LeViT, PiT, EfficientFormer) returns a
     tuple, ``(head, head_dist)``: both are new layers of ``num_classes`` outputs, so both are
-    trained and counted as head. Called on pooled features the group returns the mean of its
-    heads' logits, as timm's distilled models average their two heads outside distillation
-    training. It only refers to the model's modules; the model itself is unchanged.
+    trained and counted as head. The group is not called: the logits come from the model's own
+    ``forward_head``, where each head reads its own token (``training/losses.py``,
+    ``features_and_logits``). It only refers to the model's modules; the model itself is
+    unchanged.
     """
 
     def __init__(self, heads: list[nn.Module]):
         super().__init__()
         self.heads = nn.ModuleList(heads)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.stack([head(features) for head in self.heads]).mean(0)
 
     @property
     def out_features(self) -> int:
