@@ -101,3 +101,24 @@ def test_two_processes_select_train_and_evaluate_like_one(tmp_path):
     # checkpoints: after each epoch, last.ckpt only (no last-v1.ckpt)
     assert sorted(p.name for p in (ddp_dir / "checkpoints").iterdir()) == ["last.ckpt"]
     assert [w for w in writes if w.endswith(".ckpt")] == [str(ddp_dir / "checkpoints" / "last.ckpt")] * 2
+
+
+def test_two_processes_fit_one_probe_head(tmp_path):
+    """``selection.head: probe`` under DDP: every rank fits the probe on the whole training split, rank
+    0's head is broadcast, so both ranks select through the same head and start training from it
+    (``keep_probe_head``), and the run equals one process's."""
+    ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
+    probe = ("--selection.head", "probe", "--selection.keep_probe_head", "true", "--selection.probe_steps", "10")
+    ddp = start(fit_command(ddp_dir, *probe, devices=2, n_train=N_TRAIN, n_val=N_EVAL, n_test=N_EVAL,
+                            batch_size=BATCH), tmp_path / "ddp.log")
+    single = fit(single_dir, *probe, devices=1, n_train=N_TRAIN, n_val=N_EVAL, n_test=N_EVAL, batch_size=BATCH)
+    finish(ddp, tmp_path / "ddp.log")
+    results = json.loads((ddp_dir / "results.json").read_text())
+    rank0, rank1, alone = probe_facts(ddp_dir, 0), probe_facts(ddp_dir, 1), probe_facts(single_dir)
+    for key in rank0["selection"]:
+        assert torch.equal(rank0["selection"][key], rank1["selection"][key]), key
+    assert _row_overlap(_index_buffers(rank0["selection"]), _index_buffers(alone["selection"])) == 1.0
+    for name in rank0["tuned"]:  # the head included: both ranks started from the same probe head
+        assert torch.equal(rank0["tuned"][name], rank1["tuned"][name]), name
+    assert results["selection"]["head"] == single["selection"]["head"] == "probe"
+    assert results["selection"]["probe_train_acc"] == single["selection"]["probe_train_acc"]

@@ -146,3 +146,40 @@ def test_killed_mid_epoch_and_restarted_equals_uninterrupted(tmp_path):
     assert {path for _, path in writes if path.endswith(".ckpt")} == {str(whole / "checkpoints" / "last.ckpt")}
     for run in (whole, killed):
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+
+
+PROBE = ("--selection.head", "probe", "--selection.keep_probe_head", "true", "--selection.probe_steps", "10")
+
+
+def test_a_probe_head_run_resumes_without_fitting_the_probe_again(tmp_path):
+    """LP-FT (``selection.head: probe`` with ``keep_probe_head``) killed mid-epoch and restarted: the
+    restart takes the selection, the head and the probe's record from the checkpoint, fits no probe,
+    and ends where the uninterrupted run ends."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    command = lambda run: _command(run) + list(PROBE)  # noqa: E731
+    reference = start(command(whole), tmp_path / "whole.log")
+    victim = start(command(killed), tmp_path / "killed.log", RANK_PROBE_HANG_AT_STEP=str(HANG_AT))
+    last = killed / "checkpoints" / "last.ckpt"
+    _wait_for([killed / "probe" / "hanging_rank0", last], victim)
+    os.kill(victim.pid, signal.SIGKILL)
+    assert victim.wait(timeout=60) == -signal.SIGKILL
+    first_segment = (tmp_path / "killed.log").read_text()
+    assert first_segment.count("selection: linear probe fitted on 40 images") == 1
+    finish(reference, tmp_path / "whole.log")
+    finish(start(command(killed), tmp_path / "killed.log"), tmp_path / "killed.log")
+    restart = (tmp_path / "killed.log").read_text()[len(first_segment):]
+    assert f"resuming from {last}" in restart and "not re-selected" in restart
+    assert "linear probe fitted" not in restart
+
+    a, b = probe_facts(whole), probe_facts(killed)
+    for key in a["selection"]:
+        assert torch.equal(a["selection"][key], b["selection"][key]), key
+    ra = json.loads((whole / "results.json").read_text())
+    rb = json.loads((killed / "results.json").read_text())
+    assert ra["selection"]["head"] == rb["selection"]["head"] == "probe"
+    assert rb["selection"]["keep_probe_head"] is True and rb["selection"]["probe_seconds"] > 0
+    assert rb["selection"]["probe_train_acc"] == ra["selection"]["probe_train_acc"]  # the first segment's probe
+    assert rb["test_acc"] == pytest.approx(ra["test_acc"], abs=1e-6)
+    ta, tb = tuned_values(whole), tuned_values(killed)
+    for key in ta:
+        torch.testing.assert_close(tb[key], ta[key], rtol=1e-5, atol=1e-7, msg=key)
