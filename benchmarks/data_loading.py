@@ -1,8 +1,8 @@
 """Decoding + transform throughput of a DataModule's training loader, per worker count.
 
-    python benchmarks/data_loading.py --root $VTAB_ROOT --task dtd --workers 0 1 2 4
-    python benchmarks/data_loading.py --benchmark fgvc --root $FGVC_ROOT --task cub
-    python benchmarks/data_loading.py             # synthetic VTAB folder in a temp dir
+    python -m benchmarks.data_loading --root $VTAB_ROOT --task dtd --workers 0 1 2 4
+    python -m benchmarks.data_loading --benchmark fgvc --root $FGVC_ROOT --task cub
+    python -m benchmarks.data_loading             # synthetic VTAB folder in a temp dir
 
 Prints a markdown table: images/second in all and per worker (the main process counts as one
 worker when ``num_workers`` is 0), after one warm-up batch that pays for starting the workers
@@ -22,11 +22,7 @@ import time
 import numpy as np
 from PIL import Image
 
-try:
-    from grft_lightning.data import FGVC, VTAB1k
-except ImportError:  # run from a checkout without `pip install .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from grft_lightning.data import FGVC, VTAB1k
+from grft_lightning.data import FGVC, VTAB1k
 from grft_lightning.data.vtab import VTAB_TASKS, write_list_file
 
 

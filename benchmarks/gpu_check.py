@@ -4,14 +4,14 @@
     scripts/gpu_check.sh --smoke         # the same phases on the CPU, test_vit at 32 px (tests)
 
 (``scripts/gpu_check.sh`` installs jsonargparse from ``.gpu_wheels/`` when it is missing, then
-runs this file.) Writes ``OUT.json`` and ``OUT.md`` (default ``benchmarks/results/cost_gpu``;
+runs ``python -m benchmarks.gpu_check`` from the repository root.) Writes ``OUT.json`` and ``OUT.md`` (default ``benchmarks/results/cost_gpu``;
 ``--smoke``: a temporary folder) after every phase, so that a crash or a time-out late keeps the
 tables already measured, prints the tables at the end and exits 1 when a phase failed.
 
 Phases, each in its own process with its own time budget (``--budget-*``), all within
 ``--total`` seconds, in this order:
 
-1. *methods*: ``benchmarks/cost.py``'s select, memory and time phases in one process, for full,
+1. *methods*: :mod:`benchmarks.cost`'s select, memory and time phases in one process, for full,
    linear, BitFit, LoRA, Adapter, GPS (index deltas), GPS masked, GRFT row and column: images/s
    (batch / median synchronised step time, all methods round-robin), ``max_memory_allocated``
    over training steps (reset after the model, selection and optimizer exist), each as a ratio
@@ -23,15 +23,18 @@ Phases, each in its own process with its own time budget (``--budget-*``), all w
    after one warm-up each.
 3. *fit*: ``python train.py fit`` of the backbone under ``--trainer.precision bf16-mixed`` on
    ``grft_lightning.data.SyntheticImages`` for ``--fit-steps`` steps (one epoch), W&B disabled,
-   for full fine-tuning and GRFT row; images/s from ``results.json``'s ``train_seconds`` (the
-   Lightning loop end to end: loader, logging and the epoch-end checkpoint included).
+   for full fine-tuning and GRFT row (their registry files, ``configs/methods/full.yaml`` and
+   ``grft_row.yaml``, GRFT at cost.py's 4 rows per matrix); images/s from ``results.json``'s
+   ``train_seconds`` (the Lightning loop end to end: loader, logging and the epoch-end checkpoint
+   included).
 4. *compile*: full fine-tuning and GRFT row with the loss (forward, head, cross-entropy,
    regulariser) eager and under ``torch.compile``; backward and AdamW stay eager.
 
 Every phase runs with ``wandb`` made unimportable (W&B is disabled; the GPU machine has none).
 
-Targets beside the measured ratios: GRFT row at least 1.35x full fine-tuning's images/s and at
-most 0.7x its peak memory; the selection pass at most 1.2x one epoch.
+Targets beside the measured ratios (``benchmarks/targets.yaml``, ``gpu_vit_b16``): GRFT row at
+least 1.35x full fine-tuning's images/s and at most 0.7x its peak memory; the selection pass at
+most 1.2x one epoch.
 """
 
 from __future__ import annotations
@@ -50,21 +53,26 @@ import tempfile
 import time
 import traceback
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
+from benchmarks import ROOT as REPO, cost, targets  # cost: the methods, runs and phases
 
-import cost  # noqa: E402  (benchmarks/cost.py: methods, runs, phases)
+ROOT = str(REPO)
 
 PHASES = ["methods", "selection", "fit", "compile"]
 FIT_LABELS = {"full": "full fine-tuning", "grft_row": "GRFT row (4/matrix)"}
-FIT_METHODS = {
-    "full": ["--model.method", "grft_lightning.methods.Full"],
-    "grft_row": ["--model.method", "grft_lightning.methods.GRFT", "--model.method.mode", "row",
-                 "--model.method.rows_per_matrix", "4"],
-}
+
+
+def _fit_method(name: str) -> list[str]:
+    """``train.py`` options of a fitted method: its registry file and cost.py's budget on top."""
+    options = ["--config", str(cost.REGISTRY_DIR / f"{name}.yaml")]
+    for key, value in cost.BUDGETS.get(name, {}).items():
+        options += [f"--model.method.init_args.{key}", str(value)]
+    return options
+
+
+FIT_METHODS = {name: _fit_method(name) for name in ("full", "grft_row")}
 COMPILE_METHODS = ["full", "grft_row"]
-TARGETS = {"grft_row_images_per_second": 1.35, "grft_row_peak_memory": 0.7, "selection_vs_epoch": 1.2}
+#: the GPU targets (benchmarks/targets.yaml, gpu_vit_b16): images/s at least, peak and pass at most
+TARGETS = targets("gpu_vit_b16")
 BLOCKED = ["wandb"]  # W&B is disabled: nothing on the benchmark's path may import it
 
 GPU = dict(model="vit_base_patch16_224", img_size=224, batch=64, dtype="bf16", device="cuda", steps=20, warmup=5,
@@ -100,7 +108,7 @@ def _median(values: list[float]) -> float:
 
 
 def _cost_args(cfg: dict, methods: list[str], selection_dir: str, **override):
-    """benchmarks/cost.py's options for this check (its parser fills the rest)."""
+    """benchmarks.cost's options for this check (its parser fills the rest)."""
     o = {**cfg, **override}
     argv = ["--methods", ",".join(methods), "--model", o["model"], "--img-size", str(o["img_size"]),
             "--batch", str(o["batch"]), "--steps", str(o["steps"]), "--warmup", str(o["warmup"]),
@@ -216,7 +224,7 @@ def _blocker(work: str) -> str:
     for name in BLOCKED:
         os.makedirs(os.path.join(folder, name), exist_ok=True)
         with open(os.path.join(folder, name, "__init__.py"), "w") as handle:
-            handle.write(f"raise ModuleNotFoundError('{name} is not to be imported here (benchmarks/gpu_check.py)', "
+            handle.write(f"raise ModuleNotFoundError('{name} is not to be imported here (benchmarks.gpu_check)', "
                          f"name='{name}')\n")
     return folder
 
@@ -438,7 +446,7 @@ def _run_phase(name: str, work: str, timeout: float, progress) -> tuple[str, str
     """Run one phase in a child process, in its own process group (a time-out ends all of it);
     ``progress(found)`` receives the phase's partial results whenever its file changes."""
     out_file = os.path.join(work, f"{name}.json")
-    command = [sys.executable, os.path.abspath(__file__), "--phase", name, "--work", work]
+    command = [sys.executable, "-m", "benchmarks.gpu_check", "--phase", name, "--work", work]
     child = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
     status, error, seen = "ok", None, None
     deadline = time.perf_counter() + timeout

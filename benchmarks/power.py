@@ -11,7 +11,7 @@ the given power at the given level, for several numbers of seeds:
 differences over the committed seeds, assumed to hold for the new arms). ``alpha`` is Holm's first
 (strictest) step over the primary comparisons, ``0.05 / m``, and its last step, ``0.05``.
 
-    .venv/bin/python benchmarks/power.py [--pairs grft_row:random_row grft_row:gps] \
+    .venv/bin/python -m benchmarks.power [--pairs grft_row:random_row grft_row:gps] \
         [--tasks mnist_digit mnist_rotation mnistm] [--seeds 5 10 15 20] [--primary 4]
 """
 

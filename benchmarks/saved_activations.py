@@ -1,12 +1,14 @@
 """What each tuning method makes autograd keep for backward, per node type (activation memory).
 
-    python benchmarks/saved_activations.py --out benchmarks/results/saved_activations_cpu
-    python benchmarks/saved_activations.py --model test_vit --batch 2   # seconds
+    python -m benchmarks.saved_activations --out benchmarks/results/saved_activations_cpu
+    python -m benchmarks.saved_activations --model test_vit --batch 2   # seconds
 
 One forward pass (train mode, cross-entropy) of the same backbone, batch and seed per method;
 :func:`grft_lightning.core.profiling.saved_tensor_bytes` then adds up the tensors the graph holds,
-per autograd node type, leaving out parameters and buffers. Selections come from one batch of
-cross-entropy gradients (the indices do not change the sizes). This explains the activation
+per autograd node type, leaving out parameters and buffers. The methods are the cost benchmark's
+(``benchmarks.cost.build_method``: the registry files and its budgets); selections come from one
+batch of gradients of the training's cross-entropy selection loss (the indices do not change the
+sizes). This explains the activation
 part of ``benchmarks/cost.py``'s peak memory; the rest is weights, gradients, optimizer state
 and the temporaries of the step.
 """
@@ -18,9 +20,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from cost import LABELS, build_method  # noqa: E402  (same method set and settings)
+from benchmarks.cost import LABELS, build_method  # the same methods and settings
 
 DEFAULT_METHODS = ["full", "linear", "bitfit", "lora", "adapter", "gps", "grft_row", "grft_column"]
 MIB = 2**20
@@ -29,9 +29,9 @@ MIB = 2**20
 def measure(name: str, model_name: str, batch: int, num_classes: int, seed: int) -> dict[str, int]:
     import timm
     import torch
-    import torch.nn.functional as F
 
     from grft_lightning import accumulate_gradients
+    from grft_lightning.training.losses import selection_loss_fn
     from grft_lightning.core.profiling import saved_tensor_bytes
 
     torch.manual_seed(seed)
@@ -42,8 +42,7 @@ def measure(name: str, model_name: str, batch: int, num_classes: int, seed: int)
     images = torch.randn(batch, 3, size, size, generator=gen)
     labels = torch.randint(0, num_classes, (batch,), generator=gen)
 
-    def loss_fn(m, b):
-        return F.cross_entropy(m(b[0]), b[1])
+    loss_fn = selection_loss_fn("ce")  # cross-entropy through the new head, as the training's selection
 
     grads = None
     if method.needs_gradients:  # the selection pass, on the pre-trained model
@@ -71,7 +70,7 @@ def markdown(result: dict) -> str:
         "first node that keeps it walking back from the loss",
         "- row and entry deltas (GRFT row, GPS) keep the input of the LayerNorm or GELU that feeds them and "
         "recompute its output in backward (`deltas.Recomputable`); those inputs, kept by the LayerNorm and GELU "
-        "nodes too, are counted under `DeltaLinearBackward`",
+        "nodes too, are counted under `_DeltaLinearBackward`",
         "",
         "| node | " + " | ".join(LABELS.get(m, m) for m in methods) + " |",
         "|---|" + "---:|" * len(methods),

@@ -1,7 +1,7 @@
 """The budget curve of the ViT testbed: MNIST-M accuracy against tuned % for GRFT rows, random rows,
 GPS and LoRA at 1, 2, 4 and 8 rows / k / rank (seeds 0-2, the curve's seeds, for every point).
 
-    python benchmarks/vit_budget_curve.py   # reads benchmarks/results/vit_ablations.json
+    python -m benchmarks.vit_budget_curve   # reads benchmarks/results/vit_ablations.json
 
 Writes ``benchmarks/results/vit_budget_curve.{png,md}``.
 """
@@ -56,7 +56,7 @@ def main() -> int:
     lines += ["", "Cells: mean test accuracy over seeds 0-2 (tuned %). 1x = 1 row per matrix / k = 1 / rank 1 "
               "(the main table's runs), 2x-8x the ablation runs. LoRA's learning rate was chosen at rank 1; "
               "its rank-4 and rank-8 points diverge and fall below the plot. Produced by "
-              "`python benchmarks/vit_budget_curve.py` from `vit_ablations.json`."]
+              "`python -m benchmarks.vit_budget_curve` from `vit_ablations.json`."]
     (RESULTS / "vit_budget_curve.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

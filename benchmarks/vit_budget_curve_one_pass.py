@@ -7,7 +7,7 @@ accuracy with the committed ablation table (``benchmarks/results/vit_ablations.j
 runs each made their own selection pass, and writes a table of both with each run's selection
 seconds. Finished runs in ``--runs-dir`` are skipped, so a re-launch only compares.
 
-    python benchmarks/vit_budget_curve_one_pass.py [--runs-dir runs/vit_budget_curve_one_pass]
+    python -m benchmarks.vit_budget_curve_one_pass [--runs-dir runs/vit_budget_curve_one_pass]
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def main() -> None:
     lines = ["# ViT budget curve from one selection pass per seed (MNIST-M)", "",
              "Per seed the 8x run selects; the 2x and 4x runs cut its selection. Test accuracy against the committed",
              "ablation runs (`vit_ablations.json`), which each made their own pass. Produced by",
-             "`python benchmarks/vit_budget_curve_one_pass.py`.", "",
+             "`python -m benchmarks.vit_budget_curve_one_pass`.", "",
              "| run | seed | test acc (one pass) | committed | equal | selection s | cut from the 8x run |",
              "|---|---:|---:|---:|---|---:|---|"]
     for r in rows:

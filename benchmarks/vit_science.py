@@ -1,8 +1,8 @@
 """The choices and the analysis of the pre-registered ViT study (benchmarks/vit_science_plan.md).
 
-    python benchmarks/vit_science.py choose-task RUNS/choice           # prints the chosen task config
-    python benchmarks/vit_science.py choose-setting RUNS/tune ARM      # prints the arm's chosen overrides
-    python benchmarks/vit_science.py analyse RUNS/main --out OUT/vit_science   # the comparisons
+    python -m benchmarks.vit_science choose-task RUNS/choice           # prints the chosen task config
+    python -m benchmarks.vit_science choose-setting RUNS/tune ARM      # prints the arm's chosen overrides
+    python -m benchmarks.vit_science analyse RUNS/main --out OUT/vit_science   # the comparisons
 
 Every choice reads ``val_acc`` only (never ``test_acc``): the task that replaces ``mnist_count``
 from full fine-tuning and linear probing, and each arm's learning rate and L2-SP weight. The
@@ -18,10 +18,9 @@ import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from grft_lightning.experiments.stats import comparisons_markdown, holm, paired
 
-from grft_lightning.experiments.stats import comparisons_markdown, holm, paired  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CANDIDATES = ROOT / "configs" / "vit_suite" / "science" / "candidates"
 #: full fine-tuning's mean validation accuracy above which a candidate counts as saturated

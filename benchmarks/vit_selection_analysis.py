@@ -1,6 +1,6 @@
 """How concentrated is the squared gradient that GRFT selects on, on the ViT testbed?
 
-    python benchmarks/vit_selection_analysis.py [--seeds 0 1 2 3 4] [--out benchmarks/results]
+    python -m benchmarks.vit_selection_analysis [--seeds 0 1 2 3 4] [--out benchmarks/results]
 
 For each task of the ViT suite and each seed (the seed draws the new head, as in the suite's
 runs), one selection pass as the suite runs it (cross-entropy, evaluation transform, model in
@@ -25,26 +25,18 @@ import argparse
 import json
 import os
 import statistics
-import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+from grft_lightning.core.backbones import create_backbone
+from grft_lightning.data.mnist import MNISTDigits
+from grft_lightning.core.gradients import accumulate_gradients, as_matrix, default_gradient_targets
+from grft_lightning.training.losses import selection_loss_fn
+from grft_lightning.core.testbed import NAME, TAG, WEIGHTS
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from grft_lightning.core.backbones import create_backbone  # noqa: E402
-from grft_lightning.data.mnist import MNISTDigits  # noqa: E402
-from grft_lightning.core.gradients import accumulate_gradients, as_matrix, default_gradient_targets  # noqa: E402
-from grft_lightning.core.testbed import NAME, TAG, WEIGHTS  # noqa: E402
-
 TASKS = {"mnist_digit": "digit", "mnist_rotation": "rotation", "mnist_count": "count", "mnistm": "mnistm"}
-
-
-def ce(model, batch):
-    images, labels = batch
-    return F.cross_entropy(model(images), labels)
 
 
 def analyse(name: str, seed: int, weights: str = WEIGHTS) -> list[dict]:
@@ -56,6 +48,7 @@ def analyse(name: str, seed: int, weights: str = WEIGHTS) -> list[dict]:
     loader = data.selection_dataloader("ce", seed=seed)
     batches = list(loader)
     names = [n for n in default_gradient_targets(model) if n.startswith("blocks.")]  # GRFT's matrices (no stem)
+    ce = selection_loss_fn("ce")  # the suite's selection loss: cross-entropy through the new head
     summed = accumulate_gradients(model, batches, ce, names)
     per_batch = accumulate_gradients(model, batches, ce, names, reduction="sum_of_squares")
     per_sample = accumulate_gradients(model, batches, ce, names, reduction="per_sample_squares")
@@ -103,7 +96,7 @@ def to_markdown(summary: list[dict], seeds: list[int]) -> str:
                      f"{100 * s['rows_over_2x']:.0f} % | {100 * s['columns_over_2x']:.0f} % | "
                      f"{100 * s['best_row_same_as_fisher_sample']:.0f} % | {100 * s['best_row_same_as_fisher_batch']:.0f} % |")
     lines += ["", f"Seeds {seeds}; the 24 block matrices (qkv, proj, fc1, fc2 of 6 blocks) of each run. Produced by "
-              "`python benchmarks/vit_selection_analysis.py` (about 40 minutes on a busy core); definitions in its "
+              "`python -m benchmarks.vit_selection_analysis` (about 40 minutes on a busy core); definitions in its "
               "docstring."]
     return "\n".join(lines) + "\n"
 

@@ -1,6 +1,6 @@
 """The learning-rate search behind the ViT suite's recipes, on the validation split only.
 
-    python benchmarks/vit_suite_tuning.py [--runs-dir runs/vit_suite_tuning] [--tasks mnistm mnist_rotation]
+    python -m benchmarks.vit_suite_tuning [--runs-dir runs/vit_suite_tuning] [--tasks mnistm mnist_rotation]
 
 Seed 0, the suite's task configs (8 epochs, last-epoch validation accuracy), each method's config
 with its learning rate replaced by each value of its grid (``--model.head_lr`` for linear
@@ -18,11 +18,9 @@ import io
 import json
 import os
 import statistics
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 GRID = {
     **{m: ("--model.optimizer.init_args.lr", ["0.01", "0.03", "0.1"])
@@ -66,7 +64,7 @@ def main(argv=None) -> int:
     best = {m: max((r for r in rows if r["method"] == m), key=lambda r: r["mean_val_acc"])["value"] for m in GRID}
     lines = ["# ViT suite: learning rates chosen on validation", "",
              f"Seed 0, validation accuracy after the last of 8 epochs, tasks {', '.join(args.tasks)}; "
-             "produced by `python benchmarks/vit_suite_tuning.py`. The chosen value (bold) is in the suite's configs.",
+             "produced by `python -m benchmarks.vit_suite_tuning`. The chosen value (bold) is in the suite's configs.",
              "", "| method | option | value | " + " | ".join(args.tasks) + " | mean |",
              "|---|---|---:|" + "---:|" * (len(args.tasks) + 1)]
     for r in rows:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU cost check (benchmarks/gpu_check.py): ViT-B/16 under bf16 autocast, batch 64, every
+# The GPU cost check (python -m benchmarks.gpu_check): ViT-B/16 under bf16 autocast, batch 64, every
 # method's images/s and peak memory, the selection pass against one epoch, a `train.py fit`, and
 # torch.compile; writes benchmarks/results/cost_gpu.{md,json} after every phase, about 8 minutes
 # at most (--total), exit status 1 when a phase failed.
@@ -8,7 +8,7 @@
 #   bash scripts/gpu_check.sh              # on the GPU machine (with .gpu_wheels/ beside it)
 #   SMOKE=1 bash scripts/gpu_check.sh      # or --smoke: the CPU smoke run (test_vit, temporary folder)
 #
-# Other options go to benchmarks/gpu_check.py (--help). When the Python here (PYTHON, else
+# Other options go to python -m benchmarks.gpu_check (--help). When the Python here (PYTHON, else
 # .venv/bin/python, else python3) cannot import jsonargparse, it is installed from .gpu_wheels/
 # (GPU_WHEELS) into a folder put first on PYTHONPATH (GPU_SITE), without an index and without
 # dependencies. W&B stays disabled and unimported.
@@ -36,4 +36,4 @@ if ! "$PY" -c "$NEEDED" 2>/dev/null; then
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
-exec "$PY" benchmarks/gpu_check.py "$@"
+exec "$PY" -m benchmarks.gpu_check "$@"

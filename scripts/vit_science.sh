@@ -52,7 +52,7 @@ arm() { if [ -f "$S/$1.yaml" ]; then echo "$S/$1.yaml"; else echo "$M/$1.yaml"; 
 
 # 1. the replacement for mnist_count: full fine-tuning and linear probing, validation only
 sweep "$CANDIDATES" "$M/full.yaml $M/linear.yaml" "$CHOICE_SEEDS" "$RUNS/choice" "$EXTRA" "$@"
-CHOSEN=$("$PYTHON" benchmarks/vit_science.py choose-task "$RUNS/choice")
+CHOSEN=$("$PYTHON" -m benchmarks.vit_science choose-task "$RUNS/choice")
 echo "task replacing mnist_count: $CHOSEN" | tee -a "$LOG"
 ALL_TASKS="$TASKS $CHOSEN"
 
@@ -68,7 +68,7 @@ for lr in $LRS; do
 done
 declare -A SETTING
 for a in $PRIMARY; do
-    SETTING[$a]=$("$PYTHON" benchmarks/vit_science.py choose-setting "$RUNS/tune" "$a")
+    SETTING[$a]=$("$PYTHON" -m benchmarks.vit_science choose-setting "$RUNS/tune" "$a")
     echo "setting of $a: ${SETTING[$a]}" | tee -a "$LOG"
 done
 SETTING[suite]=""
@@ -84,7 +84,7 @@ done
 sweep_end=$(date +%s)
 
 # 4. the analysis and the report
-"$PYTHON" benchmarks/vit_science.py analyse "$RUNS/main" --out "$OUT/vit_science"
+"$PYTHON" -m benchmarks.vit_science analyse "$RUNS/main" --out "$OUT/vit_science"
 "$PYTHON" -m grft_lightning.experiments.report "$RUNS/main" --out "$OUT/vit_science" --json "$OUT/vit_science.json" > /dev/null
 end=$(date +%s)
 {

@@ -1,6 +1,8 @@
 """Two CPU processes (gloo) training a tiny ViT with GRFT deltas under torch's FSDP2 (not a test module).
 
-``python tests/fsdp_probe.py OUT_DIR`` spawns two ranks. Each one:
+``PYTHONPATH=. python tests/fsdp_probe.py OUT_DIR [PORT]``, from the repository root (this
+checkout's package first, whatever other install of it the interpreter would find), spawns two
+ranks. Each one:
 
 1. builds timm's ``test_vit`` (32 px) with ``GRFT(rows_per_matrix=2)`` applied, from the same seed;
 2. selects as :class:`grft_lightning.training.callbacks.GradientSelection` does under DDP: its share of the
@@ -26,9 +28,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-# This checkout's package, whatever another install of it the interpreter would find first.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 WORLD = 2
 SELECTION_KEYS = (".index",)

@@ -39,8 +39,10 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_grft_deltas_under_fsdp2_on_two_cpu_processes(tmp_path):
+    # the repository root first on the path: this checkout's package, whatever else is installed
+    env = run_env(PYTHONPATH=os.pathsep.join([str(TESTS.parent), str(TESTS)]))
     done = subprocess.run([sys.executable, str(TESTS / "fsdp_probe.py"), str(tmp_path), str(_free_port())],
-                          env=run_env(), capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600, cwd=TESTS.parent)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     first = ranks[0]

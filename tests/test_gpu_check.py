@@ -1,11 +1,10 @@
-"""The GPU cost check (scripts/gpu_check.sh, benchmarks/gpu_check.py): its smoke run on the CPU
+"""The GPU cost check (scripts/gpu_check.sh, python -m benchmarks.gpu_check): its smoke run on the CPU
 writes every phase's table with every method and key, ratios to full fine-tuning computed from
 the measured values; a failed or timed-out phase keeps the others' results and fails the run.
 The figures themselves are not checked (a CPU, a tiny model)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -28,10 +27,9 @@ COMPILE_KEYS = {"method", "eager_images_per_second", "compiled_images_per_second
 
 
 def _gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "benchmarks", "gpu_check.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from benchmarks import gpu_check
+
+    return gpu_check
 
 
 def _run(tmp_path, *args: str, timeout: int = 1800) -> tuple[subprocess.CompletedProcess, dict]:

@@ -15,12 +15,28 @@ METHOD_TREES = ["configs/methods", "configs/offline/methods", "configs/vit_suite
                 "configs/vit_suite/ablations", "configs/demo"]
 
 
+def method_spec(path: Path) -> dict:
+    """``model.method`` of a method file on top of the registry file it includes (a suite's method
+    file names its class there, configs/methods/<method>.yaml, and states what differs)."""
+    config = yaml.safe_load(path.read_text())
+    included = config.get("config") or []
+    spec: dict = {}
+    for inc in [included] if isinstance(included, str) else included:
+        base = (path.parent / inc).resolve()
+        if base.parent == ROOT / "configs" / "methods":
+            spec = dict(yaml.safe_load(base.read_text())["model"]["method"])
+    own = (config.get("model") or {}).get("method") or {}
+    spec["init_args"] = {**(spec.get("init_args") or {}), **(own.get("init_args") or {})}
+    spec["class_path"] = own.get("class_path", spec.get("class_path"))
+    return spec
+
+
 def run_name(path: Path) -> str:
     """What a run of this config is called: its ``label``, else its method's ``name``."""
     config = yaml.safe_load(path.read_text())
     if config.get("label"):
         return config["label"]
-    spec = config["model"]["method"]
+    spec = method_spec(path)
     module, cls = spec["class_path"].rsplit(".", 1)
     return getattr(importlib.import_module(module), cls)(**(spec.get("init_args") or {})).name
 

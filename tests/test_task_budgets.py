@@ -118,7 +118,7 @@ def test_every_method_gets_the_task_budget(task):
         if cls in ("GRFT", "RandomRows"):
             assert args["fraction"] == FRACTION[fam], name
             assert args["rows_per_matrix"] is None and args["columns_per_matrix"] is None, name
-        elif cls == "GPS":
+        elif cls in ("GPS", "GPSMasked"):
             assert args["k"] == GPS_K.get(task.stem, 1), name
         else:
             assert not {"fraction", "k"} & set(args), name

@@ -80,6 +80,27 @@ def count_parameters(model: nn.Module, head=DEFAULT) -> dict[str, float]:
     return counts
 
 
+def parameter_groups(model: nn.Module, head=DEFAULT, head_lr: float | None = None) -> list[dict]:
+    """The optimizer's parameter groups: only tuned tensors; weight decay on tensors with ndim >= 2
+    only (``weight_decay: 0.0`` on the others); the head at ``head_lr`` (None: the optimizer's lr).
+    Empty groups are left out. ``PEFTModule.configure_optimizers`` and the cost benchmarks use it."""
+    head_ids = head_parameter_ids(model, head)
+    groups = {(h, d): [] for h in (False, True) for d in (True, False)}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups[(id(p) in head_ids, p.ndim >= 2)].append(p)
+    out = []
+    for (is_head, decay), params in groups.items():
+        group = {"params": params}
+        if not decay:
+            group["weight_decay"] = 0.0
+        if is_head and head_lr is not None:
+            group["lr"] = head_lr
+        if params:
+            out.append(group)
+    return out
+
+
 def format_summary(counts: dict[str, float]) -> str:
     """The summary line of :func:`count_parameters`' counts (logs, the CLI's last lines)."""
     return (f"tuned params: {counts['tuned']:,} || backbone params: {counts['backbone']:,} || "

@@ -111,6 +111,8 @@ class GRFTArgumentParser(LightningArgumentParser):
     def parse_args(self, args=None, *rest, **kwargs):
         if getattr(self, "parent_parser", None) is None:  # not a subcommand's parser
             args = expand_config_includes(sys.argv[1:] if args is None else list(args))
+            #: every config file read, includes first, as results.json's ``config_files`` records them
+            self.config_files = config_file_arguments(args)
         return super().parse_args(args, *rest, **kwargs)
 
 
@@ -210,7 +212,7 @@ class GRFTCLI(LightningCLI):
         recorder = RunRecorder(run_dir, self.label(), seed=int(cfg.get("seed_everything") or 0),
                                run_config=self.run_config() if self.subcommand == "fit" else None,
                                task_budget=_plain(cfg.get("budget")),
-                               config_files=[str(p) for p in (cfg.get("config") or [])])
+                               config_files=getattr(self.parser, "config_files", []))
         kwargs["callbacks"] = callbacks + [RunClock(), RankSeed(), recorder]
         return super().instantiate_trainer(**kwargs)
 
@@ -369,6 +371,16 @@ def _includes(path: Path, seen: tuple[Path, ...] = ()) -> list[str]:
     for inc in [included] if isinstance(included, str) else list(included or []):
         files += _includes(path.parent / inc, seen + (path,))
     return files + [str(path)]
+
+
+def config_file_arguments(args: list[str]) -> list[str]:
+    """The files of the ``--config`` arguments in ``args`` (inline YAML left out), relative to the
+    working directory where they lie below it."""
+    values = [args[i + 1] if arg == "--config" else arg.split("=", 1)[1] for i, arg in enumerate(args)
+              if (arg == "--config" and i + 1 < len(args)) or arg.startswith("--config=")]
+    files = [v for v in values if not v.lstrip().startswith("{") and v.endswith((".yaml", ".yml"))]
+    cwd = Path.cwd().resolve()
+    return [str(Path(f).resolve().relative_to(cwd)) if Path(f).resolve().is_relative_to(cwd) else f for f in files]
 
 
 def expand_config_includes(args: list[str]) -> list[str]:

@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.classification import MulticlassAccuracy
 
-from grft_lightning.core.accounting import count_parameters
+from grft_lightning.core.accounting import count_parameters, parameter_groups
 from grft_lightning.core.backbones import WeightsFormat, create_backbone
 from grft_lightning.training.budgets import with_task_budget
 from grft_lightning.training.ema import TunedEMA
 from grft_lightning.core.errors import CheckpointRefused, TrainingDiverged
-from grft_lightning.core.heads import DEFAULT, head_parameter_ids
+from grft_lightning.core.heads import DEFAULT
 from grft_lightning.training.losses import features_and_logits
 from grft_lightning.methods.base import Method
 from grft_lightning.training.schedules import step_scheduler, warmup_cosine
@@ -306,22 +306,9 @@ class PEFTModule(L.LightningModule):
 
     # -- optimizer --------------------------------------------------------------------------
     def parameter_groups(self) -> list[dict]:
-        """Only tuned tensors; weight decay on tensors with ndim >= 2 only; the head at head_lr."""
-        head = head_parameter_ids(self.model, self.head)
-        groups = {(h, d): [] for h in (False, True) for d in (True, False)}
-        for p in self.model.parameters():
-            if p.requires_grad:
-                groups[(id(p) in head, p.ndim >= 2)].append(p)
-        out = []
-        for (is_head, decay), params in groups.items():
-            group = {"params": params}
-            if not decay:
-                group["weight_decay"] = 0.0
-            if is_head and self.hparams.head_lr is not None:
-                group["lr"] = self.hparams.head_lr
-            if params:
-                out.append(group)
-        return out
+        """Only tuned tensors; weight decay on tensors with ndim >= 2 only; the head at head_lr
+        (:func:`grft_lightning.core.accounting.parameter_groups`)."""
+        return parameter_groups(self.model, self.head, self.hparams.head_lr)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameter_groups())
