@@ -56,12 +56,11 @@ def test_paired_agrees_with_scipy_paired_t_test():
     assert (r.mean, r.p) == (pytest.approx(1.0), pytest.approx(0.0408594039, abs=1e-9))
 
 
-def test_incomplete_beta_known_values():
-    assert stats.incomplete_beta(2.0, 0.5, 0.0) == 0.0 and stats.incomplete_beta(2.0, 0.5, 1.0) == 1.0
-    # I_x(1, b) = 1 - (1 - x)^b in closed form
-    assert stats.incomplete_beta(1.0, 3.0, 0.25) == pytest.approx(1 - 0.75 ** 3, rel=1e-14)
-    # the two-sided t tail is I_{df / (df + t^2)}(df / 2, 1 / 2)
-    assert stats.incomplete_beta(2.0, 0.5, 4 / (4 + 1.3 ** 2)) == pytest.approx(0.2634515965, abs=1e-9)
+def test_two_sided_t_tail_known_value():
+    # the two-sided t tail is I_{df / (df + t^2)}(df / 2, 1 / 2): 0.2634515965 at t = 1.3, df = 4
+    assert stats.t_sf_two_sided(1.3, 4.0) == pytest.approx(0.2634515965, abs=1e-9)
+    assert stats.t_sf_two_sided(-1.3, 4.0) == stats.t_sf_two_sided(1.3, 4.0)
+    assert stats.t_sf_two_sided(0.0, 4.0) == 1.0
 
 
 def test_paired_degenerate_cases():

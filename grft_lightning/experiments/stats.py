@@ -25,13 +25,7 @@ import math
 import statistics
 from dataclasses import asdict, dataclass
 
-from scipy import special
 from scipy.stats import t as student_t
-
-
-def incomplete_beta(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta function ``I_x(a, b)`` (``scipy.special.betainc``)."""
-    return float(special.betainc(a, b, min(max(x, 0.0), 1.0)))
 
 
 def t_sf_two_sided(t: float, df: float) -> float:
