@@ -191,11 +191,11 @@ def test_a_variant_keeps_its_suite_recipe(path):
 def test_results_record_every_config_file_read(monkeypatch):
     """``config_files`` lists the task file, the registry file and the suite's override, in the
     order they were read (an include first), whatever ``config:`` keys the files hold."""
-    from grft_lightning.training.cli import config_file_arguments, expand_config_includes
+    from grft_lightning.training.cli import expand_with_files
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     args = ["fit", "--config", "configs/vit_suite/mnistm.yaml", "--config", "configs/vit_suite/methods/grft_row.yaml",
             "--config", '{"seed_everything": 3}']
-    assert config_file_arguments(expand_config_includes(args)) == [
+    assert expand_with_files(args)[1] == [
         "configs/vit_suite/base.yaml", "configs/vit_suite/mnistm.yaml", "configs/methods/grft_row.yaml",
         "configs/vit_suite/methods/grft_row.yaml"]

@@ -110,9 +110,8 @@ class GRFTArgumentParser(LightningArgumentParser):
 
     def parse_args(self, args=None, *rest, **kwargs):
         if getattr(self, "parent_parser", None) is None:  # not a subcommand's parser
-            args = expand_config_includes(sys.argv[1:] if args is None else list(args))
             #: every config file read, includes first, as results.json's ``config_files`` records them
-            self.config_files = config_file_arguments(args)
+            args, self.config_files = expand_with_files(sys.argv[1:] if args is None else list(args))
         return super().parse_args(args, *rest, **kwargs)
 
 
@@ -373,16 +372,6 @@ def _includes(path: Path, seen: tuple[Path, ...] = ()) -> list[str]:
     return files + [str(path)]
 
 
-def config_file_arguments(args: list[str]) -> list[str]:
-    """The files of the ``--config`` arguments in ``args`` (inline YAML left out), relative to the
-    working directory where they lie below it."""
-    values = [args[i + 1] if arg == "--config" else arg.split("=", 1)[1] for i, arg in enumerate(args)
-              if (arg == "--config" and i + 1 < len(args)) or arg.startswith("--config=")]
-    files = [v for v in values if not v.lstrip().startswith("{") and v.endswith((".yaml", ".yml"))]
-    cwd = Path.cwd().resolve()
-    return [str(Path(f).resolve().relative_to(cwd)) if Path(f).resolve().is_relative_to(cwd) else f for f in files]
-
-
 def expand_config_includes(args: list[str]) -> list[str]:
     """``--config child.yaml`` -> ``--config base.yaml --config child.yaml`` for every file that
     includes a base with a top-level ``config: base.yaml`` key (paths relative to the file).
@@ -390,6 +379,13 @@ def expand_config_includes(args: list[str]) -> list[str]:
     Idempotent: a file whose includes stand right before it already is left as it is, so
     expanding expanded arguments changes nothing.
     """
+    return expand_with_files(args)[0]
+
+
+def expand_with_files(args: list[str]) -> tuple[list[str], list[str]]:
+    """:func:`expand_config_includes`' arguments, and the config files they read in order (inline
+    YAML left out), relative to the working directory where they lie below it: results.json's
+    ``config_files``."""
     out: list[str] = []
     given: list[str] = []  # the config files emitted so far, in order
     i = 0
@@ -411,7 +407,8 @@ def expand_config_includes(args: list[str]) -> list[str]:
             continue
         out.append(arg)
         i += 1
-    return out
+    cwd = Path.cwd().resolve()
+    return out, [str(Path(f).relative_to(cwd)) if Path(f).is_relative_to(cwd) else f for f in given]
 
 
 def _build(cli_class: type[GRFTCLI], args: list[str] | None, run: bool = True) -> GRFTCLI:
