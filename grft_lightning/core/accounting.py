@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from grft_lightning.core.deltas import IndexDelta, SelectableLayer, StructuredDelta, selectable_layers
-
-from grft_lightning.core.layers import COLUMN, ROW
+from grft_lightning.core.deltas import DeltaLayer, SelectableLayer, selectable_layers
 from grft_lightning.core.heads import DEFAULT, head_parameter_ids
+from grft_lightning.core.layers import AXIS_NAMES
 
 
 def added_parameter_owners(model: nn.Module) -> dict[int, nn.Module]:
@@ -145,17 +144,9 @@ def update_size(model: nn.Module) -> dict[str, float] | None:
     and the number of groups. 1.0 means a group moved as far as its own pre-trained norm. None for
     a model without such layers (full fine-tuning, LoRA, adapters, masked GPS).
     """
-    ratios = []
-    for _, layer in selectable_layers(model):
-        if isinstance(layer, StructuredDelta):
-            axis = "row" if layer.selected_axis == ROW else "column" if layer.selected_axis == COLUMN else None
-        elif isinstance(layer, IndexDelta):
-            axis = "entry"
-        else:
-            continue
-        if axis is None or layer.delta.numel() == 0:
-            continue
-        ratios.append(update_ratios(layer.delta, layer.to_matrix(layer.base_layer.weight), layer.index, axis))
+    ratios = [update_ratios(layer.delta, layer.to_matrix(layer.base_layer.weight), layer.index,
+                            AXIS_NAMES[layer.selected_axis])
+              for _, layer in selectable_layers(model) if isinstance(layer, DeltaLayer) and layer.delta.numel()]
     values = torch.cat(ratios) if ratios else torch.zeros(0, dtype=torch.float64)
     if values.numel() == 0:
         return None
