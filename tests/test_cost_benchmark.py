@@ -153,3 +153,22 @@ def test_cnn_options_reach_the_children_and_the_table():
     assert "- [x] GRFT row step time 0.800x full (<= 1.0)" in cost.markdown(result)
     result.update(model="vit_small_patch16_224", cnn=False, channels_last=False, left_out={})
     assert "## Targets" not in cost.markdown(result)  # the ViT-B checks only for ViT-B, the CNN check only for CNNs
+
+
+def test_step_overhead_table(tmp_path):
+    out = tmp_path / "overhead"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.step_overhead", "--small", "--top", "4", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "overhead.json").read_text())
+    steps = result["steps"]
+    assert list(steps) == ["full", "bitfit", "grft_row", "grft_row_no_recompute"]
+    assert steps["full"]["step_over_full"] == 1.0
+    assert all(len(s["seconds"]) == 2 for s in steps.values())  # --small: 2 rounds
+    assert len(result["operators"]) == 4
+    # the operators are ordered by the size of the difference
+    gaps = [abs(op["grft_row_ms"] - op["bitfit_ms"]) for op in result["operators"]]
+    assert gaps == sorted(gaps, reverse=True)
+    text = (tmp_path / "overhead.md").read_text()
+    assert "| GRFT row, inputs kept (no recomputation) |" in text and text.count("\n| ") == 1 + 4 + 1 + 4
