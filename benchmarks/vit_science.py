@@ -18,6 +18,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from benchmarks import power
 from grft_lightning.experiments.stats import comparisons_markdown, holm, paired
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,10 +125,30 @@ def analyse(runs: Path, out: Path) -> dict:
                     for t in sorted(set(acc[a]) & set(acc[b]))]
         return rows, per_task
 
+    def detectable(a: str, b: str) -> dict | None:
+        """The smallest true difference (points, power 80 %) the comparison detects, from the
+        observed spread of its per-seed differences: at Holm's strictest step and at its last."""
+        pa, pb = pooled(a), pooled(b)
+        diffs = [pa[s] - pb[s] for s in sorted(set(pa) & set(pb))]
+        if len(diffs) < 2:
+            return None
+        spread = power.sd(diffs)
+        return {"a": a, "b": b, "n": len(diffs), "sd": spread,
+                "strictest": power.mde(spread, len(diffs), 0.05 / len(PRIMARY)), "last": power.mde(spread, len(diffs), 0.05)}
+
     primary, primary_tasks = compare(PRIMARY, adjust=True)
     exploratory, exploratory_tasks = compare(EXPLORATORY, adjust=False)
+    detectable_effects = [d for d in (detectable(a, b) for a, b in PRIMARY if a in acc and b in acc) if d]
     out.mkdir(parents=True, exist_ok=True)
     text = [comparisons_markdown(primary, "Primary comparisons (mean over the tasks per seed; Holm over these)"),
+            "Minimum detectable effect of each primary comparison (two-sided paired t, power 80 %), from the "
+            f"observed spread of its per-seed differences, at Holm's strictest step (alpha 0.05/{len(PRIMARY)}) "
+            "and at its last (alpha 0.05):\n",
+            "| A - B | seeds | sd of the differences | detectable (strictest) | detectable (last) |",
+            "|---|---:|---:|---:|---:|",
+            *[f"| {d['a']} - {d['b']} | {d['n']} | {d['sd']:.2f} | {d['strictest']:.2f} | {d['last']:.2f} |"
+              for d in detectable_effects],
+            "",
             comparisons_markdown(primary_tasks, "Primary comparisons per task (exploratory)"),
             comparisons_markdown(exploratory + exploratory_tasks, "Exploratory comparisons (no adjustment)"),
             "In the per-task and exploratory tables no p-value is adjusted: \"significant\" there means an "
@@ -136,7 +157,8 @@ def analyse(runs: Path, out: Path) -> dict:
             "| arm | update size |", "|---|---|"]
     text += [f"| {m} | {statistics.median(v):.3f} |" for m, v in sorted(moved.items())]
     (out / "analysis.md").write_text("\n".join(text) + "\n")
-    result = {"primary": [c.to_dict() for c in primary], "primary_per_task": [c.to_dict() for c in primary_tasks],
+    result = {"primary": [c.to_dict() for c in primary], "detectable": detectable_effects,
+              "primary_per_task": [c.to_dict() for c in primary_tasks],
               "exploratory": [c.to_dict() for c in exploratory + exploratory_tasks],
               "update_size": {m: statistics.median(v) for m, v in moved.items()}}
     (out / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -121,3 +121,37 @@ def test_power_script_minimum_detectable_effect():
             for t, m, a, b in (("x", "A", 0.50, 0.60), ("x", "B", 0.40, 0.40), ("y", "A", 0.9, 0.9), ("y", "B", 0.8, 0.7))]
     diffs = power.paired_differences(rows, "A", "B", ["x", "y"])
     assert diffs["x"] == pytest.approx([10.0, 20.0]) and diffs["mean"] == pytest.approx([10.0, 20.0])
+
+
+def test_the_analysis_pools_tasks_per_seed_and_adjusts_the_primary_comparisons_only(tmp_path):
+    science = _science()
+    # GRFT probe beats random rows by exactly 1 + seed/10 points on the mean of two tasks; every other arm
+    # equals random rows except the lowest rows, 2 points below on task b
+    base = {0: 0.80, 1: 0.82, 2: 0.81, 3: 0.79}
+    for seed, acc in base.items():
+        for task in ("a", "b"):
+            for arm in ("random_row", "grft_row_lowest_probe", "grft_row_matched_probe", "gps_nostem_probe",
+                        "gps_random_nostem", "grft_row"):
+                test = acc - (0.02 if arm == "grft_row_lowest_probe" and task == "b" else 0.0)
+                _write(tmp_path / task / arm / f"seed{seed}", dataset=f"vit_science/{task}", method=arm, seed=seed,
+                       test_acc=test, update_size={"median": 0.5})
+            _write(tmp_path / task / "grft_row_probe" / f"seed{seed}", dataset=f"vit_science/{task}",
+                   method="grft_row_probe", seed=seed, test_acc=acc + 0.01 + seed / 1000)
+    result = science.analyse(tmp_path, tmp_path / "out")
+    p1, p2, p3, p4 = result["primary"]
+    assert (p1["a"], p1["b"], p1["task"], p1["n"]) == ("grft_row_probe", "random_row", "Mean", 4)
+    assert p1["mean"] == pytest.approx(1.15) and p1["p_holm"] is not None
+    assert p2["mean"] == pytest.approx(2.15)  # + the 1 point the lowest rows lose on the mean of a and b
+    assert p3["mean"] == pytest.approx(0.0) and p4["mean"] == pytest.approx(0.0)
+    # the exploratory comparisons carry no Holm adjustment
+    assert all(c["p_holm"] is None for c in result["exploratory"])
+    # detectable effect from the spread of P1's per-seed differences (1.0, 1.1, 1.2, 1.3 points)
+    d1 = result["detectable"][0]
+    assert d1["n"] == 4 and d1["sd"] == pytest.approx(0.1291, abs=1e-4)
+    from benchmarks import power
+
+    assert d1["strictest"] == pytest.approx(power.mde(d1["sd"], 4, 0.0125))
+    assert d1["last"] == pytest.approx(power.mde(d1["sd"], 4, 0.05)) and d1["last"] < d1["strictest"]
+    text = (tmp_path / "out" / "analysis.md").read_text()
+    assert "| grft_row_probe - random_row | 4 | 0.13 |" in text
+    assert result["update_size"]["random_row"] == 0.5 and "grft_row_probe" not in result["update_size"]
