@@ -2,6 +2,7 @@
 
     python -m benchmarks.vit_science choose-task RUNS/choice           # prints the chosen task config
     python -m benchmarks.vit_science choose-setting RUNS/tune ARM      # prints the arm's chosen overrides
+    python -m benchmarks.vit_science grid RUNS/tune ARM... --out OUT/vit_science   # the grid, per arm
     python -m benchmarks.vit_science analyse RUNS/main --out OUT/vit_science   # the comparisons
 
 Every choice reads ``val_acc`` only (never ``test_acc``): the task that replaces ``mnist_count``
@@ -71,15 +72,37 @@ def choose_task(runs: Path) -> str:
     return str((CANDIDATES / f"{best}.yaml").relative_to(ROOT))
 
 
-def choose_setting(runs: Path, arm: str) -> str:
-    """``runs/<setting>/.../<arm>/seed*/results.json``: the setting (a folder ``lr<LR>_lam<L>``)
-    with the best mean validation accuracy over the tasks; ties: the smaller learning rate, then
-    the larger L2-SP weight (the smaller step). Prints the overrides."""
+def _setting_scores(runs: Path, arm: str) -> dict[str, list[float]]:
+    """Per setting folder, the validation accuracies of ``arm``'s runs under it."""
     scores: dict[str, list[float]] = {}
     for record in _records(runs):
         setting, *_ = record["_path"].split("/")
         if f"/{arm}/" in f"/{record['_path']}":
             scores.setdefault(setting, []).append(record["val_acc"])
+    return scores
+
+
+def grid(runs: Path, arms: list[str], out: Path) -> dict:
+    """The validation grid the settings were chosen from: per arm and setting the mean validation
+    accuracy (percent) over the tasks and the number of runs, best first; ``grid.{md,json}``."""
+    table = {arm: sorted(({"setting": setting, "val_acc": 100 * statistics.fmean(v), "runs": len(v)}
+                          for setting, v in _setting_scores(runs, arm).items()), key=lambda r: -r["val_acc"])
+             for arm in arms}
+    lines = ["# Validation grid (seed 100): mean validation accuracy over the tasks, best first", ""]
+    for arm, rows in table.items():
+        lines += [f"## {arm}", "", "| setting | validation accuracy (%) | runs |", "|---|---:|---:|"]
+        lines += [f"| {r['setting']} | {r['val_acc']:.2f} | {r['runs']} |" for r in rows] + [""]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grid.md").write_text("\n".join(lines))
+    (out / "grid.json").write_text(json.dumps(table, indent=1) + "\n")
+    return table
+
+
+def choose_setting(runs: Path, arm: str) -> str:
+    """``runs/<setting>/.../<arm>/seed*/results.json``: the setting (a folder ``lr<LR>_lam<L>``)
+    with the best mean validation accuracy over the tasks; ties: the smaller learning rate, then
+    the larger L2-SP weight (the smaller step). Prints the overrides."""
+    scores = _setting_scores(runs, arm)
     if not scores:
         raise SystemExit(f"choose-setting: no run of {arm} under {runs}")
 
@@ -172,6 +195,10 @@ def main(argv: list[str] | None = None) -> None:
     setting = sub.add_parser("choose-setting")
     setting.add_argument("runs", type=Path)
     setting.add_argument("arm")
+    table = sub.add_parser("grid")
+    table.add_argument("runs", type=Path)
+    table.add_argument("arms", nargs="+")
+    table.add_argument("--out", type=Path, required=True)
     analysis = sub.add_parser("analyse")
     analysis.add_argument("runs", type=Path)
     analysis.add_argument("--out", type=Path, required=True)
@@ -180,6 +207,9 @@ def main(argv: list[str] | None = None) -> None:
         print(choose_task(args.runs))
     elif args.command == "choose-setting":
         print(choose_setting(args.runs, args.arm))
+    elif args.command == "grid":
+        grid(args.runs, args.arms, args.out)
+        print(f"wrote {args.out}/grid.md, {args.out}/grid.json")
     else:
         analyse(args.runs, args.out)
         print(f"wrote {args.out}/analysis.md, {args.out}/analysis.json")

@@ -9,7 +9,7 @@
 #   bash scripts/vit_science.sh [extra sweep arguments]
 #
 # Environment: RUNS (default runs/vit_science; finished runs are skipped, so a re-launch continues),
-# OUT (default benchmarks/results: writes vit_science/ with analysis.{md,json} and the report),
+# OUT (default benchmarks/results: writes vit_science/ with grid.{md,json}, analysis.{md,json} and the report),
 # WORKERS (default 2 one-thread processes), TINY=1 (smoke: 2 tasks, 1 setting, 2 seeds, 1
 # exploratory arm, 100 training images, 1 epoch).
 set -euo pipefail
@@ -72,6 +72,7 @@ for a in $PRIMARY; do
     echo "setting of $a: ${SETTING[$a]}" | tee -a "$LOG"
 done
 SETTING[suite]=""
+"$PYTHON" -m benchmarks.vit_science grid "$RUNS/tune" $PRIMARY --out "$OUT/vit_science" | tee -a "$LOG"
 
 # 3. the arms with their settings, on the test splits
 for a in $PRIMARY; do

@@ -155,3 +155,14 @@ def test_the_analysis_pools_tasks_per_seed_and_adjusts_the_primary_comparisons_o
     text = (tmp_path / "out" / "analysis.md").read_text()
     assert "| grft_row_probe - random_row | 4 | 0.13 |" in text
     assert result["update_size"]["random_row"] == 0.5 and "grft_row_probe" not in result["update_size"]
+
+
+def test_the_grid_table_lists_every_setting_best_first(tmp_path):
+    science = _science()
+    for setting, val in {"lr0.03_lam0": 0.9, "lr0.001_lam1": 0.7}.items():
+        for task in ("mnist_digit", "mnistm"):
+            _write(tmp_path / setting / "tasks" / task / "random_row" / "seed100", val_acc=val + (0.1 if task == "mnistm" else 0))
+    table = science.grid(tmp_path, ["random_row"], tmp_path / "out")
+    assert [r["setting"] for r in table["random_row"]] == ["lr0.03_lam0", "lr0.001_lam1"]
+    assert table["random_row"][0]["val_acc"] == pytest.approx(95.0) and table["random_row"][1]["runs"] == 2
+    assert "| lr0.001_lam1 | 75.00 | 2 |" in (tmp_path / "out" / "grid.md").read_text()
