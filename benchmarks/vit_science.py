@@ -128,20 +128,31 @@ def analyse(runs: Path, out: Path) -> dict:
     seed, plus per task; and per arm the mean ``update_size`` median."""
     acc: dict[str, dict[str, dict[int, float]]] = {}
     moved: dict[str, list[float]] = {}
+    size: dict[str, dict[str, list[float]]] = {}
     for record in _records(runs):
         if record.get("test_acc") is None:
             continue
         acc.setdefault(record["method"], {}).setdefault(_task(record), {})[int(record["seed"])] = 100 * record["test_acc"]
         if record.get("update_size"):
             moved.setdefault(record["method"], []).append(record["update_size"]["median"])
+        sizes = size.setdefault(record["method"], {"tuned_pct": [], "selected": []})
+        if record.get("tuned_pct") is not None:
+            sizes["tuned_pct"].append(record["tuned_pct"])
+        sizes["selected"].append((record.get("counts") or {}).get("selected", 0))
 
-    def pooled(method: str) -> dict[int, float]:
-        tasks = acc.get(method, {})
+    def pooled(method: str, over: set[str] | None = None) -> dict[int, float]:
+        """Per seed, the mean over the tasks (``over``: only those) the method has that seed on all of."""
+        tasks = {t: v for t, v in acc.get(method, {}).items() if over is None or t in over}
         seeds = set.intersection(*(set(v) for v in tasks.values())) if tasks else set()
         return {s: statistics.fmean(tasks[t][s] for t in tasks) for s in seeds}
 
+    def both(a: str, b: str) -> tuple[dict[int, float], dict[int, float]]:
+        """Two arms pooled over the tasks both have (a comparison never mixes task sets)."""
+        common = set(acc[a]) & set(acc[b])
+        return pooled(a, common), pooled(b, common)
+
     def compare(pairs, adjust: bool):
-        rows = [paired(pooled(a), pooled(b), a, b, "Mean") for a, b in pairs if a in acc and b in acc]
+        rows = [paired(*both(a, b), a, b, "Mean") for a, b in pairs if a in acc and b in acc]
         if adjust:
             holm(rows)
         per_task = [paired(acc[a][t], acc[b][t], a, b, t) for a, b in pairs if a in acc and b in acc
@@ -151,7 +162,7 @@ def analyse(runs: Path, out: Path) -> dict:
     def detectable(a: str, b: str) -> dict | None:
         """The smallest true difference (points, power 80 %) the comparison detects, from the
         observed spread of its per-seed differences: at Holm's strictest step and at its last."""
-        pa, pb = pooled(a), pooled(b)
+        pa, pb = both(a, b)
         diffs = [pa[s] - pb[s] for s in sorted(set(pa) & set(pb))]
         if len(diffs) < 2:
             return None
@@ -159,11 +170,28 @@ def analyse(runs: Path, out: Path) -> dict:
         return {"a": a, "b": b, "n": len(diffs), "sd": spread,
                 "strictest": power.mde(spread, len(diffs), 0.05 / len(PRIMARY)), "last": power.mde(spread, len(diffs), 0.05)}
 
+    tasks = sorted({t for per_task in acc.values() for t in per_task})
+    arms = [{"arm": arm, "test_acc": {t: statistics.fmean(acc[arm][t].values()) for t in tasks if t in acc[arm]},
+             "mean": statistics.fmean(pooled(arm).values()) if pooled(arm) else None,
+             "seeds": len(pooled(arm)),
+             "tuned_pct": statistics.median(size[arm]["tuned_pct"]) if size[arm]["tuned_pct"] else None,
+             "selected": statistics.median(size[arm]["selected"]),
+             "update_size": statistics.median(moved[arm]) if arm in moved else None} for arm in sorted(acc)]
     primary, primary_tasks = compare(PRIMARY, adjust=True)
     exploratory, exploratory_tasks = compare(EXPLORATORY, adjust=False)
     detectable_effects = [d for d in (detectable(a, b) for a, b in PRIMARY if a in acc and b in acc) if d]
     out.mkdir(parents=True, exist_ok=True)
-    text = [comparisons_markdown(primary, "Primary comparisons (mean over the tasks per seed; Holm over these)"),
+    cell = lambda v, f: "" if v is None else f.format(v)  # noqa: E731
+    text = ["### Arms (test accuracy %, mean over seeds; mean: over the tasks, seeds every task has)", "",
+            "| arm | " + " | ".join(tasks) + " | mean | seeds | tuned % | selected entries | update size |",
+            "|---|" + "---:|" * (len(tasks) + 5),
+            *[f"| {a['arm']} | " + " | ".join(cell(a["test_acc"].get(t), "{:.2f}") for t in tasks)
+              + f" | {cell(a['mean'], '{:.2f}')} | {a['seeds']} | {cell(a['tuned_pct'], '{:.3f}')} | {a['selected']:,.0f} | "
+              f"{cell(a['update_size'], '{:.2f}')} |" for a in arms],
+            "", "- tuned %: every trained parameter (selected entries, biases, head) over the backbone's; selected "
+            "entries: the weight entries of the selection (median over runs); update size: median over runs of each "
+            "run's median ||delta|| / ||W0|| over its selected rows or neuron entry groups.", "",
+            comparisons_markdown(primary, "Primary comparisons (mean over the tasks per seed; Holm over these)"),
             "Minimum detectable effect of each primary comparison (two-sided paired t, power 80 %), from the "
             f"observed spread of its per-seed differences, at Holm's strictest step (alpha 0.05/{len(PRIMARY)}) "
             "and at its last (alpha 0.05):\n",
@@ -175,12 +203,9 @@ def analyse(runs: Path, out: Path) -> dict:
             comparisons_markdown(primary_tasks, "Primary comparisons per task (exploratory)"),
             comparisons_markdown(exploratory + exploratory_tasks, "Exploratory comparisons (no adjustment)"),
             "In the per-task and exploratory tables no p-value is adjusted: \"significant\" there means an "
-            "unadjusted p < 0.05, reported as exploratory.\n",
-            "## Update size (median over runs of each run's median ||delta|| / ||W0||)\n",
-            "| arm | update size |", "|---|---|"]
-    text += [f"| {m} | {statistics.median(v):.3f} |" for m, v in sorted(moved.items())]
+            "unadjusted p < 0.05, reported as exploratory.\n"]
     (out / "analysis.md").write_text("\n".join(text) + "\n")
-    result = {"primary": [c.to_dict() for c in primary], "detectable": detectable_effects,
+    result = {"arms": arms, "primary": [c.to_dict() for c in primary], "detectable": detectable_effects,
               "primary_per_task": [c.to_dict() for c in primary_tasks],
               "exploratory": [c.to_dict() for c in exploratory + exploratory_tasks],
               "update_size": {m: statistics.median(v) for m, v in moved.items()}}

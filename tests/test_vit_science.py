@@ -166,3 +166,35 @@ def test_the_grid_table_lists_every_setting_best_first(tmp_path):
     assert [r["setting"] for r in table["random_row"]] == ["lr0.03_lam0", "lr0.001_lam1"]
     assert table["random_row"][0]["val_acc"] == pytest.approx(95.0) and table["random_row"][1]["runs"] == 2
     assert "| lr0.001_lam1 | 75.00 | 2 |" in (tmp_path / "out" / "grid.md").read_text()
+
+
+def test_the_analysis_lists_every_arm_with_its_size(tmp_path):
+    science = _science()
+    for seed in (0, 1):
+        for task, acc in (("a", 0.8), ("b", 0.6)):
+            _write(tmp_path / task / "grft_row_probe" / f"seed{seed}", dataset=f"vit_science/{task}", method="grft_row_probe",
+                   seed=seed, test_acc=acc + seed / 100, tuned_pct=1.09, counts={"selected": 5376, "bias": 7040},
+                   update_size={"median": 2.0 + seed})
+        _write(tmp_path / "a" / "linear" / f"seed{seed}", dataset="vit_science/a", method="linear", seed=seed,
+               test_acc=0.5, tuned_pct=0.1, counts={"head": 1290})
+    arms = {a["arm"]: a for a in science.analyse(tmp_path, tmp_path / "out")["arms"]}
+    probe = arms["grft_row_probe"]
+    assert probe["test_acc"] == {"a": pytest.approx(80.5), "b": pytest.approx(60.5)}
+    assert probe["mean"] == pytest.approx(70.5) and probe["seeds"] == 2 and probe["selected"] == 5376
+    assert probe["update_size"] == 2.5 and arms["linear"]["update_size"] is None and arms["linear"]["selected"] == 0
+    text = (tmp_path / "out" / "analysis.md").read_text()
+    assert "| grft_row_probe | 80.50 | 60.50 | 70.50 | 2 | 1.090 | 5,376 | 2.50 |" in text
+    assert "| linear | 50.00 |  | 50.00 | 2 | 0.100 | 0 |  |" in text
+
+
+def test_a_comparison_pools_only_the_tasks_both_arms_have(tmp_path):
+    science = _science()
+    for seed in (0, 1, 2):
+        for task, acc in (("a", 0.9), ("b", 0.5)):
+            _write(tmp_path / task / "grft_row_probe" / f"seed{seed}", dataset=f"vit_science/{task}",
+                   method="grft_row_probe", seed=seed, test_acc=acc + seed / 1000)
+        # the other arm has finished task a only: the comparison is on task a alone, not a's 90 against a mean of 70
+        _write(tmp_path / "a" / "random_row" / f"seed{seed}", dataset="vit_science/a", method="random_row", seed=seed,
+               test_acc=0.89)
+    p1 = science.analyse(tmp_path, tmp_path / "out")["primary"][0]
+    assert p1["mean"] == pytest.approx(1.1) and p1["n"] == 3
