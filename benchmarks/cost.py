@@ -566,16 +566,20 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(MARK + json.dumps(PHASES[args.phase](args.one.split(","), args)), flush=True)
         return None
     result = run_all(args)
-    text = markdown(result)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out + ".json", "w") as handle:
-            json.dump(result, handle, indent=2)
+    write_table(args.out, result, markdown(result))
+    return result
+
+
+def write_table(out: str | None, result: dict, text: str, indent: int = 2) -> None:
+    """Print a benchmark's markdown and, with ``out``, write ``OUT.json`` and ``OUT.md``."""
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out + ".json", "w") as handle:
+            json.dump(result, handle, indent=indent)
             handle.write("\n")
-        with open(args.out + ".md", "w") as handle:
+        with open(out + ".md", "w") as handle:
             handle.write(text)
     print(text)
-    return result
 
 
 if __name__ == "__main__":

@@ -20,8 +20,6 @@ work, whose time varies with the machine.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import tempfile
 
@@ -128,15 +126,7 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     result = measure(args)
-    text = markdown(result)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out + ".json", "w") as handle:
-            json.dump(result, handle, indent=1)
-            handle.write("\n")
-        with open(args.out + ".md", "w") as handle:
-            handle.write(text)
-    print(text)
+    cost.write_table(args.out, result, markdown(result), indent=1)
     return result
 
 
